@@ -1,0 +1,57 @@
+"""torchfree: read PyTorch checkpoints without torch.
+
+``torchfree.load(path)`` returns what ``torch.load`` would, with numpy arrays in
+place of tensors, without importing torch and without ever executing code from
+the file: the pickle inside a checkpoint runs on torchfree's own restricted VM,
+whose GLOBALs resolve through an allowlist to torchfree's own constructors.
+"""
+
+from __future__ import annotations
+
+from . import _core
+from ._core import (
+    LIMITS,
+    CheckpointError,
+    FormatError,
+    LimitError,
+    Storage,
+    UnpicklingError,
+    UnsafeGlobalError,
+)
+from ._load import load
+from ._types import MetaArray, Opaque
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load",
+    "Storage",
+    "Opaque",
+    "MetaArray",
+    "LIMITS",
+    "CheckpointError",
+    "FormatError",
+    "UnpicklingError",
+    "UnsafeGlobalError",
+    "LimitError",
+    "__version__",
+]
+
+
+def _register() -> None:
+    import ml_dtypes
+    import numpy as np
+
+    from ._rebuild import HELPERS
+
+    descrs = {}
+    for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                 "float8_e8m0fnu"):
+        t = getattr(ml_dtypes, name, None)
+        if t is not None:
+            descrs[name] = np.dtype(t)
+    _core._set_helpers(HELPERS, descrs)
+
+
+_register()
+del _register

@@ -1,0 +1,179 @@
+"""load(): open the input (path, bytes-like or file object) and hand it to the C core."""
+
+from __future__ import annotations
+
+import io
+import mmap as _mmap
+import os
+
+from . import _core
+
+# must match src/module.h
+_SRC_MAP, _SRC_COPY, _SRC_FD = 0, 1, 2
+_ML_NONE, _ML_STR, _ML_DICT, _ML_CALL = 0, 1, 2, 3
+_LIMIT_NAMES = ("pickle_bytes", "memo", "stack", "marks", "records", "name", "ndim", "total_bytes")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def load(f, map_location=None, *, mmap=None, weights_only=True, safe_globals=None, encoding="utf-8",
+         limits=None):
+    """Load a checkpoint written by ``torch.save`` and return it with numpy arrays for tensors.
+
+    Args:
+        f: a path (``str`` or ``os.PathLike``), a bytes-like object (``bytes``, ``bytearray``,
+            ``memoryview``, ``mmap``) or a binary file object (read from its current position).
+        map_location: ``None`` (keep each storage's saved location), a location string such as
+            ``"cpu"`` or ``"meta"`` (or any object whose ``str()`` is one, e.g. a
+            ``torch.device``), a dict ``{saved: target}``, or a callable
+            ``fn(storage, saved_location)`` called once per storage record.
+        mmap: ``None`` maps the file when ``f`` is a path (copy-on-write, zero-copy); ``True``
+            requires mapping; ``False`` copies every storage into memory the arrays own.
+        weights_only: ``True`` rebuilds only allowlisted globals (torch's default allowlist
+            plus numpy arrays and ``argparse.Namespace``); ``False`` turns unknown globals into
+            inert ``torchfree.Opaque`` placeholders. Nothing is ever imported or executed.
+        safe_globals: globals you trust: a dict ``{"module.name": obj}`` or an iterable of
+            classes/functions, rebuilt as pickle would.
+        encoding: how Python 2 ``str`` objects are decoded (``"bytes"`` keeps them as bytes).
+        limits: a dict overriding entries of ``torchfree.LIMITS``.
+
+    Raises:
+        FormatError, UnpicklingError, UnsafeGlobalError, LimitError (all ``CheckpointError``),
+        ``TypeError`` for a bad ``map_location``, ``ValueError`` for ``mmap=True`` on a non-path.
+    """
+    ml_kind, ml = _map_location(map_location)
+    opts = dict(
+        map_kind=ml_kind,
+        map_location=ml,
+        weights_only=bool(weights_only),
+        safe_globals=_safe_globals(safe_globals),
+        encoding=None if encoding == "bytes" else str(encoding),
+        limits=_limits(limits),
+    )
+    if isinstance(f, (str, os.PathLike)):
+        return _load_path(os.fspath(f), mmap, opts)
+    if mmap:
+        raise ValueError("f must be a file path in order to use the mmap argument")
+    if isinstance(f, (bytes, bytearray, memoryview, _mmap.mmap)):
+        view = memoryview(f).cast("B") if isinstance(f, memoryview) else f
+        return _load_buffer(view, _SRC_COPY, opts)
+    if hasattr(f, "read"):
+        return _load_buffer(_read_rest(f), _SRC_MAP, opts)
+    raise TypeError(f"load() expects a path, a bytes-like object or a binary file object, not {type(f).__name__}")
+
+
+def _map_location(m):
+    if m is None:
+        return _ML_NONE, None
+    if isinstance(m, dict):
+        return _ML_DICT, {str(k): (v if isinstance(v, str) else str(v)) for k, v in m.items()}
+    if isinstance(m, str):
+        return _ML_STR, m
+    if isinstance(m, bytes):
+        return _ML_STR, m.decode("ascii")
+    if callable(m):
+        return _ML_CALL, m
+    if type(m).__name__ == "device" or hasattr(m, "type") and hasattr(m, "index"):
+        return _ML_STR, str(m)
+    raise TypeError(
+        "map_location must be None, a location string, a torch.device, a dict or a callable, "
+        f"not {type(m).__name__}"
+    )
+
+
+def _safe_globals(sg):
+    if sg is None:
+        return None
+    if isinstance(sg, dict):
+        return {str(k): v for k, v in sg.items()}
+    out = {}
+    for obj in sg:
+        if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[1], str):
+            obj, name = obj
+        else:
+            name = f"{obj.__module__}.{obj.__qualname__}"
+        out[name] = obj
+    return out
+
+
+def _limits(lim):
+    if lim is None:
+        return None
+    unknown = set(lim) - set(_LIMIT_NAMES)
+    if unknown:
+        raise TypeError(f"unknown limits: {sorted(unknown)}; known: {list(_LIMIT_NAMES)}")
+    merged = dict(_core.LIMITS)
+    merged.update({k: int(v) for k, v in lim.items()})
+    return tuple(merged[k] for k in _LIMIT_NAMES)
+
+
+def _not_zip(head: bytes):
+    from . import FormatError
+
+    if head.startswith(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"):
+        return FormatError("legacy (pre-1.6) torch.save stream: not supported by this version of torchfree yet")
+    if len(head) < 4:
+        return FormatError("file is empty or too short to be a checkpoint")
+    return FormatError(f"not a torch checkpoint (starts with {head[:8]!r}, expected a zip archive)")
+
+
+def _load_path(path: str, mmap, opts):
+    with open(path, "rb") as fh:
+        fd = fh.fileno()
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 16, 0)
+        if not head.startswith(_ZIP_MAGIC):
+            if mmap:
+                from . import CheckpointError
+
+                raise CheckpointError(
+                    "mmap can only be used with zip checkpoints (torch.save with "
+                    "_use_new_zipfile_serialization=True, the default since torch 1.6)"
+                ) from _not_zip(head)
+            raise _not_zip(head)
+        if mmap is False:
+            return _core.load_zip(fd, size, mode=_SRC_FD, require_map=False, **opts)
+        mapping = _mmap.mmap(fd, 0, access=_mmap.ACCESS_COPY)
+    try:
+        return _core.load_zip(mapping, size, mode=_SRC_MAP, require_map=bool(mmap), **opts)
+    finally:
+        # arrays hold the mapping through a memoryview; close it now if none do
+        try:
+            mapping.close()
+        except BufferError:
+            pass
+
+
+def _load_buffer(buf, mode, opts):
+    head = bytes(memoryview(buf)[:16])
+    if not head.startswith(_ZIP_MAGIC):
+        raise _not_zip(head)
+    return _core.load_zip(buf, len(buf) if not isinstance(buf, memoryview) else buf.nbytes, mode=mode,
+                          require_map=False, **opts)
+
+
+def _read_rest(f) -> bytearray:
+    """Everything from the file object's position, in memory we own."""
+    try:
+        pos = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(pos)
+    except (OSError, AttributeError, ValueError):
+        return bytearray(f.read())
+    buf = bytearray(max(end - pos, 0))
+    view = memoryview(buf)
+    got = 0
+    readinto = getattr(f, "readinto", None)
+    while got < len(buf):
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:
+            chunk = f.read(len(buf) - got)
+            n = len(chunk)
+            view[got : got + n] = chunk
+        if not n:
+            break
+        got += n
+    del view
+    if got < len(buf):
+        del buf[got:]
+    return buf

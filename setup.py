@@ -1,0 +1,64 @@
+"""Build torchfree: one C extension, torchfree._core, with an explicit source list.
+
+Environment switches:
+  TORCHFREE_WERROR=1    warnings are errors (CI)
+  TORCHFREE_DEBUG=1     -O0 -g with asserts (-UNDEBUG)
+  TORCHFREE_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer (implies DEBUG)
+"""
+import os
+
+import numpy
+from setuptools import Extension, setup
+
+SOURCES = [
+    "src/common.c",
+    "src/dtypes.c",
+    "src/globals.c",
+    "src/zipread.c",
+    "src/unpickler.c",
+    "src/storage.c",
+    "src/tensor.c",
+    "src/module.c",
+]
+HEADERS = [
+    "src/common.h",
+    "src/limits.h",
+    "src/dtypes.h",
+    "src/globals.h",
+    "src/opcodes.h",
+    "src/zipread.h",
+    "src/module.h",
+]
+
+
+def flag(name):
+    return os.environ.get(name, "") not in ("", "0")
+
+
+cflags = ["-std=c11", "-Wall", "-Wextra", "-Wshadow", "-Wno-unused-parameter", "-fvisibility=hidden", "-D_GNU_SOURCE"]
+ldflags = []
+if flag("TORCHFREE_WERROR"):
+    cflags.append("-Werror")
+if flag("TORCHFREE_DEBUG") or flag("TORCHFREE_SANITIZE"):
+    cflags += ["-O0", "-g", "-UNDEBUG"]
+else:
+    cflags += ["-O2"]
+if flag("TORCHFREE_SANITIZE"):
+    san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    cflags += san
+    ldflags += san
+
+setup(
+    ext_modules=[
+        Extension(
+            "torchfree._core",
+            sources=SOURCES,
+            depends=HEADERS,
+            include_dirs=[numpy.get_include()],  # no -Isrc: src/limits.h must not shadow <limits.h>,
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            extra_compile_args=cflags,
+            extra_link_args=ldflags,
+            libraries=["z", "pthread"],
+        )
+    ],
+)

@@ -1,0 +1,156 @@
+/* globals.c - the allowlist table (spec §5). Lookup only: nothing here can
+ * import or call anything. */
+#include "globals.h"
+
+#include <stdio.h>
+
+typedef struct {
+    const char *module;
+    const char *name;
+    GlobalId id;
+    int flags;
+} GlobalRow;
+
+#define WO GF_WEIGHTS_ONLY
+static const GlobalRow rows[] = {
+    {"torch._utils", "_rebuild_tensor", G_REBUILD_TENSOR, WO},
+    {"torch._utils", "_rebuild_tensor_v2", G_REBUILD_TENSOR_V2, WO},
+    {"torch._utils", "_rebuild_tensor_v3", G_REBUILD_TENSOR_V3, WO},
+    {"torch._utils", "_rebuild_parameter", G_REBUILD_PARAMETER, WO},
+    {"torch._utils", "_rebuild_parameter_with_state", G_REBUILD_PARAMETER_WITH_STATE, WO},
+    {"torch._tensor", "_rebuild_from_type_v2", G_REBUILD_FROM_TYPE_V2, WO},
+    {"torch._tensor", "_rebuild_from_type", G_REBUILD_FROM_TYPE, 0},
+    {"torch._utils", "_rebuild_qtensor", G_REBUILD_QTENSOR, WO},
+    {"torch._utils", "_rebuild_sparse_tensor", G_REBUILD_SPARSE_TENSOR, WO},
+    {"torch._utils", "_rebuild_sparse_csr_tensor", G_REBUILD_SPARSE_CSR_TENSOR, WO},
+    {"torch._utils", "_rebuild_nested_tensor", G_REBUILD_NESTED_TENSOR, WO},
+    {"torch._utils", "_rebuild_meta_tensor_no_storage", G_REBUILD_META_TENSOR_NO_STORAGE, WO},
+    {"torch._utils", "_rebuild_wrapper_subclass", G_REBUILD_WRAPPER_SUBCLASS, WO},
+    {"torch._utils", "_rebuild_device_tensor_from_numpy", G_REBUILD_DEVICE_TENSOR_FROM_NUMPY, WO},
+    {"torch._utils", "_rebuild_xla_tensor", G_REBUILD_DEVICE_TENSOR_FROM_NUMPY, WO},
+    {"torch._utils", "_rebuild_device_tensor_from_cpu_tensor", G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR, WO},
+    {"torch", "Tensor", G_TENSOR, WO},
+    {"torch.nn.parameter", "Parameter", G_PARAMETER, WO},
+    {"torch", "Size", G_SIZE, WO},
+    {"torch", "device", G_DEVICE, WO},
+    {"torch.serialization", "_get_layout", G_GET_LAYOUT, WO},
+    {"torch.storage", "UntypedStorage", G_UNTYPED_STORAGE, WO},
+    {"torch", "UntypedStorage", G_UNTYPED_STORAGE, WO},
+    {"torch.storage", "TypedStorage", G_TYPED_STORAGE, WO},
+    {"torch", "per_tensor_affine", G_QSCHEME, WO},
+    {"torch", "per_tensor_symmetric", G_QSCHEME, WO},
+    {"torch", "per_channel_affine", G_QSCHEME, WO},
+    {"torch", "per_channel_symmetric", G_QSCHEME, WO},
+    {"torch", "per_channel_affine_float_qparams", G_QSCHEME, WO},
+    {"collections", "OrderedDict", G_ORDERED_DICT, WO},
+    {"collections", "Counter", G_COUNTER, WO},
+    {"_codecs", "encode", G_CODECS_ENCODE, WO},
+    {"builtins", "bytearray", G_BYTEARRAY, WO},
+    {"builtins", "bytes", G_BYTES, WO},
+    {"builtins", "set", G_SET, WO},
+    {"builtins", "complex", G_COMPLEX, WO},
+    {"builtins", "frozenset", G_FROZENSET, 0},
+    {"builtins", "slice", G_SLICE, 0},
+    {"builtins", "range", G_RANGE, 0},
+    {"argparse", "Namespace", G_NAMESPACE, WO},
+    {"numpy._core.multiarray", "_reconstruct", G_NP_RECONSTRUCT, WO},
+    {"numpy", "ndarray", G_NP_NDARRAY, WO},
+    {"numpy", "dtype", G_NP_DTYPE, WO},
+    {"numpy._core.multiarray", "scalar", G_NP_SCALAR, WO},
+};
+#undef WO
+
+static const char *const legacy_tensor_prefixes[] = {
+    "Double", "Float", "Half", "Long", "Int", "Short", "Char", "Byte", "Bool", "BFloat16",
+};
+
+static int eqn(const char *a, size_t alen, const char *b) {
+    return strlen(b) == alen && memcmp(a, b, alen) == 0;
+}
+
+int globals_blocked_module(const char *module, size_t mlen) {
+    static const char *const blocked[] = {"sys", "os", "posix", "nt", "subprocess"};
+    for (size_t i = 0; i < sizeof(blocked) / sizeof(blocked[0]); i++) {
+        size_t bl = strlen(blocked[i]);
+        if (mlen >= bl && memcmp(module, blocked[i], bl) == 0 && (mlen == bl || module[bl] == '.'))
+            return 1;
+    }
+    return 0;
+}
+
+/* A legacy tensor class such as FloatTensor: dtype of its storage, else DT_NONE. */
+static DtypeId legacy_tensor_dtype(const char *name, size_t nlen) {
+    static const char suffix[] = "Tensor";
+    size_t sl = sizeof(suffix) - 1;
+    if (nlen <= sl || memcmp(name + nlen - sl, suffix, sl) != 0) return DT_NONE;
+    for (size_t i = 0; i < sizeof(legacy_tensor_prefixes) / sizeof(legacy_tensor_prefixes[0]); i++) {
+        if (eqn(name, nlen - sl, legacy_tensor_prefixes[i])) {
+            char buf[64];
+            snprintf(buf, sizeof(buf), "%sStorage", legacy_tensor_prefixes[i]);
+            return dtypes_by_storage(buf, strlen(buf));
+        }
+    }
+    return DT_NONE;
+}
+
+void globals_lookup(const char *module, size_t mlen, const char *name, size_t nlen,
+                    GlobalHit *hit, char *canon, size_t canon_size) {
+    /* Python 2 -> 3 names, as pickle's fix_imports and torch's tables. */
+    if (eqn(module, mlen, "__builtin__")) {
+        module = "builtins";
+        mlen = 8;
+        if (eqn(name, nlen, "xrange")) { name = "range"; nlen = 5; }
+        else if (eqn(name, nlen, "unicode")) { name = "str"; nlen = 3; }
+    } else if (eqn(module, mlen, "copy_reg")) {
+        module = "copyreg";
+        mlen = 7;
+    } else if (eqn(module, mlen, "torch.tensor")) {
+        module = "torch._tensor";
+        mlen = 13;
+    } else if (eqn(module, mlen, "numpy.core.multiarray")) {
+        module = "numpy._core.multiarray";
+        mlen = 22;
+    }
+    if (canon != NULL && canon_size > 0)
+        snprintf(canon, canon_size, "%.*s.%.*s", (int)mlen, module, (int)nlen, name);
+
+    hit->id = G_UNKNOWN;
+    hit->arg = -1;
+    hit->flags = 0;
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+        if (eqn(module, mlen, rows[i].module) && eqn(name, nlen, rows[i].name)) {
+            hit->id = rows[i].id;
+            hit->flags = rows[i].flags;
+            return;
+        }
+    }
+    int is_torch = eqn(module, mlen, "torch");
+    int is_cuda = eqn(module, mlen, "torch.cuda");
+    int is_sparse = eqn(module, mlen, "torch.sparse") || eqn(module, mlen, "torch.cuda.sparse");
+    if (is_torch || is_cuda) {
+        DtypeId dt = dtypes_by_storage(name, nlen);
+        if (dt != DT_NONE && (is_torch || !(dtypes_table[dt].flags & DTF_QUANTIZED))) {
+            hit->id = G_STORAGE;
+            hit->arg = (int)dt;
+            hit->flags = GF_WEIGHTS_ONLY;
+            return;
+        }
+    }
+    if (is_torch) {
+        DtypeId dt = dtypes_by_name(name, nlen);
+        if (dt != DT_NONE) {
+            hit->id = G_DTYPE;
+            hit->arg = (int)dt;
+            hit->flags = GF_WEIGHTS_ONLY;
+            return;
+        }
+    }
+    if (is_torch || is_cuda || is_sparse) {
+        DtypeId dt = legacy_tensor_dtype(name, nlen);
+        if (dt != DT_NONE) {
+            hit->id = G_LEGACY_TENSOR;
+            hit->arg = (int)dt;
+            hit->flags = GF_WEIGHTS_ONLY;
+        }
+    }
+}

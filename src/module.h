@@ -1,0 +1,142 @@
+/* module.h - the CPython layer's shared declarations: module state, the
+ * per-call Loader, and the object types (GlobalRef, Storage).
+ *
+ * Ownership notes use CPython's words: "new reference", "borrowed",
+ * "steals". Functions returning int give 0 on success, -1 with an exception
+ * set. */
+#ifndef TORCHFREE_MODULE_H
+#define TORCHFREE_MODULE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#define PY_ARRAY_UNIQUE_SYMBOL torchfree_ARRAY_API
+#ifndef TORCHFREE_MODULE_C
+#define NO_IMPORT_ARRAY
+#endif
+#include <numpy/arrayobject.h>
+
+#include "common.h"
+#include "dtypes.h"
+#include "globals.h"
+#include "limits.h"
+#include "zipread.h"
+
+typedef struct {
+    PyObject *CheckpointError, *FormatError, *UnpicklingError, *UnsafeGlobalError, *LimitError;
+    PyTypeObject *GlobalRefType;
+    PyTypeObject *StorageType;
+    PyObject *OrderedDict, *Counter; /* collections types, looked up once in exec */
+    PyArray_Descr *descr[DT_COUNT];  /* arrays of this torch dtype (NULL: none) */
+    PyObject *dtype_value[DT_COUNT]; /* what a `torch <dtype>` GLOBAL becomes */
+    PyObject *helpers;               /* dict of Python helpers set by torchfree/__init__.py */
+    PyObject *str_storage, *str_meta, *str_metadata_attr, *str_conj, *str_neg;
+} ModuleState;
+
+/* A resolved GLOBAL on the VM stack: one of ours (id), or a callable the
+ * user trusted through safe_globals (id G_UNKNOWN, obj set). */
+typedef struct {
+    PyObject_HEAD
+    int id;
+    int arg;
+    PyObject *canon; /* "module.name" */
+    PyObject *obj;   /* the user's trusted object, or NULL */
+} GlobalRef;
+
+/* torchfree.Storage: the bytes of one storage record. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *key;      /* str */
+    PyObject *location; /* str: the target tag after map_location */
+    Py_ssize_t nbytes;
+    int dtype;          /* DtypeId of its first use (uint8 for untyped) */
+    char *data;         /* NULL for meta storages */
+    PyObject *owner;    /* keeps data alive: memoryview of the source, an ndarray, a Storage */
+    Py_buffer view;     /* held when data comes from a user buffer */
+    int has_view;
+    int readonly;
+    int meta;
+    int swap_unit;      /* bytes per unit to swap for a big-endian file, 0 none */
+    int swapped;
+    int pending;        /* bytes still to be read (deferred pread) */
+    PyObject *upcast;   /* complex32 storages: the whole storage as complex64, made once */
+    struct ZipEntryRef { ZipEntry *entry; } rec;
+} StorageObject;
+
+enum { SRC_MAP = 0, SRC_COPY = 1, SRC_FD = 2 };
+enum { ML_NONE = 0, ML_STR = 1, ML_DICT = 2, ML_CALL = 3 };
+
+typedef struct Loader {
+    ModuleState *st;
+    /* source */
+    int mode;
+    int require_map;
+    PyObject *src_owner;   /* memoryview of the source buffer (SRC_MAP/SRC_COPY) */
+    const uint8_t *src;    /* its bytes */
+    int src_writable;
+    int fd;                /* SRC_FD (also the read_at context) */
+    uint64_t size;
+    ZipReader zip;
+    int big_endian;        /* the file's byte order differs from ours */
+    /* options */
+    int ml_kind;
+    PyObject *map_location; /* str, dict or the storage hook (borrowed) */
+    int weights_only;
+    PyObject *safe_globals; /* dict "module.name" -> object, or NULL (borrowed) */
+    PyObject *encoding;     /* str, or NULL for "bytes" (borrowed) */
+    TfLimits lim;
+    /* state */
+    PyObject *storages;     /* dict key -> StorageObject */
+    PyObject *pending;      /* list of StorageObject with deferred reads */
+    uint64_t total_alloc;
+    const char *record;     /* name of the pickle record, for messages */
+    /* pickle VM */
+    const uint8_t *pk, *pk_end, *pk_start;
+    PyObject **stack;
+    Py_ssize_t sp, stack_cap;
+    Py_ssize_t *marks;
+    Py_ssize_t nmarks, marks_cap;
+    PyObject **memo;
+    Py_ssize_t memo_len, memo_cap;
+    uint64_t op_offset;     /* offset of the opcode being run */
+} Loader;
+
+/* module.c */
+ModuleState *tf_state_of_type(PyTypeObject *tp);
+/* Raise exc with "message (record R, offset N)"; returns -1. */
+int tf_raise(Loader *L, PyObject *exc, const char *fmt, ...);
+/* Same, with the exception being handled (if any) as __cause__; returns -1. */
+int tf_raise_from(Loader *L, PyObject *exc, const char *fmt, ...);
+/* Raise from a TfErr of the Python-free layer; returns -1. */
+int tf_raise_err(Loader *L, const TfErr *err);
+PyObject *tf_helper(ModuleState *st, const char *name); /* borrowed, or NULL + exception */
+
+/* unpickler.c */
+PyObject *vm_run(Loader *L, const uint8_t *data, size_t len); /* new reference */
+void vm_free(Loader *L);
+/* Dotted key path of the object being built, e.g. "model.fc1.weight" (new reference). */
+PyObject *vm_key_path(Loader *L);
+
+/* storage.c */
+extern PyType_Spec StorageSpec;
+extern PyType_Spec GlobalRefSpec;
+/* Persistent id -> Storage (new reference). */
+PyObject *storage_persistent_load(Loader *L, PyObject *pid);
+/* Read or inflate what a Storage still lacks, and byte swap it. */
+int storage_ready(Loader *L, StorageObject *s);
+/* read_at over a file descriptor (ctx: int *) with pread. */
+TfStatus storage_read_fd(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err);
+/* Run every deferred read (GIL released, in parallel) and swaps. */
+int storage_finish(Loader *L);
+
+/* tensor.c */
+/* Dispatch REDUCE of one of our globals (args: a tuple, borrowed). New reference. */
+PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args);
+/* BUILD on an object created by one of our globals; returns the object to
+ * leave on the stack (new reference) or NULL. */
+PyObject *tensor_build(Loader *L, PyObject *obj, PyObject *state);
+/* Value pushed for a GLOBAL that is itself data (dtype, qscheme): new ref or NULL if not a value. */
+PyObject *tensor_global_value(Loader *L, const GlobalHit *hit, const char *canon);
+
+#endif

@@ -1,0 +1,543 @@
+/* storage.c - persistent ids, storage records and the Storage type.
+ *
+ * A zip persistent id ('storage', <type>, key, location, numel) names the
+ * record data/<key>. Each record is materialised once: a slice of the
+ * mapping (zero-copy), a fresh buffer filled by pread (deferred, so the
+ * reads of a whole file run after unpickling, in parallel, without the GIL),
+ * or a fresh buffer inflated from a deflated record. map_location decides the
+ * target tag; "meta" reads nothing. */
+#include "module.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <unistd.h>
+
+/* ---- GlobalRef ------------------------------------------------------------ */
+
+static void GlobalRef_dealloc(GlobalRef *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_XDECREF(self->canon);
+    Py_XDECREF(self->obj);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *GlobalRef_repr(GlobalRef *self) {
+    return PyUnicode_FromFormat("<torchfree global %U>", self->canon);
+}
+
+static PyType_Slot GlobalRef_slots[] = {
+    {Py_tp_dealloc, GlobalRef_dealloc},
+    {Py_tp_repr, GlobalRef_repr},
+    {Py_tp_doc, "A GLOBAL of a checkpoint, resolved to torchfree's own code (never imported)."},
+    {0, NULL},
+};
+
+PyType_Spec GlobalRefSpec = {
+    .name = "torchfree._core.GlobalRef",
+    .basicsize = sizeof(GlobalRef),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = GlobalRef_slots,
+};
+
+/* ---- Storage -------------------------------------------------------------- */
+
+static void Storage_dealloc(StorageObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->has_view) PyBuffer_Release(&self->view);
+    Py_XDECREF(self->key);
+    Py_XDECREF(self->location);
+    Py_XDECREF(self->owner);
+    Py_XDECREF(self->upcast);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static int Storage_traverse(StorageObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->owner);
+    Py_VISIT(self->upcast);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int Storage_getbuffer(StorageObject *self, Py_buffer *view, int flags) {
+    if (self->meta) {
+        PyErr_SetString(PyExc_BufferError, "a meta storage has no bytes");
+        return -1;
+    }
+    return PyBuffer_FillInfo(view, (PyObject *)self, self->data ? self->data : (char *)"",
+                             self->nbytes, self->readonly, flags);
+}
+
+static PyObject *Storage_repr(StorageObject *self) {
+    return PyUnicode_FromFormat("torchfree.Storage(key=%R, location=%R, nbytes=%zd, dtype=%s)",
+                                self->key, self->location, self->nbytes,
+                                dtypes_table[self->dtype].name);
+}
+
+static PyObject *Storage_numpy(StorageObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->meta) {
+        PyErr_SetString(PyExc_ValueError, "a meta storage has no bytes");
+        return NULL;
+    }
+    npy_intp dims[1] = {self->nbytes};
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, PyArray_DescrFromType(NPY_UINT8), 1, dims,
+                                         NULL, self->data, self->readonly ? 0 : NPY_ARRAY_WRITEABLE,
+                                         NULL);
+    if (arr == NULL) return NULL;
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, Py_NewRef(self)) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+static PyObject *Storage_get_dtype(StorageObject *self, void *closure) {
+    ModuleState *st = tf_state_of_type(Py_TYPE(self));
+    if (st == NULL) return NULL;
+    PyObject *d = st->descr[self->dtype] ? (PyObject *)st->descr[self->dtype] : st->dtype_value[self->dtype];
+    return Py_NewRef(d);
+}
+
+static PyObject *Storage_get_nbytes(StorageObject *self, void *closure) {
+    return PyLong_FromSsize_t(self->nbytes);
+}
+
+static PyObject *Storage_get_key(StorageObject *self, void *closure) { return Py_NewRef(self->key); }
+
+static PyObject *Storage_get_location(StorageObject *self, void *closure) {
+    return Py_NewRef(self->location);
+}
+
+static int Storage_set_location(StorageObject *self, PyObject *value, void *closure) {
+    if (value == NULL || !PyUnicode_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "location must be a str");
+        return -1;
+    }
+    Py_SETREF(self->location, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *Storage_get_is_meta(StorageObject *self, void *closure) {
+    return PyBool_FromLong(self->meta);
+}
+
+static PyGetSetDef Storage_getset[] = {
+    {"key", (getter)Storage_get_key, NULL, "record key (the name after data/)", NULL},
+    {"location", (getter)Storage_get_location, (setter)Storage_set_location,
+     "location tag: the saved one, or the target after map_location", NULL},
+    {"nbytes", (getter)Storage_get_nbytes, NULL, "size in bytes", NULL},
+    {"dtype", (getter)Storage_get_dtype, NULL, "dtype of its first use", NULL},
+    {"is_meta", (getter)Storage_get_is_meta, NULL, "True for storages mapped to 'meta' (no bytes)", NULL},
+    {NULL},
+};
+
+static PyMethodDef Storage_methods[] = {
+    {"numpy", (PyCFunction)Storage_numpy, METH_NOARGS,
+     "numpy($self, /)\n--\n\nA 1-D uint8 array over the storage's bytes (no copy)."},
+    {NULL},
+};
+
+static PyType_Slot Storage_slots[] = {
+    {Py_tp_dealloc, Storage_dealloc},
+    {Py_tp_traverse, Storage_traverse},
+    {Py_tp_repr, Storage_repr},
+    {Py_tp_getset, Storage_getset},
+    {Py_tp_methods, Storage_methods},
+    {Py_bf_getbuffer, Storage_getbuffer},
+    {Py_tp_doc, "The bytes of one storage record of a checkpoint (torchfree.Storage)."},
+    {0, NULL},
+};
+
+PyType_Spec StorageSpec = {
+    .name = "torchfree.Storage",
+    .basicsize = sizeof(StorageObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = Storage_slots,
+};
+
+static StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype) {
+    StorageObject *s = PyObject_GC_New(StorageObject, L->st->StorageType);
+    if (s == NULL) return NULL;
+    s->key = Py_NewRef(key);
+    s->location = Py_NewRef(location);
+    s->nbytes = nbytes;
+    s->dtype = dtype;
+    s->data = NULL;
+    s->owner = NULL;
+    s->has_view = 0;
+    s->readonly = 0;
+    s->meta = 0;
+    s->swap_unit = 0;
+    s->swapped = 0;
+    s->pending = 0;
+    s->rec.entry = NULL;
+    s->upcast = NULL;
+    PyObject_GC_Track(s);
+    return s;
+}
+
+/* ---- reading ---------------------------------------------------------------- */
+
+static TfStatus pread_all(int fd, uint64_t off, uint8_t *buf, size_t n, TfErr *err) {
+    while (n > 0) {
+        size_t chunk = n > ((size_t)1 << 30) ? ((size_t)1 << 30) : n;
+        ssize_t r = pread(fd, buf, chunk, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return tf_fail(err, TF_ERR_IO, off, "read failed: %s", strerror(errno));
+        }
+        if (r == 0) return tf_fail(err, TF_ERR_FORMAT, off, "file ended early (it changed while loading?)");
+        buf += r;
+        off += (uint64_t)r;
+        n -= (size_t)r;
+    }
+    return TF_OK;
+}
+
+TfStatus storage_read_fd(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err) {
+    return pread_all(*(int *)ctx, off, buf, n, err);
+}
+
+/* ---- persistent_load ---------------------------------------------------------- */
+
+static PyObject *as_str(PyObject *o) {
+    if (PyUnicode_Check(o)) return Py_NewRef(o);
+    if (PyBytes_Check(o)) return PyUnicode_DecodeASCII(PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o), "strict");
+    return NULL;
+}
+
+/* The tag a storage saved with `saved` goes to (new reference). */
+static PyObject *target_location(Loader *L, PyObject *saved) {
+    if (L->ml_kind == ML_STR) return Py_NewRef(L->map_location);
+    if (L->ml_kind == ML_DICT) {
+        PyObject *v = PyDict_GetItemWithError(L->map_location, saved);
+        if (v == NULL) return PyErr_Occurred() ? NULL : Py_NewRef(saved);
+        return PyUnicode_Check(v) ? Py_NewRef(v) : PyObject_Str(v);
+    }
+    return Py_NewRef(saved);
+}
+
+static int charge(Loader *L, uint64_t nbytes) {
+    if (tf_add_u64(L->total_alloc, nbytes, &L->total_alloc) || L->total_alloc > L->lim.total_bytes)
+        return tf_raise(L, L->st->LimitError, "storages need more than the limit of %llu bytes",
+                        (unsigned long long)L->lim.total_bytes);
+    return 0;
+}
+
+/* Give s its bytes: a slice of the mapping, or a fresh buffer (read now or later). */
+static int storage_materialize(Loader *L, StorageObject *s) {
+    Py_ssize_t klen;
+    const char *k = PyUnicode_AsUTF8AndSize(s->key, &klen);
+    if (k == NULL) return -1;
+    if ((uint64_t)klen > L->lim.name) return tf_raise(L, L->st->LimitError, "storage key too long");
+    char name[4096 + 8];
+    memcpy(name, "data/", 5);
+    memcpy(name + 5, k, (size_t)klen);
+    ZipEntry *e = zipread_find(&L->zip, name, (size_t)klen + 5);
+    if (e == NULL) return tf_raise(L, L->st->FormatError, "record %s is missing from the archive", name);
+    if (e->usize != (uint64_t)s->nbytes)
+        return tf_raise(L, L->st->FormatError,
+                        "record %s has %llu bytes but its persistent id needs %zd (numel x element size)",
+                        name, (unsigned long long)e->usize, s->nbytes);
+    TfErr err = {0};
+    if (zipread_locate(&L->zip, e, &err) != TF_OK) return tf_raise_err(L, &err);
+    if (L->mode == SRC_MAP && e->method == 0) {
+        s->data = (char *)L->src + e->data_offset;
+        s->owner = Py_NewRef(L->src_owner);
+        s->readonly = !L->src_writable;
+        return 0;
+    }
+    if (L->require_map)
+        return tf_raise(L, L->st->FormatError,
+                        "record %s is compressed (method %d) and cannot be memory-mapped; "
+                        "load with mmap=None or mmap=False", name, e->method);
+    if (charge(L, e->usize) < 0) return -1;
+    npy_intp dims[1] = {(npy_intp)e->usize};
+    PyObject *buf = PyArray_SimpleNew(1, dims, NPY_UINT8);
+    if (buf == NULL) return -1;
+    s->owner = buf;
+    s->data = PyArray_DATA((PyArrayObject *)buf);
+    s->readonly = 0;
+    s->rec.entry = e;
+    if (L->mode == SRC_FD && e->method == 0) {
+        s->pending = 1; /* read in storage_finish, with the others */
+        return PyList_Append(L->pending, (PyObject *)s);
+    }
+    TfStatus rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
+    Py_END_ALLOW_THREADS
+    if (rc != TF_OK) return tf_raise_err(L, &err);
+    return 0;
+}
+
+/* A user's map_location callable returned `res` for s: None keeps s, a
+ * Storage replaces it, any other buffer of >= nbytes bytes becomes its data. */
+static PyObject *storage_from_hook(Loader *L, StorageObject *s, PyObject *res) {
+    if (res == Py_None) return Py_NewRef(s);
+    if (Py_TYPE(res) == L->st->StorageType) {
+        StorageObject *r = (StorageObject *)res;
+        if (!r->meta && r->nbytes < s->nbytes) {
+            PyErr_Format(PyExc_ValueError, "map_location returned a storage of %zd bytes for record %U of %zd bytes",
+                         r->nbytes, s->key, s->nbytes);
+            return NULL;
+        }
+        if (r->dtype == s->dtype || r->meta) return Py_NewRef(res);
+        StorageObject *c = storage_new(L, s->key, r->location, s->nbytes, s->dtype);
+        if (c == NULL) return NULL;
+        c->data = r->data;
+        c->owner = Py_NewRef(res);
+        c->readonly = r->readonly;
+        c->meta = r->meta;
+        return (PyObject *)c;
+    }
+    StorageObject *c = storage_new(L, s->key, s->location, s->nbytes, s->dtype);
+    if (c == NULL) return NULL;
+    if (PyObject_GetBuffer(res, &c->view, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        if (PyObject_GetBuffer(res, &c->view, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(c);
+            PyErr_Format(PyExc_TypeError,
+                         "map_location callable must return None, a torchfree.Storage or a buffer, not %s",
+                         Py_TYPE(res)->tp_name);
+            return NULL;
+        }
+        c->readonly = 1;
+    }
+    c->has_view = 1;
+    if (c->view.len < s->nbytes) {
+        PyErr_Format(PyExc_ValueError, "map_location returned %zd bytes for record %U of %zd bytes",
+                     c->view.len, s->key, s->nbytes);
+        Py_DECREF(c);
+        return NULL;
+    }
+    c->data = c->view.buf;
+    c->owner = Py_NewRef(res);
+    c->swapped = 1; /* the user's bytes are taken as they are */
+    return (PyObject *)c;
+}
+
+PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
+    ModuleState *st = L->st;
+    if (!PyTuple_Check(pid) || PyTuple_GET_SIZE(pid) < 1) {
+        tf_raise(L, st->UnpicklingError, "persistent id is a %s, not a ('storage', ...) tuple",
+                 Py_TYPE(pid)->tp_name);
+        return NULL;
+    }
+    PyObject *tag = as_str(PyTuple_GET_ITEM(pid, 0));
+    int is_storage = tag != NULL && PyUnicode_Compare(tag, st->str_storage) == 0;
+    Py_XDECREF(tag);
+    PyErr_Clear();
+    if (!is_storage || PyTuple_GET_SIZE(pid) != 5) {
+        tf_raise(L, st->UnpicklingError,
+                 "only persistent ids ('storage', type, key, location, numel) are allowed in a zip checkpoint");
+        return NULL;
+    }
+    PyObject *type = PyTuple_GET_ITEM(pid, 1);
+    int dtype;
+    if (Py_TYPE(type) == st->GlobalRefType && ((GlobalRef *)type)->id == G_STORAGE) {
+        dtype = ((GlobalRef *)type)->arg;
+    } else if (Py_TYPE(type) == st->GlobalRefType && (((GlobalRef *)type)->id == G_UNTYPED_STORAGE ||
+                                                      ((GlobalRef *)type)->id == G_TYPED_STORAGE)) {
+        dtype = DT_UINT8;
+    } else {
+        tf_raise(L, st->UnpicklingError, "persistent id names a storage type that is not a torch storage class");
+        return NULL;
+    }
+    PyObject *key = as_str(PyTuple_GET_ITEM(pid, 2));
+    if (key == NULL && PyLong_Check(PyTuple_GET_ITEM(pid, 2))) key = PyObject_Str(PyTuple_GET_ITEM(pid, 2));
+    PyObject *saved = as_str(PyTuple_GET_ITEM(pid, 3));
+    PyObject *numel_o = PyTuple_GET_ITEM(pid, 4);
+    PyObject *result = NULL, *target = NULL;
+    StorageObject *s = NULL;
+    if (key == NULL || saved == NULL || !PyLong_Check(numel_o)) {
+        PyErr_Clear();
+        tf_raise(L, st->UnpicklingError, "malformed persistent id (key, location or numel of the wrong type)");
+        goto done;
+    }
+    int overflow = 0;
+    long long numel = PyLong_AsLongLongAndOverflow(numel_o, &overflow);
+    uint64_t nbytes;
+    if (overflow || numel < 0 || tf_mul_u64((uint64_t)numel, dtypes_table[dtype].itemsize, &nbytes) ||
+        nbytes > (uint64_t)PY_SSIZE_T_MAX) {
+        tf_raise(L, st->FormatError, "persistent id of record data/%U claims an impossible numel", key);
+        goto done;
+    }
+    StorageObject *old = (StorageObject *)PyDict_GetItemWithError(L->storages, key); /* borrowed */
+    if (old != NULL) {
+        if ((uint64_t)old->nbytes != nbytes && !old->meta) {
+            tf_raise(L, st->FormatError,
+                     "record data/%U is referenced with conflicting sizes (%zd and %llu bytes)", key,
+                     old->nbytes, (unsigned long long)nbytes);
+            goto done;
+        }
+        if (old->dtype == dtype) {
+            result = Py_NewRef(old);
+            goto done;
+        }
+        /* the same bytes under another dtype (legitimate for empty storages) */
+        s = storage_new(L, key, old->location, (Py_ssize_t)nbytes, dtype);
+        if (s == NULL) goto done;
+        s->data = old->data;
+        s->owner = Py_NewRef(old);
+        s->readonly = old->readonly;
+        s->meta = old->meta;
+        s->swapped = old->swapped || old->swap_unit;
+        result = (PyObject *)s;
+        s = NULL;
+        goto done;
+    }
+    if (PyErr_Occurred()) goto done;
+    target = target_location(L, saved);
+    if (target == NULL) goto done;
+    s = storage_new(L, key, target, (Py_ssize_t)nbytes, dtype);
+    if (s == NULL) goto done;
+    if (PyUnicode_Compare(target, st->str_meta) == 0) {
+        s->meta = 1;
+    } else {
+        if (storage_materialize(L, s) < 0) goto done;
+        if (L->big_endian && dtype != DT_UINT8) {
+            const DtypeInfo *info = &dtypes_table[dtype];
+            s->swap_unit = (info->flags & DTF_COMPLEX) ? info->itemsize / 2 : info->itemsize;
+            if (s->swap_unit < 2) s->swap_unit = 0;
+        }
+    }
+    if (L->ml_kind == ML_CALL) {
+        if (!s->meta && storage_ready(L, s) < 0) goto done;
+        PyObject *res = PyObject_CallFunctionObjArgs(L->map_location, (PyObject *)s, saved, NULL);
+        if (res == NULL) goto done;
+        PyObject *repl = storage_from_hook(L, s, res);
+        Py_DECREF(res);
+        if (repl == NULL) goto done;
+        Py_SETREF(s, (StorageObject *)repl);
+    }
+    if (PyDict_SetItem(L->storages, key, (PyObject *)s) < 0) goto done;
+    result = (PyObject *)s;
+    s = NULL;
+done:
+    Py_XDECREF(s);
+    Py_XDECREF(key);
+    Py_XDECREF(saved);
+    Py_XDECREF(target);
+    return result;
+}
+
+/* ---- finishing: deferred reads and byte swaps ------------------------------------ */
+
+int storage_ready(Loader *L, StorageObject *s) {
+    if (s->pending) {
+        TfErr err = {0};
+        TfStatus rc;
+        ZipEntry *e = s->rec.entry;
+        Py_BEGIN_ALLOW_THREADS
+        rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
+        Py_END_ALLOW_THREADS
+        if (rc != TF_OK) return tf_raise_err(L, &err);
+        s->pending = 0;
+    }
+    if (s->swap_unit && !s->swapped && s->data != NULL) {
+        dtypes_byteswap((uint8_t *)s->data, (uint64_t)s->nbytes, (unsigned)s->swap_unit);
+        s->swapped = 1;
+    }
+    return 0;
+}
+
+typedef struct {
+    int fd;
+    uint64_t off;
+    uint8_t *dst;
+    size_t n;
+} ReadJob;
+
+typedef struct {
+    ReadJob *jobs;
+    size_t njobs;
+    size_t next; /* atomic */
+    int failed;  /* atomic errno */
+} ReadPool;
+
+static void *read_worker(void *arg) {
+    ReadPool *p = arg;
+    for (;;) {
+        size_t i = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED);
+        if (i >= p->njobs || __atomic_load_n(&p->failed, __ATOMIC_RELAXED)) break;
+        TfErr err;
+        if (pread_all(p->jobs[i].fd, p->jobs[i].off, p->jobs[i].dst, p->jobs[i].n, &err) != TF_OK)
+            __atomic_store_n(&p->failed, errno ? errno : EIO, __ATOMIC_RELAXED);
+    }
+    return NULL;
+}
+
+/* Run the jobs on up to `nthreads` threads (the caller is one of them). */
+static int run_reads(ReadJob *jobs, size_t njobs, int nthreads) {
+    ReadPool pool = {jobs, njobs, 0, 0};
+    pthread_t tids[16];
+    int started = 0;
+    for (int t = 1; t < nthreads && t < 16; t++) {
+        if (pthread_create(&tids[started], NULL, read_worker, &pool) != 0) break;
+        started++;
+    }
+    read_worker(&pool);
+    for (int t = 0; t < started; t++) pthread_join(tids[t], NULL);
+    return pool.failed;
+}
+
+#define READ_CHUNK ((size_t)8 << 20)
+
+int storage_finish(Loader *L) {
+    Py_ssize_t npend = PyList_GET_SIZE(L->pending);
+    if (npend > 0) {
+        /* split big records into chunks so threads share the work */
+        size_t njobs = 0;
+        uint64_t total = 0;
+        for (Py_ssize_t i = 0; i < npend; i++) {
+            StorageObject *s = (StorageObject *)PyList_GET_ITEM(L->pending, i);
+            if (!s->pending) continue;
+            size_t n = (size_t)s->nbytes;
+            njobs += n == 0 ? 0 : (n + READ_CHUNK - 1) / READ_CHUNK;
+            total += n;
+        }
+        ReadJob *jobs = PyMem_Malloc((njobs ? njobs : 1) * sizeof(ReadJob));
+        if (jobs == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        size_t j = 0;
+        for (Py_ssize_t i = 0; i < npend; i++) {
+            StorageObject *s = (StorageObject *)PyList_GET_ITEM(L->pending, i);
+            if (!s->pending) continue;
+            for (size_t off = 0; off < (size_t)s->nbytes; off += READ_CHUNK) {
+                size_t n = (size_t)s->nbytes - off;
+                jobs[j].fd = L->fd;
+                jobs[j].off = s->rec.entry->data_offset + off;
+                jobs[j].dst = (uint8_t *)s->data + off;
+                jobs[j].n = n < READ_CHUNK ? n : READ_CHUNK;
+                j++;
+            }
+        }
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        int nthreads = total >= ((uint64_t)64 << 20) ? (int)(ncpu < 1 ? 1 : ncpu > 8 ? 8 : ncpu) : 1;
+        int failed;
+        Py_BEGIN_ALLOW_THREADS
+        failed = run_reads(jobs, j, nthreads);
+        Py_END_ALLOW_THREADS
+        PyMem_Free(jobs);
+        if (failed) {
+            errno = failed;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < npend; i++)
+            ((StorageObject *)PyList_GET_ITEM(L->pending, i))->pending = 0;
+    }
+    if (L->big_endian) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(L->storages, &pos, &k, &v))
+            if (storage_ready(L, (StorageObject *)v) < 0) return -1;
+    }
+    return 0;
+}

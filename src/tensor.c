@@ -1,0 +1,398 @@
+/* tensor.c - our own code behind every allowlisted GLOBAL: the tensor
+ * rebuilds of torch._utils (strided views over a Storage, validated before
+ * numpy sees them) and the inert constructors of builtins and torch objects.
+ * Rare, non-hot rebuilds (numpy objects, Opaque, MetaArray, complex32 and
+ * conj/neg) go to small helpers in torchfree/_rebuild.py: our own code too. */
+#include "module.h"
+
+static int is_storage(Loader *L, PyObject *o) { return Py_TYPE(o) == L->st->StorageType; }
+
+static int wrong_args(Loader *L, GlobalRef *g, const char *expect, PyObject *args) {
+    return tf_raise(L, L->st->UnpicklingError, "%U expects %s, got %zd arguments", g->canon, expect,
+                    PyTuple_GET_SIZE(args));
+}
+
+/* An int >= 0 from the pickle (offsets, sizes, strides). */
+static int get_index(Loader *L, PyObject *o, const char *what, int64_t *out) {
+    if (!PyLong_Check(o) || PyBool_Check(o))
+        return tf_raise(L, L->st->UnpicklingError, "tensor %s is a %s, not an int", what, Py_TYPE(o)->tp_name);
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (overflow || v < 0) return tf_raise(L, L->st->FormatError, "tensor %s %R is out of range", what, o);
+    *out = (int64_t)v;
+    return 0;
+}
+
+static int get_dims(Loader *L, PyObject *seq, const char *what, int64_t *out, int *nd) {
+    if (!PyTuple_Check(seq) && !PyList_Check(seq))
+        return tf_raise(L, L->st->UnpicklingError, "tensor %s is a %s, not a tuple", what, Py_TYPE(seq)->tp_name);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if ((uint64_t)n > L->lim.ndim || n > NPY_MAXDIMS)
+        return tf_raise(L, L->st->LimitError, "tensor with %zd dimensions exceeds the limit of %llu", n,
+                        (unsigned long long)L->lim.ndim);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (get_index(L, items[i], what, &out[i]) < 0) return -1;
+    *nd = (int)n;
+    return 0;
+}
+
+static PyObject *helper_call(Loader *L, const char *name, PyObject *args) {
+    PyObject *f = tf_helper(L->st, name);
+    return f ? PyObject_CallObject(f, args) : NULL;
+}
+
+/* The dtype value of a `torch <dtype>` GLOBAL back to its DtypeId. */
+static int dtype_from_value(Loader *L, PyObject *v) {
+    for (int i = 0; i < DT_COUNT; i++)
+        if (L->st->dtype_value[i] == v) return i;
+    if (PyUnicode_Check(v)) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(v, &n);
+        if (s != NULL && n > 6 && memcmp(s, "torch.", 6) == 0) {
+            DtypeId d = dtypes_by_name(s + 6, (size_t)n - 6);
+            if (d != DT_NONE) return (int)d;
+        }
+        PyErr_Clear();
+    }
+    tf_raise(L, L->st->UnpicklingError, "tensor dtype %R is not a torch dtype", v);
+    return -1;
+}
+
+/* dtype of a MetaArray: what the array would have been (complex32 -> complex64). */
+static PyObject *dtype_object(Loader *L, int dt) {
+    ModuleState *st = L->st;
+    if (dt == DT_COMPLEX32) dt = DT_COMPLEX64;
+    return Py_NewRef(st->descr[dt] ? (PyObject *)st->descr[dt] : st->dtype_value[dt]);
+}
+
+/* The heart of every dense rebuild: a numpy view of `storage` with torch's
+ * (offset, size, stride) in elements of dtype dt, checked to lie inside it. */
+static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_o, PyObject *size_o,
+                                 PyObject *stride_o, int dt, PyObject *metadata) {
+    ModuleState *st = L->st;
+    if (!is_storage(L, storage))
+        return tf_raise(L, st->UnpicklingError, "tensor rebuilt over a %s, not a storage",
+                        Py_TYPE(storage)->tp_name), NULL;
+    StorageObject *s = (StorageObject *)storage;
+    if (dt < 0) dt = s->dtype;
+    const DtypeInfo *info = &dtypes_table[dt];
+    if (info->flags & (DTF_QUANTIZED | DTF_NO_TENSOR))
+        return tf_raise(L, st->UnpicklingError, "dtype %s cannot be rebuilt as a plain tensor", info->name), NULL;
+    int64_t offset, size[NPY_MAXDIMS + 1], stride[NPY_MAXDIMS + 1];
+    int nd, nds;
+    if (get_index(L, offset_o, "storage offset", &offset) < 0 || get_dims(L, size_o, "size", size, &nd) < 0 ||
+        get_dims(L, stride_o, "stride", stride, &nds) < 0)
+        return NULL;
+    if (nd != nds)
+        return tf_raise(L, st->FormatError, "tensor has %d sizes but %d strides", nd, nds), NULL;
+    /* extent in elements: offset + sum((size-1)*stride) + 1, unless empty */
+    uint64_t itemsize = info->itemsize, last = (uint64_t)offset, numel = 1;
+    int empty = 0;
+    for (int i = 0; i < nd; i++) {
+        uint64_t t;
+        if (size[i] == 0) empty = 1;
+        if (tf_mul_u64(numel, (uint64_t)size[i], &numel))
+            return tf_raise(L, st->FormatError, "tensor size overflows"), NULL;
+        if (size[i] > 0 && (tf_mul_u64((uint64_t)(size[i] - 1), (uint64_t)stride[i], &t) || tf_add_u64(last, t, &last)))
+            return tf_raise(L, st->FormatError, "tensor size x stride overflows"), NULL;
+    }
+    uint64_t end_bytes;
+    if (empty) {
+        if (tf_mul_u64((uint64_t)offset, itemsize, &end_bytes) || end_bytes > (uint64_t)s->nbytes)
+            return tf_raise(L, st->FormatError, "storage offset %lld lies outside record data/%U (%zd bytes)",
+                            (long long)offset, s->key, s->nbytes), NULL;
+    } else if (tf_add_u64(last, 1, &end_bytes) || tf_mul_u64(end_bytes, itemsize, &end_bytes) ||
+               end_bytes > (uint64_t)s->nbytes) {
+        return tf_raise(L, st->FormatError,
+                        "tensor (offset %lld, %d dims) reaches past the end of record data/%U (%zd bytes)",
+                        (long long)offset, nd, s->key, s->nbytes), NULL;
+    }
+    if (s->meta) {
+        PyObject *shape = PyTuple_New(nd);
+        if (shape == NULL) return NULL;
+        for (int i = 0; i < nd; i++) {
+            PyObject *v = PyLong_FromLongLong(size[i]);
+            if (v == NULL) {
+                Py_DECREF(shape);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(shape, i, v);
+        }
+        PyObject *args = Py_BuildValue("(NN)", shape, dtype_object(L, dt));
+        if (args == NULL) return NULL;
+        PyObject *r = helper_call(L, "meta", args);
+        Py_DECREF(args);
+        return r;
+    }
+    if (L->big_endian && !s->swap_unit && !s->swapped && info->itemsize > 1)
+        s->swap_unit = (info->flags & DTF_COMPLEX) ? info->itemsize / 2 : info->itemsize;
+    PyArray_Descr *descr = st->descr[dt];
+    if (descr == NULL)
+        return tf_raise(L, st->UnpicklingError, "dtype %s needs ml_dtypes, which is not available", info->name), NULL;
+    npy_intp dims[NPY_MAXDIMS + 1], strides[NPY_MAXDIMS + 1];
+    for (int i = 0; i < nd; i++) {
+        uint64_t sb;
+        if (tf_mul_u64((uint64_t)stride[i], itemsize, &sb) || sb > (uint64_t)NPY_MAX_INTP)
+            return tf_raise(L, st->FormatError, "tensor stride overflows"), NULL;
+        dims[i] = (npy_intp)size[i];
+        strides[i] = (npy_intp)sb;
+    }
+    char *data = s->data + offset * (int64_t)itemsize;
+    PyObject *base = storage;
+    if (dt == DT_COMPLEX32) {
+        /* numpy has no complex32: the whole storage is upcast to complex64 once,
+         * so every view of it still shares memory */
+        if (s->upcast == NULL) {
+            if (storage_ready(L, s) < 0) return NULL;
+            PyObject *hargs = Py_BuildValue("(O)", storage);
+            if (hargs == NULL) return NULL;
+            s->upcast = helper_call(L, "complex32_storage", hargs);
+            Py_DECREF(hargs);
+            if (s->upcast == NULL) return NULL;
+        }
+        descr = PyArray_DESCR((PyArrayObject *)s->upcast);
+        for (int i = 0; i < nd; i++) strides[i] *= 2;
+        data = (char *)PyArray_DATA((PyArrayObject *)s->upcast) + offset * 8;
+        base = s->upcast;
+    }
+    Py_INCREF(descr);
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, strides, data,
+                                         s->readonly ? 0 : NPY_ARRAY_WRITEABLE, NULL);
+    if (arr == NULL) return NULL;
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, Py_NewRef(base)) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    int conj = 0, neg = 0;
+    if (metadata != NULL && metadata != Py_None) {
+        if (!PyDict_Check(metadata)) {
+            Py_DECREF(arr);
+            return tf_raise(L, st->UnpicklingError, "tensor metadata is not a dict"), NULL;
+        }
+        PyObject *c = PyDict_GetItem(metadata, st->str_conj), *n = PyDict_GetItem(metadata, st->str_neg);
+        conj = c != NULL && PyObject_IsTrue(c) == 1;
+        neg = n != NULL && PyObject_IsTrue(n) == 1;
+    }
+    if (conj || neg) {
+        if (storage_ready(L, s) < 0) {
+            Py_DECREF(arr);
+            return NULL;
+        }
+        PyObject *args = Py_BuildValue("(Nii)", arr, conj, neg);
+        if (args == NULL) return NULL;
+        PyObject *r = helper_call(L, "fix_values", args);
+        Py_DECREF(args);
+        return r;
+    }
+    return arr;
+}
+
+/* OrderedDict(), OrderedDict([(k, v), ...]), Counter(...) */
+static PyObject *make_mapping(Loader *L, GlobalRef *g, PyObject *type, PyObject *args) {
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    if (n > 1) return wrong_args(L, g, "at most 1 argument", args), NULL;
+    if (n == 1) {
+        PyObject *a = PyTuple_GET_ITEM(args, 0);
+        if (!PyList_CheckExact(a) && !PyTuple_CheckExact(a) && !PyDict_CheckExact(a))
+            return tf_raise(L, L->st->UnpicklingError, "%U argument is a %s", g->canon, Py_TYPE(a)->tp_name), NULL;
+    }
+    PyObject *r = PyObject_Call(type, args, NULL);
+    if (r == NULL) tf_raise_from(L, L->st->UnpicklingError, "%U(...) failed", g->canon);
+    return r;
+}
+
+static PyObject *make_device(Loader *L, GlobalRef *g, PyObject *args) {
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    if (n < 1 || n > 2 || !PyUnicode_Check(PyTuple_GET_ITEM(args, 0)))
+        return wrong_args(L, g, "(type: str[, index: int])", args), NULL;
+    PyObject *type = PyTuple_GET_ITEM(args, 0);
+    if (n == 2 && PyTuple_GET_ITEM(args, 1) != Py_None) {
+        PyObject *idx = PyTuple_GET_ITEM(args, 1);
+        if (!PyLong_Check(idx)) return wrong_args(L, g, "(type: str[, index: int])", args), NULL;
+        return PyUnicode_FromFormat("%U:%S", type, idx);
+    }
+    return Py_NewRef(type);
+}
+
+static PyObject *make_codecs_encode(Loader *L, GlobalRef *g, PyObject *args) {
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    if (n < 1 || n > 2 || !PyUnicode_Check(PyTuple_GET_ITEM(args, 0)) ||
+        (n == 2 && !PyUnicode_Check(PyTuple_GET_ITEM(args, 1))))
+        return wrong_args(L, g, "(text: str, encoding: str)", args), NULL;
+    const char *enc = n == 2 ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(args, 1)) : "utf-8";
+    if (enc == NULL) return NULL;
+    static const char *const allowed[] = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "utf-8", "utf8", "ascii"};
+    int ok = 0;
+    for (size_t i = 0; i < sizeof(allowed) / sizeof(allowed[0]); i++) ok |= strcmp(enc, allowed[i]) == 0;
+    if (!ok) return tf_raise(L, L->st->UnpicklingError, "_codecs.encode with encoding %s is not supported", enc), NULL;
+    PyObject *r = PyUnicode_AsEncodedString(PyTuple_GET_ITEM(args, 0), enc, "strict");
+    if (r == NULL) tf_raise_from(L, L->st->UnpicklingError, "_codecs.encode failed");
+    return r;
+}
+
+/* Sequence argument of set()/frozenset(): exact list, tuple or set. */
+static PyObject *make_set(Loader *L, GlobalRef *g, PyObject *args, int frozen) {
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    PyObject *a = n == 1 ? PyTuple_GET_ITEM(args, 0) : NULL;
+    if (n > 1 || (a && !PyList_CheckExact(a) && !PyTuple_CheckExact(a) && !PySet_CheckExact(a)))
+        return wrong_args(L, g, "one list", args), NULL;
+    PyObject *r = frozen ? PyFrozenSet_New(a) : PySet_New(a);
+    if (r == NULL) tf_raise_from(L, L->st->UnpicklingError, "%U of unhashable items", g->canon);
+    return r;
+}
+
+static int all_type(PyObject *args, int (*check)(PyObject *), Py_ssize_t lo, Py_ssize_t hi) {
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    if (n < lo || n > hi) return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!check(PyTuple_GET_ITEM(args, i))) return 0;
+    return 1;
+}
+static int check_number(PyObject *o) { return PyFloat_Check(o) || PyLong_Check(o); }
+static int check_int_or_none(PyObject *o) { return PyLong_Check(o) || o == Py_None; }
+static int check_int(PyObject *o) { return PyLong_Check(o); }
+
+PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
+    ModuleState *st = L->st;
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+#define ARG(i) PyTuple_GET_ITEM(args, i)
+    switch (g->id) {
+    case G_REBUILD_TENSOR_V2:
+        if (n < 6 || n > 7) return wrong_args(L, g, "6 or 7 arguments", args), NULL;
+        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, n == 7 ? ARG(6) : NULL);
+    case G_REBUILD_TENSOR:
+        if (n != 4) return wrong_args(L, g, "4 arguments", args), NULL;
+        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, NULL);
+    case G_REBUILD_TENSOR_V3: {
+        if (n < 7 || n > 8) return wrong_args(L, g, "7 or 8 arguments", args), NULL;
+        int dt = dtype_from_value(L, ARG(6));
+        if (dt < 0) return NULL;
+        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, n == 8 ? ARG(7) : NULL);
+    }
+    case G_REBUILD_PARAMETER:
+    case G_REBUILD_PARAMETER_WITH_STATE:
+    case G_PARAMETER:
+        /* a Parameter is its data (numpy arrays carry no requires_grad) */
+        if (n < 1 || n > 4) return wrong_args(L, g, "(data, requires_grad, hooks[, state])", args), NULL;
+        return Py_NewRef(ARG(0));
+    case G_REBUILD_FROM_TYPE_V2: {
+        if (n != 4) return wrong_args(L, g, "(func, type, args, state)", args), NULL;
+        PyObject *func = ARG(0), *type = ARG(1), *fargs = ARG(2);
+        if (Py_TYPE(func) != st->GlobalRefType || ((GlobalRef *)func)->obj != NULL || !PyTuple_Check(fargs))
+            return tf_raise(L, st->UnpicklingError, "_rebuild_from_type_v2 needs a torch rebuild function"), NULL;
+        PyObject *inner = tensor_reduce(L, (GlobalRef *)func, fargs);
+        if (inner == NULL) return NULL;
+        if (Py_TYPE(type) == st->GlobalRefType &&
+            (((GlobalRef *)type)->id == G_TENSOR || ((GlobalRef *)type)->id == G_PARAMETER))
+            return inner; /* plain tensor or Parameter with Python attributes */
+        PyObject *hargs = Py_BuildValue("(ONO)", type, inner, ARG(3));
+        if (hargs == NULL) return NULL;
+        PyObject *r = helper_call(L, "subclass", hargs);
+        Py_DECREF(hargs);
+        return r;
+    }
+    case G_REBUILD_META_TENSOR_NO_STORAGE: {
+        if (n != 4) return wrong_args(L, g, "(dtype, size, stride, requires_grad)", args), NULL;
+        int dt = dtype_from_value(L, ARG(0));
+        int64_t size[NPY_MAXDIMS + 1];
+        int nd;
+        if (dt < 0 || get_dims(L, ARG(1), "size", size, &nd) < 0) return NULL;
+        PyObject *shape = PySequence_Tuple(ARG(1));
+        if (shape == NULL) return NULL;
+        PyObject *hargs = Py_BuildValue("(NN)", shape, dtype_object(L, dt));
+        if (hargs == NULL) return NULL;
+        PyObject *r = helper_call(L, "meta", hargs);
+        Py_DECREF(hargs);
+        return r;
+    }
+    case G_ORDERED_DICT:
+        return make_mapping(L, g, st->OrderedDict, args);
+    case G_COUNTER:
+        return make_mapping(L, g, st->Counter, args);
+    case G_SIZE:
+        if (n != 1 || (!PyTuple_Check(ARG(0)) && !PyList_Check(ARG(0)))) return wrong_args(L, g, "one tuple", args), NULL;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(ARG(0)); i++)
+            if (!PyLong_Check(PySequence_Fast_ITEMS(ARG(0))[i]))
+                return tf_raise(L, st->UnpicklingError, "torch.Size of a non-int"), NULL;
+        return PySequence_Tuple(ARG(0));
+    case G_DEVICE:
+        return make_device(L, g, args);
+    case G_GET_LAYOUT:
+        if (n != 1 || !PyUnicode_Check(ARG(0))) return wrong_args(L, g, "one str", args), NULL;
+        return Py_NewRef(ARG(0));
+    case G_CODECS_ENCODE:
+        return make_codecs_encode(L, g, args);
+    case G_BYTES:
+    case G_BYTEARRAY: {
+        if (n > 1 || (n == 1 && !PyBytes_CheckExact(ARG(0)) && !PyByteArray_CheckExact(ARG(0))))
+            return wrong_args(L, g, "at most one bytes", args), NULL;
+        const char *p = "";
+        Py_ssize_t len = 0;
+        if (n == 1) {
+            p = PyBytes_Check(ARG(0)) ? PyBytes_AS_STRING(ARG(0)) : PyByteArray_AS_STRING(ARG(0));
+            len = PyBytes_Check(ARG(0)) ? PyBytes_GET_SIZE(ARG(0)) : PyByteArray_GET_SIZE(ARG(0));
+        }
+        return g->id == G_BYTES ? PyBytes_FromStringAndSize(p, len) : PyByteArray_FromStringAndSize(p, len);
+    }
+    case G_SET:
+        return make_set(L, g, args, 0);
+    case G_FROZENSET:
+        return make_set(L, g, args, 1);
+    case G_COMPLEX:
+        if (!all_type(args, check_number, 0, 2)) return wrong_args(L, g, "(real, imag) numbers", args), NULL;
+        return PyObject_Call((PyObject *)&PyComplex_Type, args, NULL);
+    case G_SLICE:
+        if (!all_type(args, check_int_or_none, 1, 3)) return wrong_args(L, g, "1 to 3 ints", args), NULL;
+        return PyObject_Call((PyObject *)&PySlice_Type, args, NULL);
+    case G_RANGE:
+        if (!all_type(args, check_int, 1, 3)) return wrong_args(L, g, "1 to 3 ints", args), NULL;
+        {
+            PyObject *r = PyObject_Call((PyObject *)&PyRange_Type, args, NULL);
+            if (r == NULL) tf_raise_from(L, st->UnpicklingError, "bad range arguments");
+            return r;
+        }
+    case G_NAMESPACE:
+        if (n != 0) return wrong_args(L, g, "no arguments", args), NULL;
+        return helper_call(L, "namespace", args);
+    case G_NP_RECONSTRUCT:
+        return helper_call(L, "np_reconstruct", args);
+    case G_NP_DTYPE:
+        return helper_call(L, "np_dtype", args);
+    case G_NP_SCALAR:
+        return helper_call(L, "np_scalar", args);
+    case G_REBUILD_QTENSOR:
+    case G_REBUILD_SPARSE_TENSOR:
+    case G_REBUILD_SPARSE_CSR_TENSOR:
+    case G_REBUILD_NESTED_TENSOR:
+    case G_REBUILD_WRAPPER_SUBCLASS:
+    case G_REBUILD_DEVICE_TENSOR_FROM_NUMPY:
+    case G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR:
+    case G_REBUILD_FROM_TYPE:
+    case G_TENSOR:
+    case G_LEGACY_TENSOR:
+        return tf_raise(L, st->UnpicklingError,
+                        "%U (quantized, sparse, nested, wrapper-subclass and pre-0.4 tensors) is not "
+                        "supported by this version of torchfree yet", g->canon), NULL;
+    default:
+        return tf_raise(L, st->UnpicklingError, "%U cannot be called", g->canon), NULL;
+    }
+#undef ARG
+}
+
+PyObject *tensor_build(Loader *L, PyObject *obj, PyObject *state) {
+    PyObject *f = tf_helper(L->st, "build");
+    if (f == NULL) return NULL;
+    PyObject *r = PyObject_CallFunctionObjArgs(f, obj, state, NULL);
+    if (r == Py_NotImplemented) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    return r;
+}
+
+PyObject *tensor_global_value(Loader *L, const GlobalHit *hit, const char *canon) {
+    if (hit->id == G_DTYPE) return Py_NewRef(L->st->dtype_value[hit->arg]);
+    if (hit->id == G_QSCHEME) return PyUnicode_FromString(canon);
+    return NULL;
+}
