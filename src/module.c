@@ -268,7 +268,11 @@ static PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs
         pk = pickle_buf;
     }
     L.record = "data.pkl";
+    /* the VM makes many containers and no cycles: a collection pass per few
+     * hundred of them would cost more than the whole load */
+    int gc_was_enabled = PyGC_Disable();
     PyObject *obj = vm_run(&L, pk, (size_t)pe->usize);
+    if (gc_was_enabled) PyGC_Enable();
     L.pk_start = NULL; /* later errors are not at a pickle offset */
     if (obj == NULL) goto done;
     if (storage_finish(&L) < 0) {
@@ -295,6 +299,12 @@ static PyObject *mod_set_helpers(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!:_set_helpers", &PyDict_Type, &helpers, &PyDict_Type, &descrs)) return NULL;
     ModuleState *st = PyModule_GetState(module);
     Py_XSETREF(st->helpers, Py_NewRef(helpers));
+    PyObject *opaque = PyDict_GetItemString(helpers, "Opaque");
+    if (opaque == NULL || !PyType_Check(opaque)) {
+        PyErr_SetString(PyExc_TypeError, "helpers must name the Opaque type");
+        return NULL;
+    }
+    Py_XSETREF(st->OpaqueType, Py_NewRef(opaque));
     for (int i = 0; i < DT_COUNT; i++) {
         const DtypeInfo *info = &dtypes_table[i];
         if (info->np_name != NULL && st->descr[i] == NULL) {
@@ -417,6 +427,7 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->OrderedDict);
     Py_VISIT(st->Counter);
     Py_VISIT(st->helpers);
+    Py_VISIT(st->OpaqueType);
     for (int i = 0; i < DT_COUNT; i++) {
         Py_VISIT(st->descr[i]);
         Py_VISIT(st->dtype_value[i]);
@@ -436,6 +447,7 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->OrderedDict);
     Py_CLEAR(st->Counter);
     Py_CLEAR(st->helpers);
+    Py_CLEAR(st->OpaqueType);
     Py_CLEAR(st->str_storage);
     Py_CLEAR(st->str_meta);
     Py_CLEAR(st->str_metadata_attr);

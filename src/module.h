@@ -31,6 +31,7 @@ typedef struct {
     PyArray_Descr *descr[DT_COUNT];  /* arrays of this torch dtype (NULL: none) */
     PyObject *dtype_value[DT_COUNT]; /* what a `torch <dtype>` GLOBAL becomes */
     PyObject *helpers;               /* dict of Python helpers set by torchfree/__init__.py */
+    PyObject *OpaqueType;            /* helpers["Opaque"], cached for the hot type checks */
     PyObject *str_storage, *str_meta, *str_metadata_attr, *str_conj, *str_neg;
 } ModuleState;
 

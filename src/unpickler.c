@@ -334,10 +334,7 @@ static int do_global(Loader *L, const char *module, size_t mlen, const char *nam
 
 /* ---- calls: REDUCE, NEWOBJ, BUILD ------------------------------------------ */
 
-static int is_opaque(Loader *L, PyObject *o) {
-    PyObject *tp = tf_helper(L->st, "Opaque");
-    return tp != NULL && (PyObject *)Py_TYPE(o) == tp;
-}
+static int is_opaque(Loader *L, PyObject *o) { return (PyObject *)Py_TYPE(o) == L->st->OpaqueType; }
 
 /* Wrap a foreign exception from a user's safe global as ours. */
 static int reraise_user(Loader *L, const char *what, PyObject *g) {

@@ -276,6 +276,23 @@ def test_map_location_callable_on_fixture():
     check_file(got, "sd_views.pt")
 
 
+def test_map_location_callable_bad_returns():
+    path = DATA / "sd_views.pt"
+    with pytest.raises(ValueError):  # a buffer must hold at least storage.nbytes bytes
+        torchfree.load(path, map_location=lambda s, tag: bytearray(max(0, s.nbytes - 1)))
+    with pytest.raises(TypeError):  # neither None, a Storage nor a buffer
+        torchfree.load(path, map_location=lambda s, tag: 3)
+
+    class Mine(Exception):
+        pass
+
+    def boom(storage, tag):
+        raise Mine("from the callable")
+
+    with pytest.raises(Mine):  # the user's exception propagates unchanged
+        torchfree.load(path, map_location=boom)
+
+
 def test_map_location_type_error():
     with pytest.raises(TypeError):
         torchfree.load(DATA / "sd_views.pt", map_location=5)
