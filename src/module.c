@@ -300,11 +300,13 @@ static PyObject *mod_set_helpers(PyObject *module, PyObject *args) {
     ModuleState *st = PyModule_GetState(module);
     Py_XSETREF(st->helpers, Py_NewRef(helpers));
     PyObject *opaque = PyDict_GetItemString(helpers, "Opaque");
-    if (opaque == NULL || !PyType_Check(opaque)) {
-        PyErr_SetString(PyExc_TypeError, "helpers must name the Opaque type");
+    PyObject *meta = PyDict_GetItemString(helpers, "MetaArray");
+    if (opaque == NULL || !PyType_Check(opaque) || meta == NULL || !PyType_Check(meta)) {
+        PyErr_SetString(PyExc_TypeError, "helpers must name the Opaque and MetaArray types");
         return NULL;
     }
     Py_XSETREF(st->OpaqueType, Py_NewRef(opaque));
+    Py_XSETREF(st->MetaArrayType, Py_NewRef(meta));
     for (int i = 0; i < DT_COUNT; i++) {
         const DtypeInfo *info = &dtypes_table[i];
         if (info->np_name != NULL && st->descr[i] == NULL) {
@@ -396,7 +398,11 @@ static int core_exec(PyObject *m) {
     st->str_metadata_attr = PyUnicode_InternFromString("_metadata");
     st->str_conj = PyUnicode_InternFromString("conj");
     st->str_neg = PyUnicode_InternFromString("neg");
-    if (!st->str_storage || !st->str_meta || !st->str_metadata_attr || !st->str_conj || !st->str_neg) goto done;
+    st->str_shape = PyUnicode_InternFromString("shape");
+    st->str_dtype = PyUnicode_InternFromString("dtype");
+    if (!st->str_storage || !st->str_meta || !st->str_metadata_attr || !st->str_conj || !st->str_neg ||
+        !st->str_shape || !st->str_dtype)
+        goto done;
     /* limits, as LIMITS = {name: default} */
     PyObject *lim = Py_BuildValue("{sKsKsKsKsKsKsKsK}", "pickle_bytes", (unsigned long long)TF_LIMIT_PICKLE_BYTES,
                                   "memo", (unsigned long long)TF_LIMIT_MEMO, "stack", (unsigned long long)TF_LIMIT_STACK,
@@ -428,6 +434,7 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->Counter);
     Py_VISIT(st->helpers);
     Py_VISIT(st->OpaqueType);
+    Py_VISIT(st->MetaArrayType);
     for (int i = 0; i < DT_COUNT; i++) {
         Py_VISIT(st->descr[i]);
         Py_VISIT(st->dtype_value[i]);
@@ -448,11 +455,14 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->Counter);
     Py_CLEAR(st->helpers);
     Py_CLEAR(st->OpaqueType);
+    Py_CLEAR(st->MetaArrayType);
     Py_CLEAR(st->str_storage);
     Py_CLEAR(st->str_meta);
     Py_CLEAR(st->str_metadata_attr);
     Py_CLEAR(st->str_conj);
     Py_CLEAR(st->str_neg);
+    Py_CLEAR(st->str_shape);
+    Py_CLEAR(st->str_dtype);
     for (int i = 0; i < DT_COUNT; i++) {
         Py_CLEAR(st->descr[i]);
         Py_CLEAR(st->dtype_value[i]);

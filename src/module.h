@@ -32,7 +32,8 @@ typedef struct {
     PyObject *dtype_value[DT_COUNT]; /* what a `torch <dtype>` GLOBAL becomes */
     PyObject *helpers;               /* dict of Python helpers set by torchfree/__init__.py */
     PyObject *OpaqueType;            /* helpers["Opaque"], cached for the hot type checks */
-    PyObject *str_storage, *str_meta, *str_metadata_attr, *str_conj, *str_neg;
+    PyObject *MetaArrayType;         /* helpers["MetaArray"] */
+    PyObject *str_storage, *str_meta, *str_metadata_attr, *str_conj, *str_neg, *str_shape, *str_dtype;
 } ModuleState;
 
 /* A resolved GLOBAL on the VM stack: one of ours (id), or a callable the

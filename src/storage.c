@@ -42,9 +42,11 @@ PyType_Spec GlobalRefSpec = {
 
 /* ---- Storage -------------------------------------------------------------- */
 
+/* Not tracked by the cyclic GC: a Storage refers only to buffer owners
+ * (memoryviews, ndarrays, the user's buffers), which never refer back, and a
+ * checkpoint can hold hundreds of thousands of them. */
 static void Storage_dealloc(StorageObject *self) {
     PyTypeObject *tp = Py_TYPE(self);
-    PyObject_GC_UnTrack(self);
     if (self->has_view) PyBuffer_Release(&self->view);
     Py_XDECREF(self->key);
     Py_XDECREF(self->location);
@@ -52,13 +54,6 @@ static void Storage_dealloc(StorageObject *self) {
     Py_XDECREF(self->upcast);
     tp->tp_free(self);
     Py_DECREF(tp);
-}
-
-static int Storage_traverse(StorageObject *self, visitproc visit, void *arg) {
-    Py_VISIT(self->owner);
-    Py_VISIT(self->upcast);
-    Py_VISIT(Py_TYPE(self));
-    return 0;
 }
 
 static int Storage_getbuffer(StorageObject *self, Py_buffer *view, int flags) {
@@ -141,7 +136,6 @@ static PyMethodDef Storage_methods[] = {
 
 static PyType_Slot Storage_slots[] = {
     {Py_tp_dealloc, Storage_dealloc},
-    {Py_tp_traverse, Storage_traverse},
     {Py_tp_repr, Storage_repr},
     {Py_tp_getset, Storage_getset},
     {Py_tp_methods, Storage_methods},
@@ -153,13 +147,12 @@ static PyType_Slot Storage_slots[] = {
 PyType_Spec StorageSpec = {
     .name = "torchfree.Storage",
     .basicsize = sizeof(StorageObject),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
-             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
     .slots = Storage_slots,
 };
 
 static StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype) {
-    StorageObject *s = PyObject_GC_New(StorageObject, L->st->StorageType);
+    StorageObject *s = PyObject_New(StorageObject, L->st->StorageType);
     if (s == NULL) return NULL;
     s->key = Py_NewRef(key);
     s->location = Py_NewRef(location);
@@ -175,7 +168,6 @@ static StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, 
     s->pending = 0;
     s->rec.entry = NULL;
     s->upcast = NULL;
-    PyObject_GC_Track(s);
     return s;
 }
 

@@ -59,11 +59,30 @@ static int dtype_from_value(Loader *L, PyObject *v) {
     return -1;
 }
 
+/* A MetaArray (torchfree's own class) with shape and dtype set directly,
+ * without running Python code per tensor. Steals shape. */
+static PyObject *make_meta(Loader *L, PyObject *shape, int dt);
+
 /* dtype of a MetaArray: what the array would have been (complex32 -> complex64). */
 static PyObject *dtype_object(Loader *L, int dt) {
     ModuleState *st = L->st;
     if (dt == DT_COMPLEX32) dt = DT_COMPLEX64;
     return Py_NewRef(st->descr[dt] ? (PyObject *)st->descr[dt] : st->dtype_value[dt]);
+}
+
+static PyObject *make_meta(Loader *L, PyObject *shape, int dt) {
+    ModuleState *st = L->st;
+    PyTypeObject *tp = (PyTypeObject *)st->MetaArrayType;
+    PyObject *obj = tp->tp_alloc(tp, 0);
+    PyObject *dtype = dtype_object(L, dt);
+    if (obj == NULL || PyObject_SetAttr(obj, st->str_shape, shape) < 0 ||
+        PyObject_SetAttr(obj, st->str_dtype, dtype) < 0) {
+        Py_XDECREF(obj);
+        obj = NULL;
+    }
+    Py_DECREF(shape);
+    Py_DECREF(dtype);
+    return obj;
 }
 
 /* The heart of every dense rebuild: a numpy view of `storage` with torch's
@@ -119,11 +138,7 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
             }
             PyTuple_SET_ITEM(shape, i, v);
         }
-        PyObject *args = Py_BuildValue("(NN)", shape, dtype_object(L, dt));
-        if (args == NULL) return NULL;
-        PyObject *r = helper_call(L, "meta", args);
-        Py_DECREF(args);
-        return r;
+        return make_meta(L, shape, dt);
     }
     if (L->big_endian && !s->swap_unit && !s->swapped && info->itemsize > 1)
         s->swap_unit = (info->flags & DTF_COMPLEX) ? info->itemsize / 2 : info->itemsize;
@@ -299,12 +314,7 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         int nd;
         if (dt < 0 || get_dims(L, ARG(1), "size", size, &nd) < 0) return NULL;
         PyObject *shape = PySequence_Tuple(ARG(1));
-        if (shape == NULL) return NULL;
-        PyObject *hargs = Py_BuildValue("(NN)", shape, dtype_object(L, dt));
-        if (hargs == NULL) return NULL;
-        PyObject *r = helper_call(L, "meta", hargs);
-        Py_DECREF(hargs);
-        return r;
+        return shape ? make_meta(L, shape, dt) : NULL;
     }
     case G_ORDERED_DICT:
         return make_mapping(L, g, st->OrderedDict, args);

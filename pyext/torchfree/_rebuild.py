@@ -53,10 +53,6 @@ def subclass(type_, data, state):
 # ---- tensors ---------------------------------------------------------------
 
 
-def meta(shape, dtype) -> MetaArray:
-    return MetaArray(shape, dtype)
-
-
 def complex32_storage(storage) -> np.ndarray:
     """A complex32 storage (float16 pairs) as one complex64 array: exact, signed zeros kept."""
     pairs = np.frombuffer(storage, dtype=np.float16).reshape(-1, 2)
@@ -179,7 +175,7 @@ HELPERS = {
     "opaque_setitem": opaque_setitem,
     "opaque_append": opaque_append,
     "subclass": subclass,
-    "meta": meta,
+    "MetaArray": MetaArray,
     "fix_values": fix_values,
     "complex32_storage": complex32_storage,
     "np_reconstruct": np_reconstruct,
