@@ -18,6 +18,7 @@ SOURCES = [
     "src/unpickler.c",
     "src/storage.c",
     "src/tensor.c",
+    "src/archive.c",
     "src/module.c",
 ]
 HEADERS = [

@@ -1,4 +1,4 @@
-/* module.c - torchfree._core: module state, exceptions, and load_zip().
+/* module.c - torchfree._core: module state, exceptions, types and the method table.
  *
  * Multi-phase init with per-module state (no mutable globals), heap types,
  * and the entry point the Python layer calls once it has opened the file. */
@@ -96,200 +96,6 @@ int tf_raise_err(Loader *L, const TfErr *err) {
     return -1;
 }
 
-/* ---- load_zip ---------------------------------------------------------------- */
-
-typedef struct {
-    const uint8_t *p;
-    uint64_t size;
-} MemCtx;
-
-static TfStatus mem_read_at(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err) {
-    MemCtx *m = ctx;
-    if (off > m->size || n > m->size - off)
-        return tf_fail(err, TF_ERR_FORMAT, off, "read of %zu bytes past the end of the input", n);
-    memcpy(buf, m->p + off, n);
-    return TF_OK;
-}
-
-/* Read a small record (version, byteorder) into buf (NUL-terminated). */
-static int small_record(Loader *L, const char *name, char *buf, size_t cap, int *found) {
-    ZipEntry *e = zipread_find(&L->zip, name, strlen(name));
-    *found = e != NULL;
-    if (e == NULL) return 0;
-    if (e->usize >= cap)
-        return tf_raise(L, L->st->FormatError, "record %s is %llu bytes long", name, (unsigned long long)e->usize);
-    TfErr err = {0};
-    if (zipread_extract(&L->zip, e, (uint8_t *)buf, &err) != TF_OK) return tf_raise_err(L, &err);
-    buf[e->usize] = 0;
-    return 0;
-}
-
-static int read_version_and_byteorder(Loader *L) {
-    char buf[64];
-    int found;
-    if (small_record(L, ".data/version", buf, sizeof buf, &found) < 0) return -1;
-    if (!found && small_record(L, "version", buf, sizeof buf, &found) < 0) return -1;
-    if (!found) return tf_raise(L, L->st->FormatError, "archive has no version record: not a torch checkpoint");
-    char *end;
-    long v = strtol(buf, &end, 10);
-    while (*end == '\n' || *end == '\r' || *end == ' ') end++;
-    if (end == buf || *end != 0 || v < 1)
-        return tf_raise(L, L->st->FormatError, "version record holds %.20s, not a number", buf);
-    if (v > 10)
-        return tf_raise(L, L->st->FormatError,
-                        "checkpoint has format version %ld; the maximum supported version for reading is 10", v);
-    if (small_record(L, "byteorder", buf, sizeof buf, &found) < 0) return -1;
-    int file_big = 0;
-    if (found) {
-        if (strcmp(buf, "big") == 0) file_big = 1;
-        else if (strcmp(buf, "little") != 0)
-            return tf_raise(L, L->st->FormatError, "byteorder record holds an unknown value");
-    }
-    const uint16_t one = 1;
-    int host_big = *(const uint8_t *)&one == 0;
-    L->big_endian = file_big != host_big;
-    return 0;
-}
-
-static int parse_limits(Loader *L, PyObject *limits) {
-    TfLimits d = TF_LIMITS_DEFAULT;
-    L->lim = d;
-    if (limits == NULL || limits == Py_None) return 0;
-    uint64_t *fields[] = {&L->lim.pickle_bytes, &L->lim.memo, &L->lim.stack, &L->lim.marks,
-                          &L->lim.records, &L->lim.name, &L->lim.ndim, &L->lim.total_bytes};
-    if (!PyTuple_Check(limits) || PyTuple_GET_SIZE(limits) != 8) {
-        PyErr_SetString(PyExc_TypeError, "limits must be an 8-tuple");
-        return -1;
-    }
-    for (int i = 0; i < 8; i++) {
-        unsigned long long v = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(limits, i));
-        if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-        *fields[i] = v;
-    }
-    return 0;
-}
-
-PyDoc_STRVAR(load_zip_doc,
-"load_zip($module, /, src, size, *, mode, require_map, map_kind, map_location, weights_only,\n"
-"         safe_globals, encoding, limits)\n--\n\n"
-"Load a zip checkpoint (internal: use torchfree.load).\n\n"
-"src is a buffer (mode 0: zero-copy views; mode 1: copies) or a file descriptor\n"
-"(mode 2: each storage read into fresh memory). Returns the unpickled object.");
-
-static PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"src", "size", "mode", "require_map", "map_kind", "map_location",
-                             "weights_only", "safe_globals", "encoding", "limits", NULL};
-    PyObject *src, *map_location, *safe_globals, *encoding, *limits;
-    unsigned long long size;
-    int mode, require_map, map_kind, weights_only;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OK$ipiOpOOO:load_zip", kwlist, &src, &size, &mode,
-                                     &require_map, &map_kind, &map_location, &weights_only, &safe_globals,
-                                     &encoding, &limits))
-        return NULL;
-    Loader L;
-    memset(&L, 0, sizeof L);
-    L.st = PyModule_GetState(module);
-    L.mode = mode;
-    L.require_map = require_map;
-    L.ml_kind = map_kind;
-    L.map_location = map_location;
-    L.weights_only = weights_only;
-    L.safe_globals = safe_globals == Py_None ? NULL : safe_globals;
-    L.encoding = encoding == Py_None ? NULL : encoding;
-    L.fd = -1;
-    if (L.safe_globals != NULL && !PyDict_Check(L.safe_globals)) {
-        PyErr_SetString(PyExc_TypeError, "safe_globals must be a dict");
-        return NULL;
-    }
-    if ((map_kind == ML_STR && !PyUnicode_Check(map_location)) || (map_kind == ML_DICT && !PyDict_Check(map_location))) {
-        PyErr_SetString(PyExc_TypeError, "bad map_location");
-        return NULL;
-    }
-    if (parse_limits(&L, limits) < 0) return NULL;
-
-    PyObject *result = NULL;
-    uint8_t *pickle_buf = NULL;
-    MemCtx mem = {0};
-    TfErr err = {0};
-    TfStatus rc;
-    L.storages = PyDict_New();
-    L.pending = PyList_New(0);
-    if (L.storages == NULL || L.pending == NULL) goto done;
-    if (mode == SRC_FD) {
-        L.fd = (int)PyLong_AsLong(src);
-        if (L.fd == -1 && PyErr_Occurred()) goto done;
-        L.size = size;
-        Py_BEGIN_ALLOW_THREADS
-        rc = zipread_open(&L.zip, storage_read_fd, &L.fd, L.size, &L.lim, &err);
-        Py_END_ALLOW_THREADS
-    } else {
-        L.src_owner = PyMemoryView_FromObject(src);
-        if (L.src_owner == NULL) goto done;
-        Py_buffer *view = PyMemoryView_GET_BUFFER(L.src_owner);
-        L.src = view->buf;
-        L.size = (uint64_t)view->len;
-        L.src_writable = !view->readonly;
-        mem.p = L.src;
-        mem.size = L.size;
-        rc = zipread_open(&L.zip, mem_read_at, &mem, L.size, &L.lim, &err);
-    }
-    if (rc != TF_OK) {
-        tf_raise_err(&L, &err);
-        goto done;
-    }
-    if (read_version_and_byteorder(&L) < 0) goto done;
-    ZipEntry *pe = zipread_find(&L.zip, "data.pkl", 8);
-    if (pe == NULL) {
-        tf_raise(&L, L.st->FormatError, "archive has no data.pkl record");
-        goto done;
-    }
-    if (pe->usize > L.lim.pickle_bytes) {
-        tf_raise(&L, L.st->LimitError, "data.pkl of %llu bytes exceeds the limit of %llu bytes",
-                 (unsigned long long)pe->usize, (unsigned long long)L.lim.pickle_bytes);
-        goto done;
-    }
-    const uint8_t *pk;
-    if (zipread_locate(&L.zip, pe, &err) != TF_OK) {
-        tf_raise_err(&L, &err);
-        goto done;
-    }
-    if (mode != SRC_FD && pe->method == 0) {
-        pk = L.src + pe->data_offset;
-    } else {
-        pickle_buf = PyMem_Malloc(pe->usize ? (size_t)pe->usize : 1);
-        if (pickle_buf == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        if (zipread_extract(&L.zip, pe, pickle_buf, &err) != TF_OK) {
-            tf_raise_err(&L, &err);
-            goto done;
-        }
-        pk = pickle_buf;
-    }
-    L.record = "data.pkl";
-    /* the VM makes many containers and no cycles: a collection pass per few
-     * hundred of them would cost more than the whole load */
-    int gc_was_enabled = PyGC_Disable();
-    PyObject *obj = vm_run(&L, pk, (size_t)pe->usize);
-    if (gc_was_enabled) PyGC_Enable();
-    L.pk_start = NULL; /* later errors are not at a pickle offset */
-    if (obj == NULL) goto done;
-    if (storage_finish(&L) < 0) {
-        Py_DECREF(obj);
-        goto done;
-    }
-    result = obj;
-done:
-    vm_free(&L);
-    zipread_close(&L.zip);
-    PyMem_Free(pickle_buf);
-    Py_XDECREF(L.storages);
-    Py_XDECREF(L.pending);
-    Py_XDECREF(L.src_owner);
-    return result;
-}
-
 PyDoc_STRVAR(set_helpers_doc,
 "_set_helpers($module, helpers, descrs, /)\n--\n\n"
 "Register torchfree's own Python helpers and the ml_dtypes descriptors (internal).");
@@ -325,7 +131,9 @@ static PyObject *mod_set_helpers(PyObject *module, PyObject *args) {
 }
 
 static PyMethodDef core_methods[] = {
-    {"load_zip", (PyCFunction)(void (*)(void))mod_load_zip, METH_VARARGS | METH_KEYWORDS, load_zip_doc},
+    {"load_zip", (PyCFunction)(void (*)(void))mod_load_zip, METH_VARARGS | METH_KEYWORDS,
+     "load_zip($module, /, src, size, *, mode, require_map, map_kind, map_location, weights_only,"
+     " safe_globals, encoding, limits)\n--\n\nLoad a zip checkpoint (internal: use torchfree.load)."},
     {"_set_helpers", mod_set_helpers, METH_VARARGS, set_helpers_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -365,8 +173,18 @@ static int core_exec(PyObject *m) {
         goto done;
     st->GlobalRefType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &GlobalRefSpec, NULL);
     st->StorageType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &StorageSpec, NULL);
-    if (st->GlobalRefType == NULL || st->StorageType == NULL) goto done;
-    if (PyModule_AddObjectRef(m, "Storage", (PyObject *)st->StorageType) < 0) goto done;
+    st->TensorRefType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &TensorRefSpec, NULL);
+    PyObject *archive_type = PyType_FromModuleAndSpec(m, &ArchiveSpec, NULL);
+    if (st->GlobalRefType == NULL || st->StorageType == NULL || st->TensorRefType == NULL || archive_type == NULL) {
+        Py_XDECREF(archive_type);
+        goto done;
+    }
+    if (PyModule_AddObjectRef(m, "Storage", (PyObject *)st->StorageType) < 0 ||
+        PyModule_AddObjectRef(m, "TensorRef", (PyObject *)st->TensorRefType) < 0 ||
+        PyModule_AddObject(m, "Archive", archive_type) < 0) {
+        Py_XDECREF(archive_type);
+        goto done;
+    }
     PyObject *collections = PyImport_ImportModule("collections");
     if (collections == NULL) goto done;
     st->OrderedDict = PyObject_GetAttrString(collections, "OrderedDict");
@@ -430,6 +248,7 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->LimitError);
     Py_VISIT(st->GlobalRefType);
     Py_VISIT(st->StorageType);
+    Py_VISIT(st->TensorRefType);
     Py_VISIT(st->OrderedDict);
     Py_VISIT(st->Counter);
     Py_VISIT(st->helpers);
@@ -451,6 +270,7 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->LimitError);
     Py_CLEAR(st->GlobalRefType);
     Py_CLEAR(st->StorageType);
+    Py_CLEAR(st->TensorRefType);
     Py_CLEAR(st->OrderedDict);
     Py_CLEAR(st->Counter);
     Py_CLEAR(st->helpers);

@@ -27,6 +27,7 @@ typedef struct {
     PyObject *CheckpointError, *FormatError, *UnpicklingError, *UnsafeGlobalError, *LimitError;
     PyTypeObject *GlobalRefType;
     PyTypeObject *StorageType;
+    PyTypeObject *TensorRefType;
     PyObject *OrderedDict, *Counter; /* collections types, looked up once in exec */
     PyArray_Descr *descr[DT_COUNT];  /* arrays of this torch dtype (NULL: none) */
     PyObject *dtype_value[DT_COUNT]; /* what a `torch <dtype>` GLOBAL becomes */
@@ -61,7 +62,10 @@ typedef struct {
     int meta;
     int swap_unit;      /* bytes per unit to swap for a big-endian file, 0 none */
     int swapped;
-    int pending;        /* bytes still to be read (deferred pread) */
+    int pending;        /* buffer allocated, bytes still to be read (deferred pread) */
+    int unread;         /* lazy archives: record located, nothing allocated or read yet */
+    int hooked;         /* the map_location callable has seen it (or there is none) */
+    PyObject *saved;    /* the saved location tag (for the map_location callable) */
     PyObject *upcast;   /* complex32 storages: the whole storage as complex64, made once */
     struct ZipEntryRef { ZipEntry *entry; } rec;
 } StorageObject;
@@ -80,14 +84,17 @@ typedef struct Loader {
     int fd;                /* SRC_FD (also the read_at context) */
     uint64_t size;
     ZipReader zip;
+    int file_big;          /* the byteorder record says big */
     int big_endian;        /* the file's byte order differs from ours */
     /* options */
     int ml_kind;
-    PyObject *map_location; /* str, dict or the storage hook (borrowed) */
+    PyObject *map_location; /* str, dict or the user's callable (owned) */
     int weights_only;
-    PyObject *safe_globals; /* dict "module.name" -> object, or NULL (borrowed) */
-    PyObject *encoding;     /* str, or NULL for "bytes" (borrowed) */
+    PyObject *safe_globals; /* dict "module.name" -> object, or NULL (owned) */
+    PyObject *encoding;     /* str, or NULL for "bytes" (owned) */
     TfLimits lim;
+    int lazy;               /* tensors become TensorRefs, storages are read on demand */
+    PyObject *globals_seen; /* set of "module.name" of every GLOBAL, or NULL */
     /* state */
     PyObject *storages;     /* dict key -> StorageObject */
     PyObject *pending;      /* list of StorageObject with deferred reads */
@@ -114,6 +121,10 @@ int tf_raise_from(Loader *L, PyObject *exc, const char *fmt, ...);
 int tf_raise_err(Loader *L, const TfErr *err);
 PyObject *tf_helper(ModuleState *st, const char *name); /* borrowed, or NULL + exception */
 
+/* archive.c */
+extern PyType_Spec ArchiveSpec;
+PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs);
+
 /* unpickler.c */
 PyObject *vm_run(Loader *L, const uint8_t *data, size_t len); /* new reference */
 void vm_free(Loader *L);
@@ -125,7 +136,8 @@ extern PyType_Spec StorageSpec;
 extern PyType_Spec GlobalRefSpec;
 /* Persistent id -> Storage (new reference). */
 PyObject *storage_persistent_load(Loader *L, PyObject *pid);
-/* Read or inflate what a Storage still lacks, and byte swap it. */
+/* Give a Storage its bytes (read, inflate or map what it still lacks), byte swap
+ * it, and show it to the map_location callable. Idempotent. */
 int storage_ready(Loader *L, StorageObject *s);
 /* read_at over a file descriptor (ctx: int *) with pread. */
 TfStatus storage_read_fd(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err);
@@ -133,6 +145,9 @@ TfStatus storage_read_fd(void *ctx, uint64_t off, void *buf, size_t n, TfErr *er
 int storage_finish(Loader *L);
 
 /* tensor.c */
+extern PyType_Spec TensorRefSpec;
+/* Materialize a TensorRef of a lazy archive into an array (new reference). */
+PyObject *tensor_materialize(Loader *L, PyObject *ref);
 /* Dispatch REDUCE of one of our globals (args: a tuple, borrowed). New reference. */
 PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args);
 /* BUILD on an object created by one of our globals; returns the object to

@@ -52,6 +52,7 @@ static void Storage_dealloc(StorageObject *self) {
     Py_XDECREF(self->location);
     Py_XDECREF(self->owner);
     Py_XDECREF(self->upcast);
+    Py_XDECREF(self->saved);
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -168,6 +169,9 @@ static StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, 
     s->pending = 0;
     s->rec.entry = NULL;
     s->upcast = NULL;
+    s->unread = 0;
+    s->hooked = 1;
+    s->saved = NULL;
     return s;
 }
 
@@ -219,8 +223,8 @@ static int charge(Loader *L, uint64_t nbytes) {
     return 0;
 }
 
-/* Give s its bytes: a slice of the mapping, or a fresh buffer (read now or later). */
-static int storage_materialize(Loader *L, StorageObject *s) {
+/* Find s's record data/<key> and check its size against the persistent id. */
+static int storage_locate(Loader *L, StorageObject *s) {
     Py_ssize_t klen;
     const char *k = PyUnicode_AsUTF8AndSize(s->key, &klen);
     if (k == NULL) return -1;
@@ -228,6 +232,7 @@ static int storage_materialize(Loader *L, StorageObject *s) {
     char name[4096 + 8];
     memcpy(name, "data/", 5);
     memcpy(name + 5, k, (size_t)klen);
+    name[klen + 5] = 0;
     ZipEntry *e = zipread_find(&L->zip, name, (size_t)klen + 5);
     if (e == NULL) return tf_raise(L, L->st->FormatError, "record %s is missing from the archive", name);
     if (e->usize != (uint64_t)s->nbytes)
@@ -236,16 +241,25 @@ static int storage_materialize(Loader *L, StorageObject *s) {
                         name, (unsigned long long)e->usize, s->nbytes);
     TfErr err = {0};
     if (zipread_locate(&L->zip, e, &err) != TF_OK) return tf_raise_err(L, &err);
+    if (L->require_map && !(L->mode == SRC_MAP && e->method == 0))
+        return tf_raise(L, L->st->FormatError,
+                        "record %s is compressed (method %d) and cannot be memory-mapped; "
+                        "load with mmap=None or mmap=False", name, e->method);
+    s->rec.entry = e;
+    return 0;
+}
+
+/* Give s its bytes: a slice of the mapping, or a fresh buffer filled now
+ * (inflated, copied) or, when `defer`, by pread in storage_finish. */
+static int storage_fill(Loader *L, StorageObject *s, int defer) {
+    ZipEntry *e = s->rec.entry;
+    s->unread = 0;
     if (L->mode == SRC_MAP && e->method == 0) {
         s->data = (char *)L->src + e->data_offset;
         s->owner = Py_NewRef(L->src_owner);
         s->readonly = !L->src_writable;
         return 0;
     }
-    if (L->require_map)
-        return tf_raise(L, L->st->FormatError,
-                        "record %s is compressed (method %d) and cannot be memory-mapped; "
-                        "load with mmap=None or mmap=False", name, e->method);
     if (charge(L, e->usize) < 0) return -1;
     npy_intp dims[1] = {(npy_intp)e->usize};
     PyObject *buf = PyArray_SimpleNew(1, dims, NPY_UINT8);
@@ -253,63 +267,64 @@ static int storage_materialize(Loader *L, StorageObject *s) {
     s->owner = buf;
     s->data = PyArray_DATA((PyArrayObject *)buf);
     s->readonly = 0;
-    s->rec.entry = e;
-    if (L->mode == SRC_FD && e->method == 0) {
-        s->pending = 1; /* read in storage_finish, with the others */
+    s->pending = 1;
+    if (defer && L->mode == SRC_FD && e->method == 0) /* read in storage_finish, with the others */
         return PyList_Append(L->pending, (PyObject *)s);
-    }
+    TfErr err = {0};
     TfStatus rc;
     Py_BEGIN_ALLOW_THREADS
     rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
     Py_END_ALLOW_THREADS
     if (rc != TF_OK) return tf_raise_err(L, &err);
+    s->pending = 0;
     return 0;
 }
 
 /* A user's map_location callable returned `res` for s: None keeps s, a
- * Storage replaces it, any other buffer of >= nbytes bytes becomes its data. */
-static PyObject *storage_from_hook(Loader *L, StorageObject *s, PyObject *res) {
-    if (res == Py_None) return Py_NewRef(s);
+ * Storage or any other buffer of >= nbytes bytes becomes its data. */
+static int storage_apply_hook(Loader *L, StorageObject *s, PyObject *res) {
+    if (res == Py_None || res == (PyObject *)s) return 0;
     if (Py_TYPE(res) == L->st->StorageType) {
         StorageObject *r = (StorageObject *)res;
+        if (storage_ready(L, r) < 0) return -1;
         if (!r->meta && r->nbytes < s->nbytes) {
             PyErr_Format(PyExc_ValueError, "map_location returned a storage of %zd bytes for record %U of %zd bytes",
                          r->nbytes, s->key, s->nbytes);
-            return NULL;
+            return -1;
         }
-        if (r->dtype == s->dtype || r->meta) return Py_NewRef(res);
-        StorageObject *c = storage_new(L, s->key, r->location, s->nbytes, s->dtype);
-        if (c == NULL) return NULL;
-        c->data = r->data;
-        c->owner = Py_NewRef(res);
-        c->readonly = r->readonly;
-        c->meta = r->meta;
-        return (PyObject *)c;
-    }
-    StorageObject *c = storage_new(L, s->key, s->location, s->nbytes, s->dtype);
-    if (c == NULL) return NULL;
-    if (PyObject_GetBuffer(res, &c->view, PyBUF_WRITABLE) < 0) {
-        PyErr_Clear();
-        if (PyObject_GetBuffer(res, &c->view, PyBUF_SIMPLE) < 0) {
-            Py_DECREF(c);
-            PyErr_Format(PyExc_TypeError,
-                         "map_location callable must return None, a torchfree.Storage or a buffer, not %s",
-                         Py_TYPE(res)->tp_name);
-            return NULL;
+        s->data = r->data;
+        s->readonly = r->readonly;
+        s->meta = r->meta;
+        Py_SETREF(s->location, Py_NewRef(r->location));
+    } else {
+        Py_buffer view;
+        int readonly = 0;
+        if (PyObject_GetBuffer(res, &view, PyBUF_WRITABLE) < 0) {
+            PyErr_Clear();
+            if (PyObject_GetBuffer(res, &view, PyBUF_SIMPLE) < 0) {
+                PyErr_Format(PyExc_TypeError,
+                             "map_location callable must return None, a torchfree.Storage or a buffer, not %s",
+                             Py_TYPE(res)->tp_name);
+                return -1;
+            }
+            readonly = 1;
         }
-        c->readonly = 1;
+        if (view.len < s->nbytes) {
+            PyErr_Format(PyExc_ValueError, "map_location returned %zd bytes for record %U of %zd bytes",
+                         view.len, s->key, s->nbytes);
+            PyBuffer_Release(&view);
+            return -1;
+        }
+        if (s->has_view) PyBuffer_Release(&s->view);
+        s->view = view;
+        s->has_view = 1;
+        s->data = view.buf;
+        s->readonly = readonly;
     }
-    c->has_view = 1;
-    if (c->view.len < s->nbytes) {
-        PyErr_Format(PyExc_ValueError, "map_location returned %zd bytes for record %U of %zd bytes",
-                     c->view.len, s->key, s->nbytes);
-        Py_DECREF(c);
-        return NULL;
-    }
-    c->data = c->view.buf;
-    c->owner = Py_NewRef(res);
-    c->swapped = 1; /* the user's bytes are taken as they are */
-    return (PyObject *)c;
+    Py_SETREF(s->owner, Py_NewRef(res));
+    s->swapped = 1; /* the user's bytes are taken as they are */
+    s->pending = 0;
+    return 0;
 }
 
 PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
@@ -371,6 +386,7 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
             goto done;
         }
         /* the same bytes under another dtype (legitimate for empty storages) */
+        if (storage_ready(L, old) < 0) goto done;
         s = storage_new(L, key, old->location, (Py_ssize_t)nbytes, dtype);
         if (s == NULL) goto done;
         s->data = old->data;
@@ -387,24 +403,21 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
     if (target == NULL) goto done;
     s = storage_new(L, key, target, (Py_ssize_t)nbytes, dtype);
     if (s == NULL) goto done;
+    s->saved = Py_NewRef(saved);
     if (PyUnicode_Compare(target, st->str_meta) == 0) {
         s->meta = 1;
     } else {
-        if (storage_materialize(L, s) < 0) goto done;
+        if (storage_locate(L, s) < 0) goto done;
         if (L->big_endian && dtype != DT_UINT8) {
             const DtypeInfo *info = &dtypes_table[dtype];
             s->swap_unit = (info->flags & DTF_COMPLEX) ? info->itemsize / 2 : info->itemsize;
             if (s->swap_unit < 2) s->swap_unit = 0;
         }
-    }
-    if (L->ml_kind == ML_CALL) {
-        if (!s->meta && storage_ready(L, s) < 0) goto done;
-        PyObject *res = PyObject_CallFunctionObjArgs(L->map_location, (PyObject *)s, saved, NULL);
-        if (res == NULL) goto done;
-        PyObject *repl = storage_from_hook(L, s, res);
-        Py_DECREF(res);
-        if (repl == NULL) goto done;
-        Py_SETREF(s, (StorageObject *)repl);
+        s->hooked = L->ml_kind != ML_CALL;
+        if (L->lazy)
+            s->unread = 1;
+        else if (storage_fill(L, s, 1) < 0 || (!s->hooked && storage_ready(L, s) < 0))
+            goto done;
     }
     if (PyDict_SetItem(L->storages, key, (PyObject *)s) < 0) goto done;
     result = (PyObject *)s;
@@ -420,6 +433,8 @@ done:
 /* ---- finishing: deferred reads and byte swaps ------------------------------------ */
 
 int storage_ready(Loader *L, StorageObject *s) {
+    if (s->meta) return 0;
+    if (s->unread && storage_fill(L, s, 0) < 0) return -1;
     if (s->pending) {
         TfErr err = {0};
         TfStatus rc;
@@ -433,6 +448,14 @@ int storage_ready(Loader *L, StorageObject *s) {
     if (s->swap_unit && !s->swapped && s->data != NULL) {
         dtypes_byteswap((uint8_t *)s->data, (uint64_t)s->nbytes, (unsigned)s->swap_unit);
         s->swapped = 1;
+    }
+    if (!s->hooked) {
+        s->hooked = 1;
+        PyObject *res = PyObject_CallFunctionObjArgs(L->map_location, (PyObject *)s, s->saved, NULL);
+        if (res == NULL) return -1;
+        int r = storage_apply_hook(L, s, res);
+        Py_DECREF(res);
+        return r;
     }
     return 0;
 }

@@ -63,9 +63,8 @@ static int dtype_from_value(Loader *L, PyObject *v) {
  * without running Python code per tensor. Steals shape. */
 static PyObject *make_meta(Loader *L, PyObject *shape, int dt);
 
-/* dtype of a MetaArray: what the array would have been (complex32 -> complex64). */
-static PyObject *dtype_object(Loader *L, int dt) {
-    ModuleState *st = L->st;
+/* dtype of a MetaArray / TensorRef: what the array would have (complex32 -> complex64). */
+static PyObject *dtype_object(ModuleState *st, int dt) {
     if (dt == DT_COMPLEX32) dt = DT_COMPLEX64;
     return Py_NewRef(st->descr[dt] ? (PyObject *)st->descr[dt] : st->dtype_value[dt]);
 }
@@ -74,7 +73,7 @@ static PyObject *make_meta(Loader *L, PyObject *shape, int dt) {
     ModuleState *st = L->st;
     PyTypeObject *tp = (PyTypeObject *)st->MetaArrayType;
     PyObject *obj = tp->tp_alloc(tp, 0);
-    PyObject *dtype = dtype_object(L, dt);
+    PyObject *dtype = dtype_object(st, dt);
     if (obj == NULL || PyObject_SetAttr(obj, st->str_shape, shape) < 0 ||
         PyObject_SetAttr(obj, st->str_dtype, dtype) < 0) {
         Py_XDECREF(obj);
@@ -85,8 +84,167 @@ static PyObject *make_meta(Loader *L, PyObject *shape, int dt) {
     return obj;
 }
 
-/* The heart of every dense rebuild: a numpy view of `storage` with torch's
- * (offset, size, stride) in elements of dtype dt, checked to lie inside it. */
+/* ---- TensorRef: a validated tensor of a lazy archive, not read yet ---------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *storage; /* StorageObject */
+    int dtype;         /* DtypeId */
+    int nd;
+    int conj, neg;
+    int64_t offset;
+    int64_t size[NPY_MAXDIMS + 1];
+    int64_t stride[NPY_MAXDIMS + 1];
+} TensorRef;
+
+static void TensorRef_dealloc(TensorRef *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    Py_XDECREF(self->storage);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *int_tuple(const int64_t *v, int n, int64_t scale) {
+    PyObject *t = PyTuple_New(n);
+    if (t == NULL) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *x = PyLong_FromLongLong((long long)(v[i] * scale));
+        if (x == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, x);
+    }
+    return t;
+}
+
+static PyObject *TensorRef_get_shape(TensorRef *self, void *c) { return int_tuple(self->size, self->nd, 1); }
+static PyObject *TensorRef_get_stride(TensorRef *self, void *c) { return int_tuple(self->stride, self->nd, 1); }
+static PyObject *TensorRef_get_offset(TensorRef *self, void *c) { return PyLong_FromLongLong(self->offset); }
+static PyObject *TensorRef_get_storage(TensorRef *self, void *c) { return Py_NewRef(self->storage); }
+static PyObject *TensorRef_get_torch_dtype(TensorRef *self, void *c) {
+    return PyUnicode_FromString(dtypes_table[self->dtype].name);
+}
+static PyObject *TensorRef_get_itemsize(TensorRef *self, void *c) {
+    return PyLong_FromLong(dtypes_table[self->dtype].itemsize);
+}
+static PyObject *TensorRef_get_conj(TensorRef *self, void *c) { return PyBool_FromLong(self->conj); }
+static PyObject *TensorRef_get_neg(TensorRef *self, void *c) { return PyBool_FromLong(self->neg); }
+
+static PyObject *TensorRef_get_dtype(TensorRef *self, void *c) {
+    ModuleState *st = tf_state_of_type(Py_TYPE(self));
+    return st ? dtype_object(st, self->dtype) : NULL;
+}
+
+static PyGetSetDef TensorRef_getset[] = {
+    {"storage", (getter)TensorRef_get_storage, NULL, "the torchfree.Storage it views", NULL},
+    {"dtype", (getter)TensorRef_get_dtype, NULL, "dtype of the array it becomes", NULL},
+    {"torch_dtype", (getter)TensorRef_get_torch_dtype, NULL, "torch's name of the dtype", NULL},
+    {"itemsize", (getter)TensorRef_get_itemsize, NULL, "torch element size in bytes", NULL},
+    {"shape", (getter)TensorRef_get_shape, NULL, "shape", NULL},
+    {"stride", (getter)TensorRef_get_stride, NULL, "strides in elements (torch's)", NULL},
+    {"storage_offset", (getter)TensorRef_get_offset, NULL, "offset in the storage, in elements", NULL},
+    {"conj", (getter)TensorRef_get_conj, NULL, "conj bit", NULL},
+    {"neg", (getter)TensorRef_get_neg, NULL, "neg bit", NULL},
+    {NULL},
+};
+
+static PyType_Slot TensorRef_slots[] = {
+    {Py_tp_dealloc, TensorRef_dealloc},
+    {Py_tp_getset, TensorRef_getset},
+    {Py_tp_doc, "A tensor of a checkpoint opened lazily: validated, not read yet."},
+    {0, NULL},
+};
+
+PyType_Spec TensorRefSpec = {
+    .name = "torchfree._core.TensorRef",
+    .basicsize = sizeof(TensorRef),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = TensorRef_slots,
+};
+
+/* An array over s with (offset, size, stride) in elements of dt, already
+ * validated against s. Reads s first when it is still unread. */
+static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, int nd, const int64_t *size,
+                           const int64_t *stride, int conj, int neg) {
+    ModuleState *st = L->st;
+    const DtypeInfo *info = &dtypes_table[dt];
+    uint64_t itemsize = info->itemsize;
+    if (s->meta) {
+        PyObject *shape = int_tuple(size, nd, 1);
+        return shape ? make_meta(L, shape, dt) : NULL;
+    }
+    if (L->big_endian && !s->swap_unit && !s->swapped && info->itemsize > 1)
+        s->swap_unit = (info->flags & DTF_COMPLEX) ? info->itemsize / 2 : info->itemsize;
+    if ((s->unread || !s->hooked) && storage_ready(L, s) < 0) return NULL;
+    if (s->meta) { /* the map_location callable turned it into a meta storage */
+        PyObject *shape = int_tuple(size, nd, 1);
+        return shape ? make_meta(L, shape, dt) : NULL;
+    }
+    PyArray_Descr *descr = st->descr[dt];
+    if (descr == NULL)
+        return tf_raise(L, st->UnpicklingError, "dtype %s needs ml_dtypes, which is not available", info->name), NULL;
+    npy_intp dims[NPY_MAXDIMS + 1], strides[NPY_MAXDIMS + 1];
+    for (int i = 0; i < nd; i++) {
+        uint64_t sb;
+        if (tf_mul_u64((uint64_t)stride[i], itemsize, &sb) || sb > (uint64_t)NPY_MAX_INTP)
+            return tf_raise(L, st->FormatError, "tensor stride overflows"), NULL;
+        dims[i] = (npy_intp)size[i];
+        strides[i] = (npy_intp)sb;
+    }
+    char *data = s->data + offset * (int64_t)itemsize;
+    PyObject *base = (PyObject *)s;
+    if (dt == DT_COMPLEX32) {
+        /* numpy has no complex32: the whole storage is upcast to complex64 once,
+         * so every view of it still shares memory */
+        if (s->upcast == NULL) {
+            if (storage_ready(L, s) < 0) return NULL;
+            PyObject *hargs = Py_BuildValue("(O)", (PyObject *)s);
+            if (hargs == NULL) return NULL;
+            s->upcast = helper_call(L, "complex32_storage", hargs);
+            Py_DECREF(hargs);
+            if (s->upcast == NULL) return NULL;
+        }
+        descr = PyArray_DESCR((PyArrayObject *)s->upcast);
+        for (int i = 0; i < nd; i++) strides[i] *= 2;
+        data = (char *)PyArray_DATA((PyArrayObject *)s->upcast) + offset * 8;
+        base = s->upcast;
+    }
+    Py_INCREF(descr);
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, strides, data,
+                                         s->readonly ? 0 : NPY_ARRAY_WRITEABLE, NULL);
+    if (arr == NULL) return NULL;
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, Py_NewRef(base)) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    if (conj || neg) {
+        if (storage_ready(L, s) < 0) {
+            Py_DECREF(arr);
+            return NULL;
+        }
+        PyObject *args = Py_BuildValue("(Nii)", arr, conj, neg);
+        if (args == NULL) return NULL;
+        PyObject *r = helper_call(L, "fix_values", args);
+        Py_DECREF(args);
+        return r;
+    }
+    return arr;
+}
+
+PyObject *tensor_materialize(Loader *L, PyObject *ref) {
+    if (Py_TYPE(ref) != L->st->TensorRefType) {
+        PyErr_Format(PyExc_TypeError, "expected a TensorRef, not %s", Py_TYPE(ref)->tp_name);
+        return NULL;
+    }
+    TensorRef *t = (TensorRef *)ref;
+    return make_view(L, (StorageObject *)t->storage, t->dtype, t->offset, t->nd, t->size, t->stride, t->conj,
+                     t->neg);
+}
+
+/* The heart of every dense rebuild: torch's (offset, size, stride) in
+ * elements of dtype dt, checked to lie inside `storage`, then a numpy view
+ * (or, in a lazy archive, a TensorRef to make one later). */
 static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_o, PyObject *size_o,
                                  PyObject *stride_o, int dt, PyObject *metadata) {
     ModuleState *st = L->st;
@@ -127,80 +285,28 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
                         "tensor (offset %lld, %d dims) reaches past the end of record data/%U (%zd bytes)",
                         (long long)offset, nd, s->key, s->nbytes), NULL;
     }
-    if (s->meta) {
-        PyObject *shape = PyTuple_New(nd);
-        if (shape == NULL) return NULL;
-        for (int i = 0; i < nd; i++) {
-            PyObject *v = PyLong_FromLongLong(size[i]);
-            if (v == NULL) {
-                Py_DECREF(shape);
-                return NULL;
-            }
-            PyTuple_SET_ITEM(shape, i, v);
-        }
-        return make_meta(L, shape, dt);
-    }
-    if (L->big_endian && !s->swap_unit && !s->swapped && info->itemsize > 1)
-        s->swap_unit = (info->flags & DTF_COMPLEX) ? info->itemsize / 2 : info->itemsize;
-    PyArray_Descr *descr = st->descr[dt];
-    if (descr == NULL)
-        return tf_raise(L, st->UnpicklingError, "dtype %s needs ml_dtypes, which is not available", info->name), NULL;
-    npy_intp dims[NPY_MAXDIMS + 1], strides[NPY_MAXDIMS + 1];
-    for (int i = 0; i < nd; i++) {
-        uint64_t sb;
-        if (tf_mul_u64((uint64_t)stride[i], itemsize, &sb) || sb > (uint64_t)NPY_MAX_INTP)
-            return tf_raise(L, st->FormatError, "tensor stride overflows"), NULL;
-        dims[i] = (npy_intp)size[i];
-        strides[i] = (npy_intp)sb;
-    }
-    char *data = s->data + offset * (int64_t)itemsize;
-    PyObject *base = storage;
-    if (dt == DT_COMPLEX32) {
-        /* numpy has no complex32: the whole storage is upcast to complex64 once,
-         * so every view of it still shares memory */
-        if (s->upcast == NULL) {
-            if (storage_ready(L, s) < 0) return NULL;
-            PyObject *hargs = Py_BuildValue("(O)", storage);
-            if (hargs == NULL) return NULL;
-            s->upcast = helper_call(L, "complex32_storage", hargs);
-            Py_DECREF(hargs);
-            if (s->upcast == NULL) return NULL;
-        }
-        descr = PyArray_DESCR((PyArrayObject *)s->upcast);
-        for (int i = 0; i < nd; i++) strides[i] *= 2;
-        data = (char *)PyArray_DATA((PyArrayObject *)s->upcast) + offset * 8;
-        base = s->upcast;
-    }
-    Py_INCREF(descr);
-    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, strides, data,
-                                         s->readonly ? 0 : NPY_ARRAY_WRITEABLE, NULL);
-    if (arr == NULL) return NULL;
-    if (PyArray_SetBaseObject((PyArrayObject *)arr, Py_NewRef(base)) < 0) {
-        Py_DECREF(arr);
-        return NULL;
-    }
     int conj = 0, neg = 0;
     if (metadata != NULL && metadata != Py_None) {
-        if (!PyDict_Check(metadata)) {
-            Py_DECREF(arr);
+        if (!PyDict_Check(metadata))
             return tf_raise(L, st->UnpicklingError, "tensor metadata is not a dict"), NULL;
-        }
         PyObject *c = PyDict_GetItem(metadata, st->str_conj), *n = PyDict_GetItem(metadata, st->str_neg);
         conj = c != NULL && PyObject_IsTrue(c) == 1;
         neg = n != NULL && PyObject_IsTrue(n) == 1;
     }
-    if (conj || neg) {
-        if (storage_ready(L, s) < 0) {
-            Py_DECREF(arr);
-            return NULL;
-        }
-        PyObject *args = Py_BuildValue("(Nii)", arr, conj, neg);
-        if (args == NULL) return NULL;
-        PyObject *r = helper_call(L, "fix_values", args);
-        Py_DECREF(args);
-        return r;
+    if (L->lazy) {
+        TensorRef *t = PyObject_New(TensorRef, st->TensorRefType);
+        if (t == NULL) return NULL;
+        t->storage = Py_NewRef(storage);
+        t->dtype = dt;
+        t->nd = nd;
+        t->conj = conj;
+        t->neg = neg;
+        t->offset = offset;
+        memcpy(t->size, size, sizeof(int64_t) * (size_t)nd);
+        memcpy(t->stride, stride, sizeof(int64_t) * (size_t)nd);
+        return (PyObject *)t;
     }
-    return arr;
+    return make_view(L, s, dt, offset, nd, size, stride, conj, neg);
 }
 
 /* OrderedDict(), OrderedDict([(k, v), ...]), Counter(...) */

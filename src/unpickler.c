@@ -310,6 +310,14 @@ static int do_global(Loader *L, const char *module, size_t mlen, const char *nam
     GlobalHit hit;
     char canon[2 * 4096 + 2];
     globals_lookup(module, mlen, name, nlen, &hit, canon, sizeof(canon));
+    if (L->globals_seen != NULL) {
+        PyObject *c = PyUnicode_FromString(canon);
+        if (c == NULL || PySet_Add(L->globals_seen, c) < 0) {
+            Py_XDECREF(c);
+            return -1;
+        }
+        Py_DECREF(c);
+    }
     if (L->safe_globals != NULL && !globals_blocked_module(module, mlen)) {
         PyObject *user = PyDict_GetItemString(L->safe_globals, canon); /* borrowed */
         if (user != NULL) return vm_push(L, globalref_new(L, G_UNKNOWN, -1, canon, user));

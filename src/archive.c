@@ -1,0 +1,375 @@
+/* archive.c - a zip checkpoint opened for loading: load_zip() for one-shot
+ * loads, and the Archive type for scan() and lazy open().
+ *
+ * Both run on a Loader: the zip reader over the source (a buffer or a file
+ * descriptor), the version/byteorder records, the options, and the table of
+ * storages. An Archive keeps it alive between calls so single tensors can be
+ * read on demand; load_zip keeps it on the C stack for one call. */
+#include "module.h"
+
+/* read_at over the source buffer (ctx: the Loader). */
+static TfStatus mem_read_at(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err) {
+    Loader *L = ctx;
+    if (off > L->size || n > L->size - off)
+        return tf_fail(err, TF_ERR_FORMAT, off, "read of %zu bytes past the end of the input", n);
+    memcpy(buf, L->src + off, n);
+    return TF_OK;
+}
+
+/* Read a small record (version, byteorder) into buf (NUL-terminated). */
+static int small_record(Loader *L, const char *name, char *buf, size_t cap, int *found) {
+    ZipEntry *e = zipread_find(&L->zip, name, strlen(name));
+    *found = e != NULL;
+    if (e == NULL) return 0;
+    if (e->usize >= cap)
+        return tf_raise(L, L->st->FormatError, "record %s is %llu bytes long", name, (unsigned long long)e->usize);
+    TfErr err = {0};
+    if (zipread_extract(&L->zip, e, (uint8_t *)buf, &err) != TF_OK) return tf_raise_err(L, &err);
+    buf[e->usize] = 0;
+    return 0;
+}
+
+static int read_version_and_byteorder(Loader *L) {
+    char buf[64];
+    int found;
+    if (small_record(L, ".data/version", buf, sizeof buf, &found) < 0) return -1;
+    if (!found && small_record(L, "version", buf, sizeof buf, &found) < 0) return -1;
+    if (!found) return tf_raise(L, L->st->FormatError, "archive has no version record: not a torch checkpoint");
+    char *end;
+    long v = strtol(buf, &end, 10);
+    while (*end == '\n' || *end == '\r' || *end == ' ') end++;
+    if (end == buf || *end != 0 || v < 1)
+        return tf_raise(L, L->st->FormatError, "version record holds %.20s, not a number", buf);
+    if (v > 10)
+        return tf_raise(L, L->st->FormatError,
+                        "checkpoint has format version %ld; the maximum supported version for reading is 10", v);
+    if (small_record(L, "byteorder", buf, sizeof buf, &found) < 0) return -1;
+    int file_big = 0;
+    if (found) {
+        if (strcmp(buf, "big") == 0) file_big = 1;
+        else if (strcmp(buf, "little") != 0)
+            return tf_raise(L, L->st->FormatError, "byteorder record holds an unknown value");
+    }
+    const uint16_t one = 1;
+    int host_big = *(const uint8_t *)&one == 0;
+    L->file_big = file_big;
+    L->big_endian = file_big != host_big;
+    return 0;
+}
+
+static int parse_limits(Loader *L, PyObject *limits) {
+    TfLimits d = TF_LIMITS_DEFAULT;
+    L->lim = d;
+    if (limits == NULL || limits == Py_None) return 0;
+    uint64_t *fields[] = {&L->lim.pickle_bytes, &L->lim.memo, &L->lim.stack, &L->lim.marks,
+                          &L->lim.records, &L->lim.name, &L->lim.ndim, &L->lim.total_bytes};
+    if (!PyTuple_Check(limits) || PyTuple_GET_SIZE(limits) != 8) {
+        PyErr_SetString(PyExc_TypeError, "limits must be an 8-tuple");
+        return -1;
+    }
+    for (int i = 0; i < 8; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(limits, i));
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+        *fields[i] = v;
+    }
+    return 0;
+}
+
+/* Release everything the Loader holds (safe on a zeroed or half-opened one). */
+static void loader_close(Loader *L) {
+    vm_free(L);
+    zipread_close(&L->zip);
+    Py_CLEAR(L->storages);
+    Py_CLEAR(L->pending);
+    Py_CLEAR(L->src_owner);
+    Py_CLEAR(L->map_location);
+    Py_CLEAR(L->safe_globals);
+    Py_CLEAR(L->encoding);
+    Py_CLEAR(L->globals_seen);
+    L->src = NULL;
+}
+
+static char *open_kwlist[] = {"src", "size", "mode", "require_map", "map_kind", "map_location",
+                              "weights_only", "safe_globals", "encoding", "limits", NULL};
+#define OPEN_FORMAT "OK$ipiOpOOO"
+
+/* Open the zip and read its version and byteorder records. The Loader keeps
+ * its own references to the options. */
+static int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname) {
+    PyObject *src, *map_location, *safe_globals, *encoding, *limits;
+    unsigned long long size;
+    int mode, require_map, map_kind, weights_only;
+    char format[64];
+    snprintf(format, sizeof format, "%s:%s", OPEN_FORMAT, fname);
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, open_kwlist, &src, &size, &mode, &require_map,
+                                     &map_kind, &map_location, &weights_only, &safe_globals, &encoding, &limits))
+        return -1;
+    memset(L, 0, sizeof *L);
+    L->st = st;
+    L->mode = mode;
+    L->require_map = require_map;
+    L->ml_kind = map_kind;
+    L->map_location = Py_NewRef(map_location);
+    L->weights_only = weights_only;
+    L->safe_globals = safe_globals == Py_None ? NULL : Py_NewRef(safe_globals);
+    L->encoding = encoding == Py_None ? NULL : Py_NewRef(encoding);
+    L->fd = -1;
+    if (L->safe_globals != NULL && !PyDict_Check(L->safe_globals)) {
+        PyErr_SetString(PyExc_TypeError, "safe_globals must be a dict");
+        return -1;
+    }
+    if ((map_kind == ML_STR && !PyUnicode_Check(map_location)) ||
+        (map_kind == ML_DICT && !PyDict_Check(map_location))) {
+        PyErr_SetString(PyExc_TypeError, "bad map_location");
+        return -1;
+    }
+    if (parse_limits(L, limits) < 0) return -1;
+    L->storages = PyDict_New();
+    L->pending = PyList_New(0);
+    if (L->storages == NULL || L->pending == NULL) return -1;
+    TfErr err = {0};
+    TfStatus rc;
+    if (mode == SRC_FD) {
+        L->fd = (int)PyLong_AsLong(src);
+        if (L->fd == -1 && PyErr_Occurred()) return -1;
+        L->size = size;
+        Py_BEGIN_ALLOW_THREADS
+        rc = zipread_open(&L->zip, storage_read_fd, &L->fd, L->size, &L->lim, &err);
+        Py_END_ALLOW_THREADS
+    } else {
+        L->src_owner = PyMemoryView_FromObject(src);
+        if (L->src_owner == NULL) return -1;
+        Py_buffer *view = PyMemoryView_GET_BUFFER(L->src_owner);
+        L->src = view->buf;
+        L->size = (uint64_t)view->len;
+        L->src_writable = !view->readonly;
+        rc = zipread_open(&L->zip, mem_read_at, L, L->size, &L->lim, &err);
+    }
+    if (rc != TF_OK) return tf_raise_err(L, &err);
+    return read_version_and_byteorder(L);
+}
+
+/* Run data.pkl on the VM (lazy: tensors become TensorRefs). New reference. */
+static PyObject *loader_unpickle(Loader *L) {
+    ZipEntry *pe = zipread_find(&L->zip, "data.pkl", 8);
+    if (pe == NULL) return tf_raise(L, L->st->FormatError, "archive has no data.pkl record"), NULL;
+    if (pe->usize > L->lim.pickle_bytes)
+        return tf_raise(L, L->st->LimitError, "data.pkl of %llu bytes exceeds the limit of %llu bytes",
+                        (unsigned long long)pe->usize, (unsigned long long)L->lim.pickle_bytes),
+               NULL;
+    TfErr err = {0};
+    if (zipread_locate(&L->zip, pe, &err) != TF_OK) return tf_raise_err(L, &err), NULL;
+    const uint8_t *pk;
+    uint8_t *pickle_buf = NULL;
+    if (L->mode != SRC_FD && pe->method == 0) {
+        pk = L->src + pe->data_offset;
+    } else {
+        pickle_buf = PyMem_Malloc(pe->usize ? (size_t)pe->usize : 1);
+        if (pickle_buf == NULL) return PyErr_NoMemory();
+        if (zipread_extract(&L->zip, pe, pickle_buf, &err) != TF_OK) {
+            PyMem_Free(pickle_buf);
+            return tf_raise_err(L, &err), NULL;
+        }
+        pk = pickle_buf;
+    }
+    L->record = "data.pkl";
+    /* the VM makes many containers and no cycles: a collection pass per few
+     * hundred of them would cost more than the whole load */
+    int gc_was_enabled = PyGC_Disable();
+    PyObject *obj = vm_run(L, pk, (size_t)pe->usize);
+    if (gc_was_enabled) PyGC_Enable();
+    L->pk_start = NULL; /* later errors are not at a pickle offset */
+    vm_free(L);
+    PyMem_Free(pickle_buf);
+    return obj;
+}
+
+/* load_zip(src, size, *, mode, ...): the one-shot load behind torchfree.load.
+ * src is a buffer (mode 0: zero-copy views; mode 1: copies) or a file
+ * descriptor (mode 2: each storage read into fresh memory). */
+PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
+    Loader L;
+    PyObject *obj = NULL;
+    if (loader_open(&L, PyModule_GetState(module), args, kwargs, "load_zip") == 0) {
+        obj = loader_unpickle(&L);
+        if (obj != NULL && storage_finish(&L) < 0) Py_CLEAR(obj);
+    }
+    loader_close(&L);
+    return obj;
+}
+
+/* ---- Archive ------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    Loader L;
+    int open;
+} ArchiveObject;
+
+static ArchiveObject *archive_check(PyObject *self) {
+    ArchiveObject *a = (ArchiveObject *)self;
+    if (!a->open) {
+        PyErr_SetString(PyExc_ValueError, "the checkpoint is closed");
+        return NULL;
+    }
+    return a;
+}
+
+static PyObject *Archive_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    ModuleState *st = tf_state_of_type(type);
+    if (st == NULL) return NULL;
+    ArchiveObject *a = (ArchiveObject *)type->tp_alloc(type, 0);
+    if (a == NULL) return NULL;
+    if (loader_open(&a->L, st, args, kwargs, "Archive") < 0) {
+        loader_close(&a->L);
+        Py_DECREF(a);
+        return NULL;
+    }
+    a->open = 1;
+    return (PyObject *)a;
+}
+
+static int Archive_traverse(ArchiveObject *a, visitproc visit, void *arg) {
+    Py_VISIT(a->L.map_location);
+    Py_VISIT(a->L.safe_globals);
+    Py_VISIT(a->L.storages);
+    Py_VISIT(a->L.pending);
+    Py_VISIT(Py_TYPE(a));
+    return 0;
+}
+
+static int Archive_clear(ArchiveObject *a) {
+    a->open = 0;
+    loader_close(&a->L);
+    return 0;
+}
+
+static void Archive_dealloc(ArchiveObject *a) {
+    PyTypeObject *tp = Py_TYPE(a);
+    PyObject_GC_UnTrack(a);
+    Archive_clear(a);
+    tp->tp_free(a);
+    Py_DECREF(tp);
+}
+
+PyDoc_STRVAR(Archive_unpickle_doc,
+"unpickle($self, /, lazy=True, collect_globals=False)\n--\n\n"
+"Run data.pkl. lazy: tensors become TensorRefs read on demand by materialize().\n"
+"collect_globals: record every GLOBAL (see globals()) and never raise for unknown ones.");
+
+static PyObject *Archive_unpickle(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"lazy", "collect_globals", NULL};
+    int lazy = 1, collect = 0;
+    ArchiveObject *a = archive_check(self);
+    if (a == NULL || !PyArg_ParseTupleAndKeywords(args, kwargs, "|pp:unpickle", kwlist, &lazy, &collect))
+        return NULL;
+    Loader *L = &a->L;
+    L->lazy = lazy;
+    if (collect && L->globals_seen == NULL && (L->globals_seen = PySet_New(NULL)) == NULL) return NULL;
+    int weights_only = L->weights_only;
+    if (collect) L->weights_only = 0;
+    PyObject *obj = loader_unpickle(L);
+    L->weights_only = weights_only;
+    if (obj != NULL && !lazy && storage_finish(L) < 0) Py_CLEAR(obj);
+    return obj;
+}
+
+static PyObject *Archive_materialize(PyObject *self, PyObject *ref) {
+    ArchiveObject *a = archive_check(self);
+    return a ? tensor_materialize(&a->L, ref) : NULL;
+}
+
+static PyObject *Archive_read_storage(PyObject *self, PyObject *storage) {
+    ArchiveObject *a = archive_check(self);
+    if (a == NULL) return NULL;
+    if (Py_TYPE(storage) != a->L.st->StorageType) {
+        PyErr_SetString(PyExc_TypeError, "expected a torchfree.Storage");
+        return NULL;
+    }
+    if (storage_ready(&a->L, (StorageObject *)storage) < 0) return NULL;
+    return Py_NewRef(storage);
+}
+
+static PyObject *Archive_records(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    ArchiveObject *a = archive_check(self);
+    if (a == NULL) return NULL;
+    ZipReader *z = &a->L.zip;
+    PyObject *list = PyList_New((Py_ssize_t)z->n_entries);
+    if (list == NULL) return NULL;
+    for (size_t i = 0; i < z->n_entries; i++) {
+        ZipEntry *e = &z->entries[i];
+        PyObject *t = Py_BuildValue("(s#iKKK)", e->name, (Py_ssize_t)e->name_len, (int)e->method,
+                                    (unsigned long long)e->csize, (unsigned long long)e->usize,
+                                    (unsigned long long)(e->header_offset - z->base));
+        if (t == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    return list;
+}
+
+static PyObject *Archive_globals(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    ArchiveObject *a = (ArchiveObject *)self;
+    if (a->L.globals_seen == NULL) return PyList_New(0);
+    PyObject *l = PySequence_List(a->L.globals_seen);
+    if (l != NULL && PyList_Sort(l) < 0) Py_CLEAR(l);
+    return l;
+}
+
+static PyObject *Archive_close(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    Archive_clear((ArchiveObject *)self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Archive_get_byteorder(ArchiveObject *a, void *c) {
+    return PyUnicode_FromString(a->L.file_big ? "big" : "little");
+}
+
+static PyObject *Archive_get_prefix(ArchiveObject *a, void *c) {
+    if (!a->open) Py_RETURN_NONE;
+    return PyUnicode_DecodeUTF8(a->L.zip.prefix, (Py_ssize_t)a->L.zip.prefix_len, "replace");
+}
+
+static PyObject *Archive_get_closed(ArchiveObject *a, void *c) { return PyBool_FromLong(!a->open); }
+
+static PyMethodDef Archive_methods[] = {
+    {"unpickle", (PyCFunction)(void (*)(void))Archive_unpickle, METH_VARARGS | METH_KEYWORDS, Archive_unpickle_doc},
+    {"materialize", Archive_materialize, METH_O,
+     "materialize($self, ref, /)\n--\n\nThe array of a TensorRef (reads its storage once)."},
+    {"read_storage", Archive_read_storage, METH_O,
+     "read_storage($self, storage, /)\n--\n\nRead a lazy Storage's bytes; returns it."},
+    {"records", Archive_records, METH_NOARGS,
+     "records($self, /)\n--\n\n[(name, method, compressed size, size, header offset)] of the zip."},
+    {"globals", Archive_globals, METH_NOARGS,
+     "globals($self, /)\n--\n\nSorted 'module.name' of every GLOBAL seen by unpickle(collect_globals=True)."},
+    {"close", Archive_close, METH_NOARGS, "close($self, /)\n--\n\nRelease the zip index and source."},
+    {NULL},
+};
+
+static PyGetSetDef Archive_getset[] = {
+    {"byteorder", (getter)Archive_get_byteorder, NULL, "'little' or 'big' (the byteorder record)", NULL},
+    {"prefix", (getter)Archive_get_prefix, NULL, "the archive's top folder", NULL},
+    {"closed", (getter)Archive_get_closed, NULL, "True after close()", NULL},
+    {NULL},
+};
+
+static PyType_Slot Archive_slots[] = {
+    {Py_tp_new, Archive_new},
+    {Py_tp_dealloc, Archive_dealloc},
+    {Py_tp_traverse, Archive_traverse},
+    {Py_tp_clear, Archive_clear},
+    {Py_tp_methods, Archive_methods},
+    {Py_tp_getset, Archive_getset},
+    {Py_tp_doc, "Archive(src, size, *, mode, require_map, map_kind, map_location, weights_only, safe_globals,"
+                " encoding, limits)\n\nA zip checkpoint opened for scan() and lazy open() (internal)."},
+    {0, NULL},
+};
+
+PyType_Spec ArchiveSpec = {
+    .name = "torchfree._core.Archive",
+    .basicsize = sizeof(ArchiveObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Archive_slots,
+};
