@@ -86,6 +86,7 @@ static void loader_close(Loader *L) {
     Py_CLEAR(L->safe_globals);
     Py_CLEAR(L->encoding);
     Py_CLEAR(L->globals_seen);
+    Py_CLEAR(L->pyfile);
     L->src = NULL;
 }
 
@@ -129,7 +130,16 @@ static int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwa
     if (L->storages == NULL || L->pending == NULL) return -1;
     TfErr err = {0};
     TfStatus rc;
-    if (mode == SRC_FD) {
+    if (mode == SRC_PYFILE) {
+        /* src: (file object, start position); read through seek/readinto */
+        unsigned long long start;
+        PyObject *f;
+        if (!PyArg_ParseTuple(src, "OK:src", &f, &start)) return -1;
+        L->pyfile = Py_NewRef(f);
+        L->pyfile_start = start;
+        L->size = size;
+        rc = zipread_open(&L->zip, storage_read_pyfile, L, L->size, &L->lim, &err);
+    } else if (mode == SRC_FD) {
         L->fd = (int)PyLong_AsLong(src);
         if (L->fd == -1 && PyErr_Occurred()) return -1;
         L->size = size;
@@ -161,7 +171,7 @@ static PyObject *loader_unpickle(Loader *L) {
     if (zipread_locate(&L->zip, pe, &err) != TF_OK) return tf_raise_err(L, &err), NULL;
     const uint8_t *pk;
     uint8_t *pickle_buf = NULL;
-    if (L->mode != SRC_FD && pe->method == 0) {
+    if ((L->mode == SRC_MAP || L->mode == SRC_COPY) && pe->method == 0) {
         pk = L->src + pe->data_offset;
     } else {
         pickle_buf = PyMem_Malloc(pe->usize ? (size_t)pe->usize : 1);
@@ -234,6 +244,7 @@ static int Archive_traverse(ArchiveObject *a, visitproc visit, void *arg) {
     Py_VISIT(a->L.safe_globals);
     Py_VISIT(a->L.storages);
     Py_VISIT(a->L.pending);
+    Py_VISIT(a->L.pyfile);
     Py_VISIT(Py_TYPE(a));
     return 0;
 }
@@ -255,7 +266,7 @@ static void Archive_dealloc(ArchiveObject *a) {
 PyDoc_STRVAR(Archive_unpickle_doc,
 "unpickle($self, /, lazy=True, collect_globals=False)\n--\n\n"
 "Run data.pkl. lazy: tensors become TensorRefs read on demand by materialize().\n"
-"collect_globals: record every GLOBAL (see globals()) and never raise for unknown ones.");
+"collect_globals: record every GLOBAL (see globals()).");
 
 static PyObject *Archive_unpickle(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"lazy", "collect_globals", NULL};
@@ -266,10 +277,7 @@ static PyObject *Archive_unpickle(PyObject *self, PyObject *args, PyObject *kwar
     Loader *L = &a->L;
     L->lazy = lazy;
     if (collect && L->globals_seen == NULL && (L->globals_seen = PySet_New(NULL)) == NULL) return NULL;
-    int weights_only = L->weights_only;
-    if (collect) L->weights_only = 0;
     PyObject *obj = loader_unpickle(L);
-    L->weights_only = weights_only;
     if (obj != NULL && !lazy && storage_finish(L) < 0) Py_CLEAR(obj);
     return obj;
 }
@@ -310,6 +318,11 @@ static PyObject *Archive_records(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     return list;
 }
 
+static PyObject *Archive_storages(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    ArchiveObject *a = archive_check(self);
+    return a ? PyDict_Values(a->L.storages) : NULL;
+}
+
 static PyObject *Archive_globals(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     ArchiveObject *a = (ArchiveObject *)self;
     if (a->L.globals_seen == NULL) return PyList_New(0);
@@ -342,6 +355,8 @@ static PyMethodDef Archive_methods[] = {
      "read_storage($self, storage, /)\n--\n\nRead a lazy Storage's bytes; returns it."},
     {"records", Archive_records, METH_NOARGS,
      "records($self, /)\n--\n\n[(name, method, compressed size, size, header offset)] of the zip."},
+    {"storages", Archive_storages, METH_NOARGS,
+     "storages($self, /)\n--\n\nThe Storage of every record the pickle named, in first-use order."},
     {"globals", Archive_globals, METH_NOARGS,
      "globals($self, /)\n--\n\nSorted 'module.name' of every GLOBAL seen by unpickle(collect_globals=True)."},
     {"close", Archive_close, METH_NOARGS, "close($self, /)\n--\n\nRelease the zip index and source."},

@@ -70,7 +70,7 @@ typedef struct {
     struct ZipEntryRef { ZipEntry *entry; } rec;
 } StorageObject;
 
-enum { SRC_MAP = 0, SRC_COPY = 1, SRC_FD = 2 };
+enum { SRC_MAP = 0, SRC_COPY = 1, SRC_FD = 2, SRC_PYFILE = 3 };
 enum { ML_NONE = 0, ML_STR = 1, ML_DICT = 2, ML_CALL = 3 };
 
 typedef struct Loader {
@@ -82,6 +82,8 @@ typedef struct Loader {
     const uint8_t *src;    /* its bytes */
     int src_writable;
     int fd;                /* SRC_FD (also the read_at context) */
+    PyObject *pyfile;      /* SRC_PYFILE: a seekable binary file object (owned) */
+    uint64_t pyfile_start; /* its position where the input starts */
     uint64_t size;
     ZipReader zip;
     int file_big;          /* the byteorder record says big */
@@ -139,6 +141,8 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid);
 /* Give a Storage its bytes (read, inflate or map what it still lacks), byte swap
  * it, and show it to the map_location callable. Idempotent. */
 int storage_ready(Loader *L, StorageObject *s);
+/* read_at over a Python file object (ctx: the Loader; needs the GIL). */
+TfStatus storage_read_pyfile(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err);
 /* read_at over a file descriptor (ctx: int *) with pread. */
 TfStatus storage_read_fd(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err);
 /* Run every deferred read (GIL released, in parallel) and swaps. */

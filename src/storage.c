@@ -197,6 +197,45 @@ TfStatus storage_read_fd(void *ctx, uint64_t off, void *buf, size_t n, TfErr *er
     return pread_all(*(int *)ctx, off, buf, n, err);
 }
 
+TfStatus storage_read_pyfile(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err) {
+    Loader *L = ctx;
+    uint64_t pos;
+    if (tf_add_u64(L->pyfile_start, off, &pos) || pos > (uint64_t)PY_SSIZE_T_MAX)
+        return tf_fail(err, TF_ERR_FORMAT, off, "offset out of range");
+    PyObject *r = PyObject_CallMethod(L->pyfile, "seek", "K", (unsigned long long)pos);
+    if (r == NULL) goto pyerr;
+    Py_DECREF(r);
+    while (n > 0) {
+        size_t chunk = n > ((size_t)1 << 30) ? ((size_t)1 << 30) : n;
+        PyObject *mv = PyMemoryView_FromMemory(buf, (Py_ssize_t)chunk, PyBUF_WRITE);
+        if (mv == NULL) goto pyerr;
+        r = PyObject_CallMethod(L->pyfile, "readinto", "O", mv);
+        Py_DECREF(mv);
+        if (r == NULL) goto pyerr;
+        Py_ssize_t got = PyLong_AsSsize_t(r);
+        Py_DECREF(r);
+        if (got < 0 && PyErr_Occurred()) goto pyerr;
+        if (got <= 0) return tf_fail(err, TF_ERR_FORMAT, off, "file ended early");
+        buf = (char *)buf + got;
+        n -= (size_t)got;
+        off += (uint64_t)got;
+    }
+    return TF_OK;
+pyerr:;
+    /* keep the Python error's text; the caller raises OSError from it */
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *msg = v ? PyObject_Str(v) : NULL;
+    TfStatus st = tf_fail(err, TF_ERR_IO, off, "reading the file object failed: %s",
+                          msg ? PyUnicode_AsUTF8(msg) : "?");
+    if (msg == NULL || PyUnicode_AsUTF8(msg) == NULL) PyErr_Clear();
+    Py_XDECREF(msg);
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    return st;
+}
+
 /* ---- persistent_load ---------------------------------------------------------- */
 
 static PyObject *as_str(PyObject *o) {
@@ -239,8 +278,10 @@ static int storage_locate(Loader *L, StorageObject *s) {
         return tf_raise(L, L->st->FormatError,
                         "record %s has %llu bytes but its persistent id needs %zd (numel x element size)",
                         name, (unsigned long long)e->usize, s->nbytes);
-    TfErr err = {0};
-    if (zipread_locate(&L->zip, e, &err) != TF_OK) return tf_raise_err(L, &err);
+    if (!L->lazy) {
+        TfErr err = {0};
+        if (zipread_locate(&L->zip, e, &err) != TF_OK) return tf_raise_err(L, &err);
+    }
     if (L->require_map && !(L->mode == SRC_MAP && e->method == 0))
         return tf_raise(L, L->st->FormatError,
                         "record %s is compressed (method %d) and cannot be memory-mapped; "
@@ -253,6 +294,8 @@ static int storage_locate(Loader *L, StorageObject *s) {
  * (inflated, copied) or, when `defer`, by pread in storage_finish. */
 static int storage_fill(Loader *L, StorageObject *s, int defer) {
     ZipEntry *e = s->rec.entry;
+    TfErr err = {0};
+    if (zipread_locate(&L->zip, e, &err) != TF_OK) return tf_raise_err(L, &err);
     s->unread = 0;
     if (L->mode == SRC_MAP && e->method == 0) {
         s->data = (char *)L->src + e->data_offset;
@@ -270,11 +313,14 @@ static int storage_fill(Loader *L, StorageObject *s, int defer) {
     s->pending = 1;
     if (defer && L->mode == SRC_FD && e->method == 0) /* read in storage_finish, with the others */
         return PyList_Append(L->pending, (PyObject *)s);
-    TfErr err = {0};
     TfStatus rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
-    Py_END_ALLOW_THREADS
+    if (L->mode == SRC_PYFILE) {
+        rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
+        Py_END_ALLOW_THREADS
+    }
     if (rc != TF_OK) return tf_raise_err(L, &err);
     s->pending = 0;
     return 0;
@@ -439,9 +485,13 @@ int storage_ready(Loader *L, StorageObject *s) {
         TfErr err = {0};
         TfStatus rc;
         ZipEntry *e = s->rec.entry;
-        Py_BEGIN_ALLOW_THREADS
-        rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
-        Py_END_ALLOW_THREADS
+        if (L->mode == SRC_PYFILE) {
+            rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
+            Py_END_ALLOW_THREADS
+        }
         if (rc != TF_OK) return tf_raise_err(L, &err);
         s->pending = 0;
     }

@@ -161,28 +161,37 @@ static TfStatus zr_find_end(const ZipReader *z, ZrEnd *end, TfErr *err) {
 
     if (z->size < ZR_EOCD_SIZE)
         return tf_fail(err, TF_ERR_FORMAT, 0, "input of %llu bytes is too small to be a zip archive", (ull)z->size);
-    tail_len = z->size < max_tail ? z->size : max_tail;
-    tail_start = z->size - tail_len;
-    tail = (uint8_t *)malloc((size_t)tail_len);
-    if (!tail) return tf_fail(err, TF_ERR_NOMEM, 0, "out of memory reading the end of the archive");
-    if ((st = zr_read(z, tail_start, tail, (size_t)tail_len, err)) != TF_OK) {
-        free(tail);
-        return st;
-    }
-    /* Search back from the end. Prefer a record whose comment ends exactly at
-     * the end of the input; else take the last one whose comment fits (bytes
-     * appended after the archive). */
-    for (i = (size_t)tail_len - ZR_EOCD_SIZE + 1; i-- > 0;) {
-        if (tail[i] != 'P' || !zr_sig(tail + i, ZR_SIG_EOCD)) continue;
-        size_t room = (size_t)tail_len - i - ZR_EOCD_SIZE;
-        size_t clen = tf_le16(tail + i + 20);
-        if (clen == room) {
-            exact = i;
-            break;
+    /* First the last 42 bytes (an end record without comment, and the zip64
+     * locator before it: every torch file), so that a small archive is not
+     * read whole; then the largest window a comment allows. */
+    for (int attempt = 0;; attempt++) {
+        uint64_t want = attempt == 0 ? ZR_EOCD_SIZE + ZR_Z64_LOC_SIZE : max_tail;
+        tail_len = z->size < want ? z->size : want;
+        tail_start = z->size - tail_len;
+        tail = (uint8_t *)malloc((size_t)tail_len);
+        if (!tail) return tf_fail(err, TF_ERR_NOMEM, 0, "out of memory reading the end of the archive");
+        if ((st = zr_read(z, tail_start, tail, (size_t)tail_len, err)) != TF_OK) {
+            free(tail);
+            return st;
         }
-        if (clen < room && loose == SIZE_MAX) loose = i;
+        /* Search back from the end. Prefer a record whose comment ends exactly at
+         * the end of the input; else take the last one whose comment fits (bytes
+         * appended after the archive). */
+        exact = loose = SIZE_MAX;
+        for (i = (size_t)tail_len - ZR_EOCD_SIZE + 1; i-- > 0;) {
+            if (tail[i] != 'P' || !zr_sig(tail + i, ZR_SIG_EOCD)) continue;
+            size_t room = (size_t)tail_len - i - ZR_EOCD_SIZE;
+            size_t clen = tf_le16(tail + i + 20);
+            if (clen == room) {
+                exact = i;
+                break;
+            }
+            if (clen < room && loose == SIZE_MAX) loose = i;
+        }
+        found = exact != SIZE_MAX ? exact : loose;
+        if ((attempt == 0 && exact != SIZE_MAX) || attempt == 1 || tail_len == z->size) break;
+        free(tail);
     }
-    found = exact != SIZE_MAX ? exact : loose;
     if (found == SIZE_MAX) {
         free(tail);
         return tf_fail(err, TF_ERR_FORMAT, tail_start,

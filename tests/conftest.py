@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
-import math
 import os
 import struct
 import sys

@@ -15,7 +15,6 @@ import mmap as mmap_mod
 import os
 import pathlib
 import pickle
-import sys
 import zipfile
 
 import ml_dtypes

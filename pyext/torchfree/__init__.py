@@ -19,12 +19,19 @@ from ._core import (
     UnsafeGlobalError,
 )
 from ._load import load
+from ._scan import Checkpoint, CheckpointInfo, TensorInfo, flatten, open, scan
 from ._types import MetaArray, Opaque
 
 __version__ = "0.1.0"
 
 __all__ = [
     "load",
+    "scan",
+    "open",
+    "flatten",
+    "Checkpoint",
+    "CheckpointInfo",
+    "TensorInfo",
     "Storage",
     "Opaque",
     "MetaArray",

@@ -9,7 +9,7 @@ import os
 from . import _core
 
 # must match src/module.h
-_SRC_MAP, _SRC_COPY, _SRC_FD = 0, 1, 2
+_SRC_MAP, _SRC_COPY, _SRC_FD, _SRC_PYFILE = 0, 1, 2, 3
 _ML_NONE, _ML_STR, _ML_DICT, _ML_CALL = 0, 1, 2, 3
 _LIMIT_NAMES = ("pickle_bytes", "memo", "stack", "marks", "records", "name", "ndim", "total_bytes")
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -40,25 +40,20 @@ def load(f, map_location=None, *, mmap=None, weights_only=True, safe_globals=Non
         FormatError, UnpicklingError, UnsafeGlobalError, LimitError (all ``CheckpointError``),
         ``TypeError`` for a bad ``map_location``, ``ValueError`` for ``mmap=True`` on a non-path.
     """
-    ml_kind, ml = _map_location(map_location)
-    opts = dict(
-        map_kind=ml_kind,
-        map_location=ml,
-        weights_only=bool(weights_only),
-        safe_globals=_safe_globals(safe_globals),
-        encoding=None if encoding == "bytes" else str(encoding),
-        limits=_limits(limits),
-    )
-    if isinstance(f, (str, os.PathLike)):
-        return _load_path(os.fspath(f), mmap, opts)
-    if mmap:
-        raise ValueError("f must be a file path in order to use the mmap argument")
-    if isinstance(f, (bytes, bytearray, memoryview, _mmap.mmap)):
-        view = memoryview(f).cast("B") if isinstance(f, memoryview) else f
-        return _load_buffer(view, _SRC_COPY, opts)
-    if hasattr(f, "read"):
-        return _load_buffer(_read_rest(f), _SRC_MAP, opts)
-    raise TypeError(f"load() expects a path, a bytes-like object or a binary file object, not {type(f).__name__}")
+    opts = options(map_location, weights_only, safe_globals, encoding, limits)
+    if _is_index_json(f):
+        from ._scan import load_sharded
+
+        return load_sharded(f, mmap=mmap, **opts)
+    src = Source(f, mmap)
+    try:
+        return _core.load_zip(*src.args(), **src.kwargs(), **opts)
+    finally:
+        src.close()
+
+
+def _is_index_json(f) -> bool:
+    return isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".index.json")
 
 
 def _map_location(m):
@@ -116,39 +111,116 @@ def _not_zip(head: bytes):
     return FormatError(f"not a torch checkpoint (starts with {head[:8]!r}, expected a zip archive)")
 
 
-def _load_path(path: str, mmap, opts):
-    with open(path, "rb") as fh:
-        fd = fh.fileno()
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, 16, 0)
+class Source:
+    """An opened input: the arguments the C core reads it with, and what keeps it alive.
+
+    ``lazy`` sources (scan, open) read only what is asked for: a path is mapped (or, with
+    ``mmap=False``, kept open and read with pread), a seekable file object is read with
+    seek/readinto; one-shot loads read file objects into memory first.
+    """
+
+    def __init__(self, f, mmap=None, *, lazy=False):
+        self._file = None
+        self._mapping = None
+        if isinstance(f, (str, os.PathLike)):
+            self.path = os.fspath(f)
+            self._open_path(mmap)
+            return
+        self.path = None
+        if mmap:
+            raise ValueError("f must be a file path in order to use the mmap argument")
+        if isinstance(f, (bytes, bytearray, memoryview, _mmap.mmap)):
+            buf = memoryview(f).cast("B") if isinstance(f, memoryview) else f
+            self._set_buffer(buf, _SRC_COPY)
+        elif hasattr(f, "read"):
+            start = _tell(f) if lazy else None
+            if start is not None:
+                end = f.seek(0, io.SEEK_END)
+                f.seek(start)
+                head = f.read(16)
+                f.seek(start)
+                if not head.startswith(_ZIP_MAGIC):
+                    raise _not_zip(head)
+                self.src, self.size, self.mode = (f, start), max(end - start, 0), _SRC_PYFILE
+                self.require_map = False
+            else:
+                self._set_buffer(_read_rest(f), _SRC_MAP)
+        else:
+            raise TypeError(f"expected a path, a bytes-like object or a binary file object, not {type(f).__name__}")
+
+    def _set_buffer(self, buf, mode):
+        head = bytes(memoryview(buf)[:16])
         if not head.startswith(_ZIP_MAGIC):
-            if mmap:
-                from . import CheckpointError
-
-                raise CheckpointError(
-                    "mmap can only be used with zip checkpoints (torch.save with "
-                    "_use_new_zipfile_serialization=True, the default since torch 1.6)"
-                ) from _not_zip(head)
             raise _not_zip(head)
-        if mmap is False:
-            return _core.load_zip(fd, size, mode=_SRC_FD, require_map=False, **opts)
-        mapping = _mmap.mmap(fd, 0, access=_mmap.ACCESS_COPY)
-    try:
-        return _core.load_zip(mapping, size, mode=_SRC_MAP, require_map=bool(mmap), **opts)
-    finally:
-        # arrays hold the mapping through a memoryview; close it now if none do
+        self.src, self.mode, self.require_map = buf, mode, False
+        self.size = buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+    def _open_path(self, mmap):
+        fh = open(self.path, "rb")
         try:
-            mapping.close()
-        except BufferError:
-            pass
+            fd = fh.fileno()
+            self.size = os.fstat(fd).st_size
+            head = os.pread(fd, 16, 0)
+            if not head.startswith(_ZIP_MAGIC):
+                if mmap:
+                    from . import CheckpointError
+
+                    raise CheckpointError(
+                        "mmap can only be used with zip checkpoints (torch.save with "
+                        "_use_new_zipfile_serialization=True, the default since torch 1.6)"
+                    ) from _not_zip(head)
+                raise _not_zip(head)
+            self.require_map = bool(mmap)
+            if mmap is False:
+                self.src, self.mode, self._file = fd, _SRC_FD, fh
+                fh = None
+            else:
+                self._mapping = _mmap.mmap(fd, 0, access=_mmap.ACCESS_COPY)
+                self.src, self.mode = self._mapping, _SRC_MAP
+        finally:
+            if fh is not None:
+                fh.close()
+
+    def args(self):
+        return (self.src, self.size)
+
+    def kwargs(self):
+        return {"mode": self.mode, "require_map": self.require_map}
+
+    def close(self):
+        """Close the file; the mapping stays alive as long as arrays view it."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._mapping is not None:
+            try:
+                self._mapping.close()
+            except BufferError:
+                pass  # arrays still view it: it closes when they are gone
+            self._mapping = None
+        self.src = None
 
 
-def _load_buffer(buf, mode, opts):
-    head = bytes(memoryview(buf)[:16])
-    if not head.startswith(_ZIP_MAGIC):
-        raise _not_zip(head)
-    return _core.load_zip(buf, len(buf) if not isinstance(buf, memoryview) else buf.nbytes, mode=mode,
-                          require_map=False, **opts)
+def _tell(f):
+    try:
+        if hasattr(f, "seekable") and not f.seekable():
+            return None
+        return f.tell()
+    except (OSError, AttributeError, ValueError):
+        return None
+
+
+def options(map_location=None, weights_only=True, safe_globals=None, encoding="utf-8", limits=None):
+    """The keyword arguments of the C core for these load() options."""
+    ml_kind, ml = _map_location(map_location)
+    return dict(
+        map_kind=ml_kind,
+        map_location=ml,
+        weights_only=bool(weights_only),
+        safe_globals=_safe_globals(safe_globals),
+        encoding=None if encoding == "bytes" else str(encoding),
+        limits=_limits(limits),
+    )
 
 
 def _read_rest(f) -> bytearray:

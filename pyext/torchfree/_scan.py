@@ -1,0 +1,565 @@
+"""scan(), open() and flatten(): look inside a checkpoint without loading it.
+
+``scan`` runs the pickle on the C core in lazy mode: every tensor becomes a validated
+``TensorRef`` (dtype, shape, strides, storage) and no storage byte is read. ``open`` keeps
+that lazy archive open and reads one storage record when one of its tensors is asked for.
+Both name tensors with the dotted paths of ``flatten``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import collections
+import html
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _core
+from ._load import Source, options
+from ._types import MetaArray, Opaque
+
+__all__ = ["flatten", "scan", "open", "Checkpoint", "CheckpointInfo", "TensorInfo", "StorageInfo", "RecordInfo"]
+
+_LEAVES = (np.ndarray, _core.TensorRef, MetaArray)
+
+
+# ---- flatten ---------------------------------------------------------------------------
+
+
+def _children(obj):
+    """(name, child) pairs of a container, in order; None for leaves and scalars."""
+    if isinstance(obj, dict):
+        return [(str(k), v) for k, v in obj.items()]
+    if isinstance(obj, (list, tuple)):
+        return [(str(i), v) for i, v in enumerate(obj)]
+    if isinstance(obj, Opaque):
+        out = []
+        state = obj.state
+        if isinstance(state, tuple) and len(state) == 2 and all(isinstance(s, (dict, type(None))) for s in state):
+            for part in state:
+                out += _children(part or {})
+        elif state is not None:
+            out += _children(state) if isinstance(state, (dict, list, tuple, Opaque)) else []
+        out += [(str(k), v) for k, v in obj.items.items()]
+        out += [(str(i), v) for i, v in enumerate(obj.list)]
+        if obj.args:
+            out += [(f"args.{i}", v) for i, v in enumerate(obj.args)]
+        return out
+    return None
+
+
+def _walk(obj, sep, leaf_types, prefix=""):
+    stack = [(prefix, obj)]
+    seen = set()
+    while stack:
+        name, o = stack.pop()
+        if isinstance(o, leaf_types):
+            yield name, o
+            continue
+        kids = _children(o)
+        if not kids or id(o) in seen:
+            continue
+        seen.add(id(o))
+        for k, v in reversed(kids):
+            stack.append((f"{name}{sep}{k}" if name else k, v))
+
+
+def flatten(obj, sep: str = ".") -> "collections.OrderedDict[str, np.ndarray]":
+    """Every array in nested containers (and in Opaque states) by dotted path.
+
+    ``{"model_state_dict.fc1.weight": array, "optimizer_state_dict.state.0.momentum_buffer": ...}``.
+    A bare array flattens to ``{"": array}``. The names are the ones ``scan`` and ``open`` use.
+    """
+    return collections.OrderedDict(_walk(obj, sep, (np.ndarray, MetaArray)))
+
+
+# ---- scan --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    """One record of the container (zip entry)."""
+
+    name: str
+    compressed: bool
+    compressed_size: int
+    size: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    """One storage record, listed once however many tensors view it."""
+
+    key: str
+    dtype: object
+    nbytes: int
+    location: str
+    record: str
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor, as ``load`` would return it, without its bytes."""
+
+    name: str
+    dtype: object  # numpy dtype of the array load returns (or "torch.<name>")
+    shape: tuple
+    strides: tuple  # in bytes, as the array's .strides
+    stride: tuple  # in elements, as torch's .stride()
+    storage_key: object  # None for arrays pickled inline (numpy objects)
+    storage_offset: int  # in elements
+    nbytes: int  # bytes of the tensor's own elements
+    location: str
+    torch_dtype: str
+    conj: bool = False  # torch 2.x lazy bits: load applies them to a copy
+    neg: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _tensor_info(name, leaf) -> TensorInfo:
+    if isinstance(leaf, _core.TensorRef):
+        dt = leaf.dtype
+        item = dt.itemsize if isinstance(dt, np.dtype) else leaf.itemsize
+        shape = leaf.shape
+        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        return TensorInfo(name, dt, shape, tuple(s * item for s in leaf.stride), leaf.stride, leaf.storage.key,
+                          leaf.storage_offset, n * item, leaf.storage.location, leaf.torch_dtype, leaf.conj, leaf.neg)
+    if isinstance(leaf, MetaArray):
+        dt = leaf.dtype
+        item = dt.itemsize if isinstance(dt, np.dtype) else 0
+        n = leaf.size
+        strides, c = [], 1
+        for s in reversed(leaf.shape):
+            strides.append(c)
+            c *= s
+        stride = tuple(reversed(strides))
+        return TensorInfo(name, dt, leaf.shape, tuple(s * item for s in stride), stride, None, 0, n * item, "meta",
+                          _torch_name(dt))
+    return TensorInfo(name, leaf.dtype, leaf.shape, leaf.strides,
+                      tuple(s // leaf.itemsize for s in leaf.strides) if leaf.itemsize else leaf.strides, None, 0,
+                      leaf.nbytes, "pickle", _torch_name(leaf.dtype))
+
+
+def _torch_name(dt) -> str:
+    if isinstance(dt, np.dtype):
+        return "bool" if dt == np.bool_ else dt.name
+    return str(dt).removeprefix("torch.")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@dataclass
+class CheckpointInfo:
+    """What ``scan`` found: container, records, storages, tensors and globals."""
+
+    path: object
+    format: str
+    byteorder: str
+    records: list = field(default_factory=list)
+    storages: list = field(default_factory=list)
+    tensors: list = field(default_factory=list)
+    globals: list = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all storages (shared ones once)."""
+        return sum(s.nbytes for s in self.storages)
+
+    @property
+    def param_count(self) -> int:
+        """Elements of all tensors (a view counts its own elements)."""
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def dtype_totals(self) -> dict:
+        """{dtype name: bytes of tensors of that dtype}."""
+        out: dict = collections.Counter()
+        for t in self.tensors:
+            out[_torch_name(t.dtype)] += t.nbytes
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def __getitem__(self, name) -> TensorInfo:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict."""
+
+        def dt(d):
+            return d.name if isinstance(d, np.dtype) else str(d)
+
+        return {
+            "path": None if self.path is None else str(self.path),
+            "format": self.format,
+            "byteorder": self.byteorder,
+            "total_bytes": self.total_bytes,
+            "param_count": self.param_count,
+            "dtype_totals": self.dtype_totals,
+            "globals": list(self.globals),
+            "records": [vars(r) for r in self.records],
+            "storages": [dict(vars(s), dtype=dt(s.dtype)) for s in self.storages],
+            "tensors": [
+                {
+                    "name": t.name,
+                    "dtype": dt(t.dtype),
+                    "torch_dtype": t.torch_dtype,
+                    "shape": list(t.shape),
+                    "strides": list(t.strides),
+                    "stride": list(t.stride),
+                    "storage_key": t.storage_key,
+                    "storage_offset": t.storage_offset,
+                    "nbytes": t.nbytes,
+                    "location": t.location,
+                }
+                for t in self.tensors
+            ],
+        }
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def _header(self) -> str:
+        where = f"{self.path}: " if self.path is not None else ""
+        return (f"{where}{self.format} checkpoint ({self.byteorder}-endian), {len(self.tensors)} tensors, "
+                f"{len(self.storages)} storages, {_human(self.total_bytes)}, {self.param_count:,} elements")
+
+    def __str__(self) -> str:
+        rows = [("name", "dtype", "shape", "storage", "offset", "size", "location")]
+        for t in self.tensors:
+            rows.append((t.name or "<root>", _torch_name(t.dtype), "x".join(map(str, t.shape)) or "()",
+                         "-" if t.storage_key is None else str(t.storage_key), str(t.storage_offset),
+                         _human(t.nbytes), t.location))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [self._header(), ""]
+        for i, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) if j in (0, 1, 3, 6) else c.rjust(w)
+                                   for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        totals = ", ".join(f"{k} {_human(v)}" for k, v in self.dtype_totals.items())
+        lines += ["", f"by dtype: {totals or '-'}"]
+        odd = [g for g in self.globals if not _is_torch_global(g)]
+        if odd:
+            lines.append(f"other globals: {', '.join(odd)}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<CheckpointInfo {self._header()}>"
+
+    def _repr_html_(self) -> str:
+        e = html.escape
+        totals = self.dtype_totals
+        whole = max(sum(totals.values()), 1)
+        colors = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7"]
+        bar = "".join(
+            f'<div title="{e(k)}: {e(_human(v))}" style="width:{100 * v / whole:.2f}%;background:{colors[i % 8]}">'
+            "</div>" for i, (k, v) in enumerate(totals.items()))
+        legend = " ".join(
+            f'<span><span style="display:inline-block;width:.8em;height:.8em;background:{colors[i % 8]}">'
+            f"</span> {e(k)} {e(_human(v))}</span>" for i, (k, v) in enumerate(totals.items()))
+        biggest = sorted(self.tensors, key=lambda t: -t.nbytes)[:10]
+        top = max((t.nbytes for t in biggest), default=1) or 1
+        big_rows = "".join(
+            f"<tr><td>{e(t.name)}</td><td>{e(_human(t.nbytes))}</td>"
+            f'<td><div style="width:{200 * t.nbytes / top:.0f}px;height:.7em;background:#4e79a7"></div></td></tr>'
+            for t in biggest)
+        rows = "".join(
+            f"<tr><td>{e(t.name)}</td><td>{e(_torch_name(t.dtype))}</td><td>{e(str(tuple(t.shape)))}</td>"
+            f"<td>{e(str(t.storage_key))}</td><td>{t.storage_offset}</td><td>{e(_human(t.nbytes))}</td>"
+            f"<td>{e(t.location)}</td></tr>" for t in self.tensors[:500])
+        more = f"<p>… {len(self.tensors) - 500} more tensors</p>" if len(self.tensors) > 500 else ""
+        return (
+            f'<div class="torchfree-info"><p><b>{e(self._header())}</b></p>'
+            f'<div style="display:flex;height:1em;width:100%;border:1px solid #ccc">{bar}</div>'
+            f"<p>{legend}</p><p><b>largest tensors</b></p><table>{big_rows}</table>"
+            "<table><thead><tr><th>name</th><th>dtype</th><th>shape</th><th>storage</th><th>offset</th>"
+            f"<th>size</th><th>location</th></tr></thead><tbody>{rows}</tbody></table>{more}</div>")
+
+
+def _is_torch_global(g: str) -> bool:
+    return g.startswith(("torch.", "collections.OrderedDict", "_codecs.", "builtins."))
+
+
+def _info_from(archive, obj, path, storages) -> CheckpointInfo:
+    tensors = [_tensor_info(name, leaf) for name, leaf in _walk(obj, ".", _LEAVES)]
+    recs = [RecordInfo(n, m != 0, c, u, o) for n, m, c, u, o in archive.records()]
+    prefix = archive.prefix
+    sinfo = [StorageInfo(s.key, s.dtype, s.nbytes, s.location, f"{prefix}/data/{s.key}") for s in storages]
+    return CheckpointInfo(path, "zip", archive.byteorder, recs, sinfo, tensors, archive.globals())
+
+
+def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:
+    """Describe a checkpoint from its container index and pickle only: no tensor byte is read.
+
+    Unknown globals never raise here: they are listed in ``.globals`` (the pickle is still never
+    executed). ``map_location`` only changes the reported ``location`` of each storage (a callable
+    is not called: it would need the bytes).
+    """
+    if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".index.json"):
+        return _ShardIndex(f).scan(map_location=map_location, limits=limits)
+    if callable(map_location) and not isinstance(map_location, (str, dict)):
+        map_location = None
+    src = Source(f, False, lazy=True)
+    try:
+        opts = options(map_location, weights_only=False, limits=limits)
+        archive = _core.Archive(*src.args(), **src.kwargs(), **opts)
+        try:
+            obj = archive.unpickle(lazy=True, collect_globals=True)
+            return _info_from(archive, obj, src.path, archive.storages())
+        finally:
+            archive.close()
+    finally:
+        src.close()
+
+
+# ---- open --------------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """A checkpoint opened lazily (``torchfree.open``): tensors are read one storage at a time.
+
+    ``ckpt[name]`` reads (or maps) only the storage record that tensor views, once; ``keys()``
+    are the dotted names of ``flatten``; ``.info`` is what ``scan`` reports; ``.storages`` the
+    ``torchfree.Storage`` objects with their target locations; ``.load()`` the whole object.
+    """
+
+    def __init__(self, f, map_location=None, *, mmap=None, weights_only=True, safe_globals=None,
+                 encoding="utf-8", limits=None):
+        self._f = f
+        self._load_args = dict(map_location=map_location, mmap=mmap, weights_only=weights_only,
+                               safe_globals=safe_globals, encoding=encoding, limits=limits)
+        self._src = Source(f, mmap, lazy=True)
+        try:
+            opts = options(map_location, weights_only, safe_globals, encoding, limits)
+            self._archive = _core.Archive(*self._src.args(), **self._src.kwargs(), **opts)
+            self._obj = self._archive.unpickle(lazy=True, collect_globals=True)
+        except BaseException:
+            self._src.close()
+            raise
+        self._index = collections.OrderedDict(_walk(self._obj, ".", _LEAVES))
+        self._cache: dict = {}
+        self._info = None
+
+    # mapping protocol
+    def keys(self):
+        return self._index.keys()
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, name) -> bool:
+        return name in self._index
+
+    def __getitem__(self, name):
+        self._check_open()
+        if name in self._cache:
+            return self._cache[name]
+        leaf = self._index[name]
+        if isinstance(leaf, _core.TensorRef):
+            arr = self._archive.materialize(leaf)
+        else:
+            arr = leaf
+        self._cache[name] = arr
+        return arr
+
+    def get(self, name, default=None):
+        return self[name] if name in self._index else default
+
+    def items(self):
+        for k in self._index:
+            yield k, self[k]
+
+    @property
+    def info(self) -> CheckpointInfo:
+        if self._info is None:
+            self._check_open()
+            path = self._src.path
+            self._info = _info_from(self._archive, self._obj, path, self._archive.storages())
+        return self._info
+
+    @property
+    def storages(self) -> list:
+        self._check_open()
+        return self._archive.storages()
+
+    def load(self):
+        """The whole object, as ``torchfree.load`` returns it."""
+        from ._load import load
+
+        if self._src.path is None and hasattr(self._f, "seek"):
+            self._f.seek(self._src.src[1] if self._src.mode == 3 else 0)
+        return load(self._f, **self._load_args)
+
+    def _check_open(self):
+        if self._archive is None or self._archive.closed:
+            raise ValueError("the checkpoint is closed")
+
+    def close(self) -> None:
+        if self._archive is not None:
+            self._archive.close()
+            self._archive = None
+        self._src.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._archive is None else f"{len(self._index)} tensors"
+        return f"<torchfree.Checkpoint {self._src.path or type(self._f).__name__} ({state})>"
+
+
+def open(f, map_location=None, *, mmap=None, weights_only=True, safe_globals=None, encoding="utf-8",
+         limits=None):
+    """Open a checkpoint lazily: ``with torchfree.open(path) as ckpt: w = ckpt["fc1.weight"]``.
+
+    A Hugging Face ``*.bin.index.json`` opens its shards as one checkpoint; each shard is read only
+    when one of its tensors is asked for.
+    """
+    kw = dict(mmap=mmap, weights_only=weights_only, safe_globals=safe_globals, encoding=encoding, limits=limits)
+    if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".index.json"):
+        return ShardedCheckpoint(f, map_location, **kw)
+    return Checkpoint(f, map_location, **kw)
+
+
+# ---- sharded checkpoints (Hugging Face *.bin.index.json) ------------------------------------
+
+
+def _builtin_open(path):
+    return builtins.open(path, "rb")
+
+
+class _ShardIndex:
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        with _builtin_open(self.path) as fh:
+            data = json.load(fh)
+        wm = data.get("weight_map")
+        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+            from . import FormatError
+
+            raise FormatError(f"{self.path}: not a sharded checkpoint index (no 'weight_map' of names to files)")
+        self.weight_map = wm
+        base = os.path.dirname(self.path)
+        self.shards = list(dict.fromkeys(wm.values()))
+        for s in self.shards:
+            if os.path.isabs(s) or ".." in s.replace("\\", "/").split("/"):
+                from . import FormatError
+
+                raise FormatError(f"{self.path}: shard path {s!r} leaves the index's folder")
+        self.files = {s: os.path.join(base, s) for s in self.shards}
+
+    def scan(self, map_location=None, limits=None) -> CheckpointInfo:
+        parts = [scan(self.files[s], map_location, limits=limits) for s in self.shards]
+        info = CheckpointInfo(self.path, "sharded zip", parts[0].byteorder if parts else "little")
+        for shard, p in zip(self.shards, parts):
+            info.records += p.records
+            info.storages += [StorageInfo(f"{shard}:{s.key}", s.dtype, s.nbytes, s.location, f"{shard}:{s.record}")
+                              for s in p.storages]
+            info.tensors += [TensorInfo(t.name, t.dtype, t.shape, t.strides, t.stride,
+                                        None if t.storage_key is None else f"{shard}:{t.storage_key}",
+                                        t.storage_offset, t.nbytes, t.location, t.torch_dtype, t.conj, t.neg)
+                             for t in p.tensors]
+            info.globals = sorted(set(info.globals) | set(p.globals))
+        return info
+
+
+class ShardedCheckpoint:
+    """Shards of a ``*.bin.index.json`` as one lazy checkpoint: a shard opens on first use."""
+
+    def __init__(self, path, map_location=None, **kw):
+        self._index = _ShardIndex(path)
+        self._map_location = map_location
+        self._kw = kw
+        self._open: dict = {}
+
+    def _shard(self, shard) -> Checkpoint:
+        if shard not in self._open:
+            self._open[shard] = Checkpoint(self._index.files[shard], self._map_location, **self._kw)
+        return self._open[shard]
+
+    def keys(self):
+        return self._index.weight_map.keys()
+
+    def __iter__(self):
+        return iter(self._index.weight_map)
+
+    def __len__(self) -> int:
+        return len(self._index.weight_map)
+
+    def __contains__(self, name) -> bool:
+        return name in self._index.weight_map
+
+    def __getitem__(self, name):
+        return self._shard(self._index.weight_map[name])[name]
+
+    def items(self):
+        for k in self._index.weight_map:
+            yield k, self[k]
+
+    @property
+    def info(self) -> CheckpointInfo:
+        return self._index.scan(self._map_location, self._kw.get("limits"))
+
+    @property
+    def storages(self) -> list:
+        return [s for shard in self._index.shards for s in self._shard(shard).storages]
+
+    def load(self):
+        out = collections.OrderedDict()
+        for shard in self._index.shards:
+            part = self._shard(shard).load()
+            out.update(part)
+        return out
+
+    def close(self) -> None:
+        for c in self._open.values():
+            c.close()
+        self._open.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_sharded(path, mmap=None, **opts):
+    """load() of a ``*.bin.index.json``: the shards' state_dicts merged into one OrderedDict."""
+    idx = _ShardIndex(path)
+    out = collections.OrderedDict()
+    for shard in idx.shards:
+        src = Source(idx.files[shard], mmap)
+        try:
+            part = _core.load_zip(*src.args(), **src.kwargs(), **opts)
+        finally:
+            src.close()
+        if not isinstance(part, dict):
+            from . import FormatError
+
+            raise FormatError(f"shard {shard} holds a {type(part).__name__}, not a state_dict")
+        out.update(part)
+    return out
