@@ -21,6 +21,20 @@ from ._core import (
 from ._load import load
 from ._scan import Checkpoint, CheckpointInfo, TensorInfo, flatten, open, scan
 from ._types import MetaArray, Opaque
+from .statedict import (
+    IncompatibleKeys,
+    StateDictDiff,
+    StateDictError,
+    add_prefix,
+    compare_state_dicts,
+    load_state_dict,
+    optimizer_state_by_name,
+    optimizer_state_from_names,
+    rename_keys,
+    rename_map,
+    select_prefix,
+    strip_prefix,
+)
 
 __version__ = "0.1.0"
 
@@ -42,6 +56,18 @@ __all__ = [
     "UnsafeGlobalError",
     "LimitError",
     "__version__",
+    "load_state_dict",
+    "rename_keys",
+    "rename_map",
+    "strip_prefix",
+    "add_prefix",
+    "select_prefix",
+    "compare_state_dicts",
+    "optimizer_state_by_name",
+    "optimizer_state_from_names",
+    "StateDictError",
+    "IncompatibleKeys",
+    "StateDictDiff",
 ]
 
 
