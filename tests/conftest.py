@@ -72,11 +72,16 @@ def pytest_configure(config):
     )
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # torch itself emits UserWarnings/FutureWarnings (ComplexHalf is experimental, protocol != 2,
     # deprecated quantization, ...). They are not torchfree's concern; keep them from turning into
     # errors when the project runs with filterwarnings=error.
+    # Every test that uses the `torch` fixture needs torch: mark it, so `-m "not needs_torch"`
+    # (the ASan+UBSan run of .ci/run) leaves it out. tryfirst: before -m deselects.
     for item in items:
+        if "torch" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.needs_torch)
         if item.get_closest_marker("needs_torch") is not None:
             item.add_marker(pytest.mark.filterwarnings("ignore::UserWarning"))
             item.add_marker(pytest.mark.filterwarnings("ignore::FutureWarning"))
