@@ -15,11 +15,16 @@ SOURCES = [
     "src/dtypes.c",
     "src/globals.c",
     "src/zipread.c",
+    "src/pickscan.c",
     "src/unpickler.c",
     "src/storage.c",
     "src/tensor.c",
     "src/archive.c",
+    "src/pickler.c",
+    "src/zipwrite.c",
+    "src/save.c",
     "src/module.c",
+    "src/pickscan_py.c",
 ]
 HEADERS = [
     "src/common.h",
@@ -28,7 +33,11 @@ HEADERS = [
     "src/globals.h",
     "src/opcodes.h",
     "src/zipread.h",
+    "src/pickscan.h",
     "src/module.h",
+    "src/pickler.h",
+    "src/zipwrite.h",
+    "src/save.h",
 ]
 
 

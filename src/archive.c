@@ -80,6 +80,7 @@ static void loader_close(Loader *L) {
     vm_free(L);
     zipread_close(&L->zip);
     Py_CLEAR(L->storages);
+    Py_CLEAR(L->storage_list);
     Py_CLEAR(L->pending);
     Py_CLEAR(L->src_owner);
     Py_CLEAR(L->map_location);
@@ -126,8 +127,9 @@ static int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwa
     }
     if (parse_limits(L, limits) < 0) return -1;
     L->storages = PyDict_New();
+    L->storage_list = PyList_New(0);
     L->pending = PyList_New(0);
-    if (L->storages == NULL || L->pending == NULL) return -1;
+    if (L->storages == NULL || L->storage_list == NULL || L->pending == NULL) return -1;
     TfErr err = {0};
     TfStatus rc;
     if (mode == SRC_PYFILE) {
@@ -243,6 +245,7 @@ static int Archive_traverse(ArchiveObject *a, visitproc visit, void *arg) {
     Py_VISIT(a->L.map_location);
     Py_VISIT(a->L.safe_globals);
     Py_VISIT(a->L.storages);
+    Py_VISIT(a->L.storage_list);
     Py_VISIT(a->L.pending);
     Py_VISIT(a->L.pyfile);
     Py_VISIT(Py_TYPE(a));
@@ -320,7 +323,7 @@ static PyObject *Archive_records(PyObject *self, PyObject *Py_UNUSED(ignored)) {
 
 static PyObject *Archive_storages(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     ArchiveObject *a = archive_check(self);
-    return a ? PyDict_Values(a->L.storages) : NULL;
+    return a ? PyList_GetSlice(a->L.storage_list, 0, PY_SSIZE_T_MAX) : NULL;
 }
 
 static PyObject *Archive_globals(PyObject *self, PyObject *Py_UNUSED(ignored)) {

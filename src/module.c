@@ -4,6 +4,8 @@
  * and the entry point the Python layer calls once it has opened the file. */
 #define TORCHFREE_MODULE_C
 #include "module.h"
+#include "pickscan.h"
+#include "save.h"
 
 #include <stdarg.h>
 
@@ -135,6 +137,8 @@ static PyMethodDef core_methods[] = {
      "load_zip($module, /, src, size, *, mode, require_map, map_kind, map_location, weights_only,"
      " safe_globals, encoding, limits)\n--\n\nLoad a zip checkpoint (internal: use torchfree.load)."},
     {"_set_helpers", mod_set_helpers, METH_VARARGS, set_helpers_doc},
+    {"save", (PyCFunction)(void (*)(void))mod_save, METH_VARARGS | METH_KEYWORDS, mod_save_doc},
+    {"pickle_globals", (PyCFunction)(void (*)(void))mod_pickle_globals, METH_VARARGS | METH_KEYWORDS, PICKLE_GLOBALS_DOC},
     {NULL, NULL, 0, NULL},
 };
 

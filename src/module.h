@@ -68,6 +68,7 @@ typedef struct {
     PyObject *saved;    /* the saved location tag (for the map_location callable) */
     PyObject *upcast;   /* complex32 storages: the whole storage as complex64, made once */
     struct ZipEntryRef { ZipEntry *entry; } rec;
+    const struct Loader *loader; /* the load that made it: only it may read the record */
 } StorageObject;
 
 enum { SRC_MAP = 0, SRC_COPY = 1, SRC_FD = 2, SRC_PYFILE = 3 };
@@ -98,7 +99,9 @@ typedef struct Loader {
     int lazy;               /* tensors become TensorRefs, storages are read on demand */
     PyObject *globals_seen; /* set of "module.name" of every GLOBAL, or NULL */
     /* state */
-    PyObject *storages;     /* dict key -> StorageObject */
+    PyObject *storage_list; /* every StorageObject, in first-use order (records point at theirs) */
+    PyObject *storages;     /* dict key -> StorageObject, for keys without a record (meta) */
+    size_t data0;           /* 1 + directory index of data/0; 0 unknown, SIZE_MAX none */
     PyObject *pending;      /* list of StorageObject with deferred reads */
     uint64_t total_alloc;
     const char *record;     /* name of the pickle record, for messages */

@@ -168,6 +168,7 @@ static StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, 
     s->swapped = 0;
     s->pending = 0;
     s->rec.entry = NULL;
+    s->loader = L;
     s->upcast = NULL;
     s->unread = 0;
     s->hooked = 1;
@@ -262,17 +263,41 @@ static int charge(Loader *L, uint64_t nbytes) {
     return 0;
 }
 
-/* Find s's record data/<key> and check its size against the persistent id. */
-static int storage_locate(Loader *L, StorageObject *s) {
+/* The record data/<key> (NULL when absent). torch numbers keys 0, 1, ... and
+ * writes data/<k> in key order, so a numeric key is tried at its expected
+ * directory index before the hash lookup. name receives "data/<key>". */
+static ZipEntry *find_record(Loader *L, PyObject *key, char *name, size_t cap) {
     Py_ssize_t klen;
-    const char *k = PyUnicode_AsUTF8AndSize(s->key, &klen);
-    if (k == NULL) return -1;
-    if ((uint64_t)klen > L->lim.name) return tf_raise(L, L->st->LimitError, "storage key too long");
-    char name[4096 + 8];
+    const char *k = PyUnicode_AsUTF8AndSize(key, &klen);
+    if (k == NULL || (size_t)klen + 6 > cap) {
+        PyErr_Clear();
+        snprintf(name, cap, "data/<a key of %zd bytes>", klen);
+        return NULL;
+    }
     memcpy(name, "data/", 5);
     memcpy(name + 5, k, (size_t)klen);
     name[klen + 5] = 0;
-    ZipEntry *e = zipread_find(&L->zip, name, (size_t)klen + 5);
+    size_t nlen = (size_t)klen + 5;
+    if (klen > 0 && klen <= 9) {
+        size_t v = 0;
+        Py_ssize_t i = 0;
+        while (i < klen && k[i] >= '0' && k[i] <= '9') v = v * 10 + (size_t)(k[i++] - '0');
+        if (i == klen && (klen == 1 || k[0] != '0')) {
+            if (L->data0 == 0) {
+                ZipEntry *e0 = zipread_find(&L->zip, "data/0", 6);
+                L->data0 = e0 ? (size_t)(e0 - L->zip.entries) + 1 : (size_t)-1;
+            }
+            if (L->data0 != (size_t)-1 && L->data0 - 1 + v < L->zip.n_entries) {
+                ZipEntry *e = &L->zip.entries[L->data0 - 1 + v];
+                if (e->name_len == nlen && memcmp(e->name, name, nlen) == 0) return e;
+            }
+        }
+    }
+    return zipread_find(&L->zip, name, nlen);
+}
+
+/* Check s's record e (may be NULL: missing) against the persistent id. */
+static int storage_locate(Loader *L, StorageObject *s, ZipEntry *e, const char *name) {
     if (e == NULL) return tf_raise(L, L->st->FormatError, "record %s is missing from the archive", name);
     if (e->usize != (uint64_t)s->nbytes)
         return tf_raise(L, L->st->FormatError,
@@ -419,7 +444,11 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
         tf_raise(L, st->FormatError, "persistent id of record data/%U claims an impossible numel", key);
         goto done;
     }
-    StorageObject *old = (StorageObject *)PyDict_GetItemWithError(L->storages, key); /* borrowed */
+    char name[4096 + 8];
+    ZipEntry *e = find_record(L, key, name, sizeof name);
+    /* borrowed: records know their storage; keys without a record (meta) are in a dict */
+    StorageObject *old = e ? (StorageObject *)e->user
+                           : (StorageObject *)PyDict_GetItemWithError(L->storages, key);
     if (old != NULL) {
         if ((uint64_t)old->nbytes != nbytes && !old->meta) {
             tf_raise(L, st->FormatError,
@@ -453,7 +482,7 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
     if (PyUnicode_Compare(target, st->str_meta) == 0) {
         s->meta = 1;
     } else {
-        if (storage_locate(L, s) < 0) goto done;
+        if (storage_locate(L, s, e, name) < 0) goto done;
         if (L->big_endian && dtype != DT_UINT8) {
             const DtypeInfo *info = &dtypes_table[dtype];
             s->swap_unit = (info->flags & DTF_COMPLEX) ? info->itemsize / 2 : info->itemsize;
@@ -465,7 +494,11 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
         else if (storage_fill(L, s, 1) < 0 || (!s->hooked && storage_ready(L, s) < 0))
             goto done;
     }
-    if (PyDict_SetItem(L->storages, key, (PyObject *)s) < 0) goto done;
+    if (PyList_Append(L->storage_list, (PyObject *)s) < 0) goto done;
+    if (e != NULL)
+        e->user = s; /* the list holds the reference */
+    else if (PyDict_SetItem(L->storages, key, (PyObject *)s) < 0)
+        goto done;
     result = (PyObject *)s;
     s = NULL;
 done:
@@ -480,6 +513,11 @@ done:
 
 int storage_ready(Loader *L, StorageObject *s) {
     if (s->meta) return 0;
+    if (s->loader != L && (s->unread || s->pending || !s->hooked)) {
+        /* its record belongs to another (maybe closed) archive */
+        PyErr_SetString(PyExc_ValueError, "this storage belongs to another checkpoint, which has not read it");
+        return -1;
+    }
     if (s->unread && storage_fill(L, s, 0) < 0) return -1;
     if (s->pending) {
         TfErr err = {0};
@@ -599,10 +637,8 @@ int storage_finish(Loader *L) {
             ((StorageObject *)PyList_GET_ITEM(L->pending, i))->pending = 0;
     }
     if (L->big_endian) {
-        Py_ssize_t pos = 0;
-        PyObject *k, *v;
-        while (PyDict_Next(L->storages, &pos, &k, &v))
-            if (storage_ready(L, (StorageObject *)v) < 0) return -1;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(L->storage_list); i++)
+            if (storage_ready(L, (StorageObject *)PyList_GET_ITEM(L->storage_list, i)) < 0) return -1;
     }
     return 0;
 }

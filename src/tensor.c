@@ -238,6 +238,10 @@ PyObject *tensor_materialize(Loader *L, PyObject *ref) {
         return NULL;
     }
     TensorRef *t = (TensorRef *)ref;
+    if (((StorageObject *)t->storage)->loader != L) {
+        PyErr_SetString(PyExc_ValueError, "this tensor belongs to another checkpoint");
+        return NULL;
+    }
     return make_view(L, (StorageObject *)t->storage, t->dtype, t->offset, t->nd, t->size, t->stride, t->conj,
                      t->neg);
 }

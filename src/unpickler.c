@@ -13,8 +13,14 @@
 
 /* ---- stack, marks, memo ------------------------------------------------ */
 
+#if defined(__GNUC__)
+#define VM_HOT static inline __attribute__((always_inline))
+#else
+#define VM_HOT static inline
+#endif
+
 /* Push, stealing the reference (NULL: an exception is already set). */
-static int vm_push(Loader *L, PyObject *o) {
+VM_HOT int vm_push(Loader *L, PyObject *o) {
     if (o == NULL) return -1;
     if (TF_UNLIKELY(L->sp == L->stack_cap)) {
         if ((uint64_t)L->stack_cap >= L->lim.stack) {
@@ -38,7 +44,7 @@ static int vm_push(Loader *L, PyObject *o) {
 }
 
 /* Lowest stack index usable by the current opcode (the last mark, or 0). */
-static Py_ssize_t vm_fence(Loader *L) { return L->nmarks ? L->marks[L->nmarks - 1] : 0; }
+VM_HOT Py_ssize_t vm_fence(Loader *L) { return L->nmarks ? L->marks[L->nmarks - 1] : 0; }
 
 /* Pop, returning a new reference (NULL + exception on underflow). */
 static PyObject *vm_pop(Loader *L) {
@@ -50,7 +56,7 @@ static PyObject *vm_pop(Loader *L) {
 }
 
 /* Borrowed reference to the top (NULL + exception when empty). */
-static PyObject *vm_top(Loader *L) {
+VM_HOT PyObject *vm_top(Loader *L) {
     if (TF_UNLIKELY(L->sp <= vm_fence(L))) {
         tf_raise(L, L->st->UnpicklingError, "pickle stack underflow");
         return NULL;
@@ -263,6 +269,15 @@ static int read_line(Loader *L, int op, const char **s, Py_ssize_t *len) {
 }
 
 static PyObject *decode_str(Loader *L, const uint8_t *p, size_t n) {
+    if (n <= 64) { /* short ASCII (keys, names): no decoder needed */
+        uint8_t any = 0;
+        for (size_t i = 0; i < n; i++) any |= p[i];
+        if (!(any & 0x80)) {
+            PyObject *u = PyUnicode_New((Py_ssize_t)n, 127);
+            if (u != NULL) memcpy(PyUnicode_1BYTE_DATA(u), p, n);
+            return u;
+        }
+    }
     PyObject *s = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)n, "surrogatepass");
     if (s == NULL) {
         tf_raise_from(L, L->st->UnpicklingError, "invalid UTF-8 string");
@@ -698,7 +713,7 @@ static int op_text_string(Loader *L, int op) {
 
 /* ---- the loop -------------------------------------------------------------- */
 
-static int vm_step(Loader *L, int op, int *stop) {
+VM_HOT int vm_step(Loader *L, int op, int *stop) {
     const uint8_t *p;
     uint64_t n;
     switch (op) {

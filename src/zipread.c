@@ -305,6 +305,59 @@ static TfStatus zr_zip64_extra(const uint8_t *x, size_t xl, uint64_t *usize, uin
     return TF_OK;
 }
 
+/* Records must not share bytes. Sort the local headers by offset; each
+ * record's fixed header and data must end by the next header, which becomes
+ * its data_limit (checked again by zipread_locate once the local name and
+ * extra field are known). Honest archives are laid out one record after the
+ * other; overlapping ones are how "better zip bombs" make one compressed
+ * kernel count once per entry, and how one byte range could be copied once
+ * per entry naming it. */
+typedef struct {
+    uint64_t off;
+    size_t idx;
+} ZrSpan;
+
+static int zr_span_cmp(const void *a, const void *b) {
+    const ZrSpan *x = (const ZrSpan *)a, *y = (const ZrSpan *)b;
+    return x->off < y->off ? -1 : x->off > y->off ? 1 : (x->idx > y->idx) - (x->idx < y->idx);
+}
+
+static TfStatus zr_check_overlap(ZipReader *z, uint64_t cd_pos, TfErr *err) {
+    const size_t n = z->n_entries;
+    ZrSpan *sp = (ZrSpan *)malloc(n * sizeof(ZrSpan));
+    if (!sp) return tf_fail(err, TF_ERR_NOMEM, cd_pos, "out of memory checking %zu entries", n);
+    for (size_t i = 0; i < n; i++) {
+        sp[i].off = z->entries[i].header_offset;
+        sp[i].idx = i;
+    }
+    /* torch writes records in file order: sort only when the directory is not */
+    int sorted = 1;
+    for (size_t i = 1; i < n && sorted; i++) sorted = sp[i - 1].off < sp[i].off;
+    if (!sorted) qsort(sp, n, sizeof(ZrSpan), zr_span_cmp);
+    TfStatus st = TF_OK;
+    for (size_t k = 0; k < n; k++) {
+        ZipEntry *e = &z->entries[sp[k].idx];
+        uint64_t limit = k + 1 < n ? sp[k + 1].off : cd_pos, end;
+        /* fixed header + data (the sum was checked against cd_pos at open); the
+         * names are left to zipread_locate, which compares the local one with
+         * ours first and reports a mismatch as such */
+        end = e->header_offset + ZR_LOCAL_SIZE + e->csize;
+        if (end > limit) {
+            const ZipEntry *o = k + 1 < n ? &z->entries[sp[k + 1].idx] : NULL;
+            st = tf_fail(err, TF_ERR_FORMAT, e->header_offset,
+                         "entry %zu ('%.*s', local header at %llu, %llu bytes of data) overlaps %s%.*s%s at offset "
+                         "%llu: records must not share bytes",
+                         sp[k].idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)e->header_offset, (ull)e->csize,
+                         o ? "entry '" : "the central directory", o ? ZR_NAME_SHOWN(o->name_len) : 0,
+                         o ? o->name : "", o ? "'" : "", (ull)limit);
+            break;
+        }
+        e->data_limit = limit;
+    }
+    free(sp);
+    return st;
+}
+
 static TfStatus zr_build_index(ZipReader *z, TfErr *err) {
     size_t cap = 8;
     while (cap < 2 * z->n_entries) cap <<= 1;
@@ -434,11 +487,16 @@ TfStatus zipread_open(ZipReader *z, TfReadAt read_at, void *ctx, uint64_t size, 
         uint32_t crc = tf_le32(h + 16);
         uint64_t csize = tf_le32(h + 20), usize = tf_le32(h + 24), hoff = tf_le32(h + 42);
         size_t nl = tf_le16(h + 28), xl = tf_le16(h + 30), cl = tf_le16(h + 32);
-        if (cdn - p - ZR_CENTRAL_SIZE < nl + xl + cl) {
+        /* The fixed 46 bytes of every entry still to come stay reserved: the
+         * name block (sized from the directory minus n fixed headers) then
+         * always holds the names (found by fuzzing: a zip64 record whose
+         * directory holds fewer, longer-named entries than it claims). */
+        const size_t reserved = (z->n_entries - i - 1) * ZR_CENTRAL_SIZE; /* <= cdn - p - 46 by induction */
+        if (cdn - p - ZR_CENTRAL_SIZE - reserved < nl + xl + cl) {
             st = tf_fail(err, TF_ERR_FORMAT, ent_off,
                          "central directory entry %zu at offset %llu: name, extra and comment (%zu+%zu+%zu "
-                         "bytes) run past the end of the central directory",
-                         i, (ull)ent_off, nl, xl, cl);
+                         "bytes) run past the end of the central directory (%zu more entries to come)",
+                         i, (ull)ent_off, nl, xl, cl, z->n_entries - i - 1);
             goto fail;
         }
         if ((st = zr_window_get(z, &win, cd_pos, cdn, p, ZR_CENTRAL_SIZE + nl + xl + cl, &h, err)) != TF_OK)
@@ -540,6 +598,8 @@ TfStatus zipread_open(ZipReader *z, TfReadAt read_at, void *ctx, uint64_t size, 
         e->usize = usize;
         e->header_offset = habs;
         e->data_offset = UINT64_MAX;
+        e->user = NULL;
+        e->data_limit = cd_pos;
         p += ZR_CENTRAL_SIZE + nl + xl + cl;
     }
     if (p != cdn) {
@@ -551,6 +611,7 @@ TfStatus zipread_open(ZipReader *z, TfReadAt read_at, void *ctx, uint64_t size, 
     free(win.buf);
     win.buf = NULL;
     if ((st = zr_build_index(z, err)) != TF_OK) goto fail;
+    if ((st = zr_check_overlap(z, cd_pos, err)) != TF_OK) goto fail;
     return TF_OK;
 
 fail:
@@ -650,6 +711,14 @@ TfStatus zipread_locate(ZipReader *z, ZipEntry *e, TfErr *err) {
                        "header at %llu lies outside the file (%llu bytes)",
                        idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)data, (ull)e->csize, (ull)hoff,
                        (ull)z->size);
+    if (e->flags & 1u)
+        return tf_fail(err, TF_ERR_FORMAT, hoff, "entry %zu ('%.*s') is encrypted, which is not supported", idx,
+                       ZR_NAME_SHOWN(e->name_len), e->name);
+    if (dend > e->data_limit)
+        return tf_fail(err, TF_ERR_FORMAT, hoff,
+                       "central directory entry %zu ('%.*s'): data at offset %llu (+%llu bytes, after a local extra "
+                       "field of %zu bytes) runs into the next record at %llu",
+                       idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)data, (ull)e->csize, xl, (ull)e->data_limit);
     e->data_offset = data;
     return TF_OK;
 }

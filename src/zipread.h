@@ -24,6 +24,9 @@ typedef struct {
     uint64_t usize;         /* uncompressed size */
     uint64_t header_offset; /* absolute offset of the local header in the input */
     uint64_t data_offset;   /* absolute offset of the data; UINT64_MAX until resolved */
+    uint64_t data_limit;    /* absolute offset its data must end by: the next entry's local header
+                               (in file order) or the central directory; records never overlap */
+    void *user;             /* the caller's slot (NULL after open): the loader's storage */
 } ZipEntry;
 
 typedef struct {
@@ -47,7 +50,9 @@ int zipread_is_zip(const uint8_t *first4, size_t n);
  * On success the reader owns its allocations (free them with zipread_close,
  * which is also safe after a failed open). Entries whose name does not start
  * with "<prefix>/" are rejected (as torch does), as are duplicate names,
- * entries whose local header or data would lie outside the input, and more
+ * entries whose local header or data would lie outside the input, entries
+ * that overlap (two records sharing bytes: the "overlapping files" zip bomb,
+ * which would let one byte be inflated or copied once per entry), and more
  * entries than lim->records or names longer than lim->name. */
 TfStatus zipread_open(ZipReader *z, TfReadAt read_at, void *ctx, uint64_t size,
                       const TfLimits *lim, TfErr *err);
@@ -59,7 +64,8 @@ ZipEntry *zipread_find(const ZipReader *z, const char *name, size_t name_len);
 
 /* Read the entry's local header (signature, name length, extra length) and
  * set e->data_offset; check that the data [data_offset, data_offset+csize)
- * lies inside the input. Idempotent. */
+ * lies inside the input and ends by e->data_limit; refuse encrypted entries
+ * (their bytes could only be garbage, mapped or not). Idempotent. */
 TfStatus zipread_locate(ZipReader *z, ZipEntry *e, TfErr *err);
 
 /* Copy (stored) or inflate (deflated, raw zlib) the entry's data into dst,

@@ -401,6 +401,8 @@ def test_corrupt_inputs_fail_cleanly(tools, tmp_path):
         "hoff_into_cd": (_patched(ok, lay["cd"][2] + 42, "<I", lay["cd_off"] - 20), "overlaps the central"),
         "stored_size_mismatch": (_patched(ok, lay["cd"][1] + 20, "<I", 23), "stored entry"),
         "dup": (build_zip(BASIC + [("archive/data/0", b"x", 0)])[0], "duplicate name"),
+        "overlap_shared_header": (build_zip(BASIC + [{"name": "archive/data/1", "data": bytes(24), "hoff": 0}])[0],
+                                  "must not share bytes"),
         "no_slash": (build_zip([("data.pkl", b"x", 0), ("archive/version", b"3\n", 0)])[0],
                      "not in a subdirectory"),
         "other_prefix": (build_zip(BASIC + [("other/data/1", b"x", 0)])[0], "top folder"),

@@ -19,6 +19,7 @@ from ._core import (
     UnsafeGlobalError,
 )
 from ._load import load
+from ._save import save
 from ._scan import Checkpoint, CheckpointInfo, TensorInfo, flatten, open, scan
 from ._types import MetaArray, Opaque
 from .statedict import (
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "load",
+    "save",
     "scan",
     "open",
     "flatten",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import builtins
 import collections
-import html
 import json
+import math
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,7 +132,7 @@ def _tensor_info(name, leaf) -> TensorInfo:
         dt = leaf.dtype
         item = dt.itemsize if isinstance(dt, np.dtype) else leaf.itemsize
         shape = leaf.shape
-        n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        n = math.prod(shape)
         return TensorInfo(name, dt, shape, tuple(s * item for s in leaf.stride), leaf.stride, leaf.storage.key,
                           leaf.storage_offset, n * item, leaf.storage.location, leaf.torch_dtype, leaf.conj, leaf.neg)
     if isinstance(leaf, MetaArray):
@@ -265,6 +266,8 @@ class CheckpointInfo:
         return f"<CheckpointInfo {self._header()}>"
 
     def _repr_html_(self) -> str:
+        import html  # imported here: html.entities alone costs ~4 ms at import
+
         e = html.escape
         totals = self.dtype_totals
         whole = max(sum(totals.values()), 1)
@@ -355,7 +358,9 @@ class Checkpoint:
             self._src.close()
             raise
         self._index = collections.OrderedDict(_walk(self._obj, ".", _LEAVES))
-        self._cache: dict = {}
+        # arrays already handed out, while the caller keeps them: asking twice gives the same
+        # array (and reads nothing), yet memory is not held once the caller drops them
+        self._cache = weakref.WeakValueDictionary()
         self._info = None
 
     # mapping protocol
@@ -373,14 +378,16 @@ class Checkpoint:
 
     def __getitem__(self, name):
         self._check_open()
-        if name in self._cache:
-            return self._cache[name]
+        arr = self._cache.get(name)
+        if arr is not None:
+            return arr
         leaf = self._index[name]
         if isinstance(leaf, _core.TensorRef):
             arr = self._archive.materialize(leaf)
         else:
             arr = leaf
-        self._cache[name] = arr
+        if isinstance(arr, np.ndarray):
+            self._cache[name] = arr
         return arr
 
     def get(self, name, default=None):

@@ -1,0 +1,153 @@
+"""save(): write numpy objects as a checkpoint that torch.load reads back.
+
+The byte work (walking the object, grouping arrays into storages, pickling,
+the zip layout and writing the tensor bytes with the GIL released) is in the
+C core (src/save.c); this module opens the target: paths (atomically by
+default) or file objects.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from . import _core
+
+__all__ = ["save"]
+
+_FORMATS = ("zip", "legacy")
+
+
+def save(obj, f, *, pickle_protocol=2, format="zip", atomic=True):
+    """Write ``obj`` as a checkpoint that ``torch.load(f, weights_only=True)`` reads back.
+
+    Arrays come back from torch as tensors with the same values, dtypes, shapes, strides
+    and storage sharing: arrays that view one buffer become one storage record (views of
+    a ``torchfree.Storage`` from ``torchfree.load`` share the whole storage, exactly as
+    torch wrote it; views of any other buffer share the span of it that they cover).
+    For the same objects the zip file is byte for byte what ``torch.save`` writes.
+
+    Args:
+        obj: nested ``dict`` / ``OrderedDict`` / ``Counter`` / ``list`` / ``tuple`` / ``set``
+            of ``str``, ``bytes``, ``bytearray``, ``int``, ``float``, ``complex``, ``bool``,
+            ``None``, numpy arrays (every dtype torch has: bool, int8-64, uint8-64,
+            float16/32/64, complex64/128 and the ml_dtypes bfloat16 and float8 kinds),
+            numpy dtypes, and what ``torchfree.load`` returns (``MetaArray``, ``Storage``).
+        f: a path (``str`` / ``os.PathLike``) or a binary file object with ``write``
+            (written in one sequential pass: non-seekable streams work).
+        pickle_protocol: 2, the only protocol whose opcodes torch's weights-only
+            unpickler understands.
+        format: ``"zip"`` (torch >= 1.6, the default) or ``"legacy"`` (the pre-1.6 stream,
+            which torch 1.x and 2.x read; not for the dtypes torch added later:
+            uint16/32/64 and the float8 kinds).
+        atomic: for paths, write a temporary file in the same directory, fsync it,
+            rename it over ``f`` and fsync the directory, so that a crash at any moment
+            leaves either the old file or the new one. ``False`` writes ``f`` in place
+            (as ``torch.save`` does).
+
+    Notes:
+        Arrays are written in their own dtype (a ``complex64`` array that ``load`` upcast from
+        ``complex32`` stays ``complex64``); non-native byte orders are written little-endian;
+        arrays torch cannot view (negative strides, strides or offsets off the item size) are
+        written as contiguous copies of their own. Every storage is tagged ``"cpu"``.
+        ``b""`` is written as ``_codecs.encode('', 'latin1')`` (pickle's ``bytes()`` is not in
+        torch's weights-only allowlist). Numpy scalars, ``frozenset``, ``slice``, ``range``,
+        ``argparse.Namespace`` and ``torchfree.Opaque`` placeholders are refused: torch's
+        weights-only unpickler cannot rebuild them.
+
+    Raises:
+        TypeError: an object torch's weights-only unpickler could not rebuild (the message
+            names its key path), or an array dtype torch does not have.
+        ValueError: arrays viewing the same bytes as different dtypes (as ``torch.save``),
+            a bad ``format`` / ``pickle_protocol``, a path with an empty file name.
+        OverflowError: an int of more than 255 bytes.
+        OSError: from writing.
+    """
+    if pickle_protocol != 2:
+        raise ValueError(
+            f"pickle_protocol={pickle_protocol!r} is not supported: torchfree writes protocol 2, the only "
+            "one torch.load(weights_only=True) reads")
+    if format not in _FORMATS:
+        raise ValueError(f"format must be one of {_FORMATS}, not {format!r}")
+    legacy = format == "legacy"
+    if isinstance(f, (str, bytes, os.PathLike)):
+        path = os.fsdecode(os.fspath(f))
+        name = _archive_name(path)
+        if atomic:
+            _save_atomic(obj, path, name, legacy)
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+            try:
+                _core.save(obj, fd, name, legacy)
+            finally:
+                os.close(fd)
+        return
+    if not callable(getattr(f, "write", None)):
+        raise TypeError(f"save() expects a path or a binary file object with write(), not {type(f).__name__}")
+    _core.save(obj, f, "archive", legacy)
+
+
+def _archive_name(path: str) -> str:
+    """The zip's top folder torch 2.x gives a path: the last component without its last
+    extension ("model.v1.pt" -> "model.v1"); "archive" for names that are not ASCII (torch
+    2.x writes those through a Python stream)."""
+    if not path.isascii():
+        return "archive"
+    start = max(path.rfind("/"), path.rfind("\\")) + 1
+    base = path[start:]
+    dot = base.rfind(".")
+    if dot >= 0:
+        base = base[:dot]
+    if not base:
+        raise ValueError(f"invalid file name: {path!r} (torch needs a name before the extension)")
+    return base
+
+
+def _save_atomic(obj, path: str, name: str, legacy: bool) -> None:
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    directory = os.path.dirname(os.path.abspath(target))
+    try:
+        mode = os.stat(target).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = None
+    base = os.path.basename(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)  # permissions as a plain open() would give (umask)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 48 random bits
+        raise FileExistsError(f"cannot create a temporary file next to {target!r}")
+    try:
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)  # replacing a file keeps its permissions
+            _core.save(obj, fd, name, legacy, sync=True)  # writeback starts while writing
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the rename durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)

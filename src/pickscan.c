@@ -1,0 +1,522 @@
+/* pickscan.c - Python-free static walk over a pickle (see pickscan.h).
+ *
+ * The opcode table and every rule here mirror vm_step() in unpickler.c:
+ * NEED() before every read, the same stack fence (the last MARK), the same
+ * dense-memo rule, the same limits and the same checks of GLOBAL names. A
+ * value on the shadow stack is either a string literal (its bytes in the
+ * input) or "anything"; nothing is ever decoded or built. */
+#include "pickscan.h"
+
+#include <stdlib.h>
+
+#include "opcodes.h"
+
+typedef unsigned long long ull;
+
+/* A shadow value: a string literal of the input, or anything else. */
+typedef struct {
+    uint64_t off;
+    uint64_t len;
+    int is_str;
+} PsVal;
+
+typedef struct {
+    const uint8_t *start, *p, *end;
+    TfLimits lim;
+    PsVal *stack;
+    size_t sp, stack_cap;
+    size_t *marks;
+    size_t nmarks, marks_cap;
+    PsVal *memo;
+    size_t memo_len, memo_cap;
+    uint64_t op_offset;
+    int op;
+    PickScan *out;
+    TfErr *err;
+} Ps;
+
+#define PS_FAIL(status, ...) tf_fail(s->err, (status), s->op_offset, __VA_ARGS__)
+
+/* Bytes left in the input. */
+static uint64_t ps_left(const Ps *s) { return (uint64_t)(s->end - s->p); }
+
+#define NEED(n)                                                                                                  \
+    do {                                                                                                         \
+        if (TF_UNLIKELY(ps_left(s) < (uint64_t)(n)))                                                            \
+            return PS_FAIL(TF_ERR_FORMAT, "pickle data was truncated (%s needs %llu more bytes)",  \
+                           opcode_name(s->op), (ull)(n));                                    \
+    } while (0)
+
+/* Grow *buf (elements of size `elem`) to hold at least `need` of them (callers check the limits). */
+static TfStatus ps_grow(Ps *s, void **buf, size_t *cap, size_t need, size_t elem) {
+    if (need <= *cap) return TF_OK;
+    size_t nc = *cap ? *cap : 64;
+    while (nc < need) {
+        if (nc > SIZE_MAX / 2 / elem) return PS_FAIL(TF_ERR_NOMEM, "out of memory");
+        nc *= 2;
+    }
+    void *nb = realloc(*buf, nc * elem);
+    if (nb == NULL) return PS_FAIL(TF_ERR_NOMEM, "out of memory");
+    *buf = nb;
+    *cap = nc;
+    return TF_OK;
+}
+
+static size_t ps_fence(const Ps *s) { return s->nmarks ? s->marks[s->nmarks - 1] : 0; }
+
+static TfStatus ps_push(Ps *s, PsVal v) {
+    if (TF_UNLIKELY((uint64_t)s->sp >= s->lim.stack))
+        return PS_FAIL(TF_ERR_LIMIT, "pickle stack exceeds the limit of %llu values", (ull)s->lim.stack);
+    TfStatus st = ps_grow(s, (void **)&s->stack, &s->stack_cap, s->sp + 1, sizeof(PsVal));
+    if (st != TF_OK) return st;
+    s->stack[s->sp++] = v;
+    if ((uint64_t)s->sp > s->out->max_stack) s->out->max_stack = s->sp;
+    return TF_OK;
+}
+
+static TfStatus ps_push_any(Ps *s) {
+    PsVal v = {0, 0, 0};
+    return ps_push(s, v);
+}
+
+static TfStatus ps_push_str(Ps *s, const uint8_t *p, uint64_t n) {
+    PsVal v = {(uint64_t)(p - s->start), n, 1};
+    return ps_push(s, v);
+}
+
+/* Pop n values above the fence (the VM's "pickle stack underflow"). */
+static TfStatus ps_pop(Ps *s, size_t n) {
+    if (s->sp - ps_fence(s) < n)
+        return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (%s)", opcode_name(s->op));
+    s->sp -= n;
+    return TF_OK;
+}
+
+static TfStatus ps_mark(Ps *s) {
+    if ((uint64_t)s->nmarks >= s->lim.marks)
+        return PS_FAIL(TF_ERR_LIMIT, "pickle nesting exceeds the limit of %llu MARKs", (ull)s->lim.marks);
+    TfStatus st = ps_grow(s, (void **)&s->marks, &s->marks_cap, s->nmarks + 1, sizeof(size_t));
+    if (st != TF_OK) return st;
+    s->marks[s->nmarks++] = s->sp;
+    if ((uint64_t)s->nmarks > s->out->max_marks) s->out->max_marks = s->nmarks;
+    return TF_OK;
+}
+
+static TfStatus ps_pop_mark(Ps *s, size_t *start) {
+    if (s->nmarks == 0)
+        return PS_FAIL(TF_ERR_FORMAT, "no MARK on the stack (%s)", opcode_name(s->op));
+    *start = s->marks[--s->nmarks];
+    return TF_OK;
+}
+
+static TfStatus ps_memo_put(Ps *s, uint64_t idx) {
+    if (s->sp <= ps_fence(s))
+        return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (%s)", opcode_name(s->op));
+    PsVal top = s->stack[s->sp - 1];
+    if (idx < (uint64_t)s->memo_len) {
+        s->memo[idx] = top;
+        return TF_OK;
+    }
+    if (idx != (uint64_t)s->memo_len)
+        return PS_FAIL(TF_ERR_FORMAT, "memo index %llu skips slots (next free slot is %zu): sparse memos are refused",
+                       (ull)idx, s->memo_len);
+    if ((uint64_t)s->memo_len >= s->lim.memo)
+        return PS_FAIL(TF_ERR_LIMIT, "memo exceeds the limit of %llu slots", (ull)s->lim.memo);
+    TfStatus st = ps_grow(s, (void **)&s->memo, &s->memo_cap, s->memo_len + 1, sizeof(PsVal));
+    if (st != TF_OK) return st;
+    s->memo[s->memo_len++] = top;
+    s->out->memo_len = s->memo_len;
+    return TF_OK;
+}
+
+static TfStatus ps_memo_get(Ps *s, uint64_t idx) {
+    if (idx >= (uint64_t)s->memo_len)
+        return PS_FAIL(TF_ERR_FORMAT, "memo slot %llu is not set", (ull)idx);
+    return ps_push(s, s->memo[idx]);
+}
+
+/* A text line without its newline, as read_line() in the VM. */
+static TfStatus ps_line(Ps *s, const uint8_t **line, size_t *n) {
+    const uint8_t *nl = (const uint8_t *)memchr(s->p, '\n', (size_t)(s->end - s->p));
+    if (nl == NULL)
+        return PS_FAIL(TF_ERR_FORMAT, "pickle data was truncated (%s needs a line)", opcode_name(s->op));
+    uint64_t max_line;
+    if (tf_mul_u64(s->lim.name, 64, &max_line)) max_line = UINT64_MAX;
+    *line = s->p;
+    *n = (size_t)(nl - s->p);
+    if ((uint64_t)*n > max_line)
+        return PS_FAIL(TF_ERR_LIMIT, "%s line longer than the limit", opcode_name(s->op));
+    s->p = nl + 1;
+    return TF_OK;
+}
+
+/* The VM's do_global checks, then record the name. module NULL: unresolved. */
+static TfStatus ps_global(Ps *s, const uint8_t *module, size_t mlen, const uint8_t *name, size_t nlen) {
+    if (module != NULL) {
+        if ((uint64_t)mlen > s->lim.name || (uint64_t)nlen > s->lim.name)
+            return PS_FAIL(TF_ERR_LIMIT, "GLOBAL name longer than the limit of %llu bytes",
+                           (ull)s->lim.name);
+        for (size_t i = 0; i < mlen + nlen; i++) {
+            uint8_t c = i < mlen ? module[i] : name[i - mlen];
+            if (c < 0x20 || c > 0x7e)
+                return PS_FAIL(TF_ERR_FORMAT, "GLOBAL name has a non-printable or non-ASCII byte");
+        }
+    }
+    PickScan *o = s->out;
+    TfStatus st = ps_grow(s, (void **)&o->globals, &o->cap_globals, o->n_globals + 1, sizeof(PickGlobal));
+    if (st != TF_OK) return st;
+    PickGlobal *g = &o->globals[o->n_globals++];
+    g->offset = s->op_offset;
+    g->module = (const char *)module;
+    g->module_len = module ? mlen : 0;
+    g->name = module ? (const char *)name : NULL;
+    g->name_len = module ? nlen : 0;
+    g->op = (uint8_t)s->op;
+    return TF_OK;
+}
+
+/* GET / PUT text index: 1 to 18 decimal digits, as the VM. */
+static TfStatus ps_text_index(Ps *s, uint64_t *idx) {
+    const uint8_t *l;
+    size_t n;
+    TfStatus st = ps_line(s, &l, &n);
+    if (st != TF_OK) return st;
+    if (n == 0 || n > 18) return PS_FAIL(TF_ERR_FORMAT, "invalid %s index", opcode_name(s->op));
+    uint64_t v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (l[i] < '0' || l[i] > '9') return PS_FAIL(TF_ERR_FORMAT, "invalid %s index", opcode_name(s->op));
+        v = v * 10 + (uint64_t)(l[i] - '0');
+    }
+    *idx = v;
+    return TF_OK;
+}
+
+static int has_byte(const uint8_t *p, size_t n, uint8_t c) { return n && memchr(p, c, n) != NULL; }
+
+/* Pop a mark and everything above it, then push one value (TUPLE, LIST, FROZENSET, DICT). */
+static TfStatus ps_collapse_mark(Ps *s, int pairs) {
+    size_t start = 0;
+    TfStatus st = ps_pop_mark(s, &start);
+    if (st != TF_OK) return st;
+    if (pairs && (s->sp - start) % 2 != 0)
+        return PS_FAIL(TF_ERR_FORMAT, "SETITEMS with an odd number of items");
+    s->sp = start;
+    return ps_push_any(s);
+}
+
+static TfStatus ps_step(Ps *s, int *stop) {
+    const uint8_t *p;
+    uint64_t n;
+    TfStatus st;
+    switch (s->op) {
+    case OP_PROTO:
+        NEED(1);
+        if (*s->p > 5) return PS_FAIL(TF_ERR_FORMAT, "unsupported pickle protocol %d", *s->p);
+        s->out->protocol = *s->p++;
+        return TF_OK;
+    case OP_FRAME:
+        NEED(8);
+        n = tf_le64(s->p);
+        s->p += 8;
+        NEED(n);
+        return TF_OK;
+    case OP_MARK:
+        return ps_mark(s);
+    case OP_STOP:
+        *stop = 1;
+        return TF_OK;
+    case OP_POP:
+        if (s->nmarks && s->sp == ps_fence(s)) { /* POP of a mark */
+            s->nmarks--;
+            return TF_OK;
+        }
+        return ps_pop(s, 1);
+    case OP_POP_MARK: {
+        size_t start = 0;
+        if ((st = ps_pop_mark(s, &start)) != TF_OK) return st;
+        s->sp = start;
+        return TF_OK;
+    }
+    case OP_DUP:
+        if (s->sp <= ps_fence(s))
+            return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (DUP)");
+        return ps_push(s, s->stack[s->sp - 1]);
+    case OP_NONE:
+    case OP_NEWTRUE:
+    case OP_NEWFALSE:
+    case OP_EMPTY_TUPLE:
+    case OP_EMPTY_LIST:
+    case OP_EMPTY_DICT:
+    case OP_EMPTY_SET:
+        return ps_push_any(s);
+    case OP_BININT:
+        NEED(4);
+        s->p += 4;
+        return ps_push_any(s);
+    case OP_BININT1:
+        NEED(1);
+        s->p += 1;
+        return ps_push_any(s);
+    case OP_BININT2:
+        NEED(2);
+        s->p += 2;
+        return ps_push_any(s);
+    case OP_BINFLOAT:
+        NEED(8);
+        s->p += 8;
+        return ps_push_any(s);
+    case OP_LONG1:
+        NEED(1);
+        n = *s->p++;
+        NEED(n);
+        s->p += n;
+        return ps_push_any(s);
+    case OP_LONG4: {
+        NEED(4);
+        int32_t l4 = (int32_t)tf_le32(s->p);
+        s->p += 4;
+        if (l4 < 0) return PS_FAIL(TF_ERR_FORMAT, "LONG4 with a negative byte count");
+        NEED((uint64_t)l4);
+        s->p += l4;
+        return ps_push_any(s);
+    }
+    case OP_INT:
+    case OP_LONG: {
+        /* the literal's syntax is the VM's business; a line must be there */
+        size_t ln;
+        if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
+        return ps_push_any(s);
+    }
+    case OP_FLOAT: {
+        size_t ln;
+        if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
+        if (ln >= 512) return PS_FAIL(TF_ERR_FORMAT, "FLOAT literal too long");
+        return ps_push_any(s);
+    }
+    case OP_SHORT_BINUNICODE:
+    case OP_SHORT_BINSTRING:
+    case OP_SHORT_BINBYTES:
+        NEED(1);
+        n = *s->p++;
+        goto counted;
+    case OP_BINUNICODE:
+    case OP_BINBYTES:
+        NEED(4);
+        n = tf_le32(s->p);
+        s->p += 4;
+        goto counted;
+    case OP_BINSTRING: {
+        NEED(4);
+        int32_t l4 = (int32_t)tf_le32(s->p);
+        s->p += 4;
+        if (l4 < 0) return PS_FAIL(TF_ERR_FORMAT, "BINSTRING with a negative length");
+        n = (uint64_t)l4;
+        goto counted;
+    }
+    case OP_BINUNICODE8:
+    case OP_BINBYTES8:
+    case OP_BYTEARRAY8:
+        NEED(8);
+        n = tf_le64(s->p);
+        s->p += 8;
+    counted:
+        NEED(n);
+        p = s->p;
+        s->p += n;
+        /* Python 2 strings count as str: they are with the default encoding */
+        if (s->op == OP_SHORT_BINUNICODE || s->op == OP_BINUNICODE || s->op == OP_BINUNICODE8 ||
+            s->op == OP_SHORT_BINSTRING || s->op == OP_BINSTRING)
+            return ps_push_str(s, p, n);
+        return ps_push_any(s);
+    case OP_UNICODE: {
+        size_t ln;
+        if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
+        if (has_byte(p, ln, '\\')) return ps_push_any(s); /* escapes: not resolved statically */
+        return ps_push_str(s, p, ln);
+    }
+    case OP_STRING: {
+        size_t ln;
+        if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
+        if (ln < 2 || (p[0] != '\'' && p[0] != '"') || p[ln - 1] != p[0])
+            return PS_FAIL(TF_ERR_FORMAT, "the STRING opcode argument must be quoted");
+        if (has_byte(p + 1, ln - 2, '\\')) return ps_push_any(s);
+        return ps_push_str(s, p + 1, ln - 2);
+    }
+    case OP_TUPLE1:
+    case OP_TUPLE2:
+    case OP_TUPLE3:
+        if ((st = ps_pop(s, (size_t)(s->op - OP_TUPLE1 + 1))) != TF_OK) return st;
+        return ps_push_any(s);
+    case OP_TUPLE:
+    case OP_LIST:
+    case OP_FROZENSET:
+        return ps_collapse_mark(s, 0);
+    case OP_DICT:
+        return ps_collapse_mark(s, 1);
+    case OP_APPEND:
+    case OP_SETITEM: {
+        size_t need = s->op == OP_SETITEM ? 3 : 2;
+        if (s->sp - ps_fence(s) < need)
+            return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (%s)", opcode_name(s->op));
+        s->sp -= need - 1;
+        return TF_OK;
+    }
+    case OP_APPENDS:
+    case OP_SETITEMS:
+    case OP_ADDITEMS: {
+        size_t start = 0;
+        if ((st = ps_pop_mark(s, &start)) != TF_OK) return st;
+        if (start < 1 || start - 1 < ps_fence(s))
+            return PS_FAIL(TF_ERR_FORMAT, "%s without a target", opcode_name(s->op));
+        if (s->op == OP_SETITEMS && (s->sp - start) % 2 != 0)
+            return PS_FAIL(TF_ERR_FORMAT, "SETITEMS with an odd number of items");
+        s->sp = start;
+        return TF_OK;
+    }
+    case OP_BINPUT:
+        NEED(1);
+        return ps_memo_put(s, *s->p++);
+    case OP_LONG_BINPUT:
+        NEED(4);
+        n = tf_le32(s->p);
+        s->p += 4;
+        return ps_memo_put(s, n);
+    case OP_MEMOIZE:
+        return ps_memo_put(s, (uint64_t)s->memo_len);
+    case OP_BINGET:
+        NEED(1);
+        return ps_memo_get(s, *s->p++);
+    case OP_LONG_BINGET:
+        NEED(4);
+        n = tf_le32(s->p);
+        s->p += 4;
+        return ps_memo_get(s, n);
+    case OP_GET:
+        if ((st = ps_text_index(s, &n)) != TF_OK) return st;
+        return ps_memo_get(s, n);
+    case OP_PUT:
+        if ((st = ps_text_index(s, &n)) != TF_OK) return st;
+        return ps_memo_put(s, n);
+    case OP_GLOBAL:
+    case OP_INST: {
+        const uint8_t *m, *nm;
+        size_t ml, nl;
+        if ((st = ps_line(s, &m, &ml)) != TF_OK || (st = ps_line(s, &nm, &nl)) != TF_OK) return st;
+        if (s->op == OP_INST) { /* MARK args... INST: class(*args) */
+            size_t start = 0;
+            if ((st = ps_pop_mark(s, &start)) != TF_OK) return st;
+            s->sp = start;
+            /* the VM pushes the class and the args tuple, then reduces them */
+            if ((st = ps_global(s, m, ml, nm, nl)) != TF_OK || (st = ps_push_any(s)) != TF_OK ||
+                (st = ps_push_any(s)) != TF_OK)
+                return st;
+            s->sp--;
+            return TF_OK;
+        }
+        if ((st = ps_global(s, m, ml, nm, nl)) != TF_OK) return st;
+        return ps_push_any(s);
+    }
+    case OP_STACK_GLOBAL: {
+        if (s->sp - ps_fence(s) < 2) {
+            /* the VM pops the name first, then the module: both must be there */
+            return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (STACK_GLOBAL)");
+        }
+        PsVal name = s->stack[s->sp - 1], module = s->stack[s->sp - 2];
+        s->sp -= 2;
+        if (module.is_str && name.is_str)
+            st = ps_global(s, s->start + module.off, (size_t)module.len, s->start + name.off, (size_t)name.len);
+        else
+            st = ps_global(s, NULL, 0, NULL, 0);
+        if (st != TF_OK) return st;
+        return ps_push_any(s);
+    }
+    case OP_OBJ: { /* MARK class args... OBJ */
+        size_t start = 0;
+        if ((st = ps_pop_mark(s, &start)) != TF_OK) return st;
+        if (s->sp - start < 1) return PS_FAIL(TF_ERR_FORMAT, "OBJ without a class");
+        /* the VM packs the args into a tuple pushed above the class, then reduces both */
+        s->sp = start + 1;
+        if ((st = ps_push_any(s)) != TF_OK) return st;
+        s->sp = start + 1;
+        s->stack[start].is_str = 0;
+        return TF_OK;
+    }
+    case OP_REDUCE:
+    case OP_NEWOBJ:
+        if ((st = ps_pop(s, 2)) != TF_OK) return st;
+        return ps_push_any(s);
+    case OP_NEWOBJ_EX:
+        if ((st = ps_pop(s, 3)) != TF_OK) return st;
+        return ps_push_any(s);
+    case OP_BUILD:
+        if (s->sp - ps_fence(s) < 2)
+            return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (BUILD)");
+        s->sp--;
+        s->stack[s->sp - 1].is_str = 0;
+        return TF_OK;
+    case OP_BINPERSID:
+        if ((st = ps_pop(s, 1)) != TF_OK) return st;
+        s->out->n_persids++;
+        return ps_push_any(s);
+    case OP_PERSID:
+        return PS_FAIL(TF_ERR_FORMAT, "text persistent ids (PERSID, protocol 0) cannot name a storage");
+    case OP_EXT1:
+    case OP_EXT2:
+    case OP_EXT4:
+        return PS_FAIL(TF_ERR_FORMAT, "%s refers to the copyreg extension registry", opcode_name(s->op));
+    case OP_NEXT_BUFFER:
+    case OP_READONLY_BUFFER:
+        return PS_FAIL(TF_ERR_FORMAT, "%s needs out-of-band buffers", opcode_name(s->op));
+    default:
+        return PS_FAIL(TF_ERR_FORMAT, "invalid pickle opcode %d", s->op);
+    }
+}
+
+TfStatus pickscan_run(const uint8_t *data, size_t len, const TfLimits *lim, PickScan *out, TfErr *err) {
+    static const TfLimits defaults = TF_LIMITS_DEFAULT;
+    Ps s;
+    TfStatus st = TF_OK;
+    int stop = 0;
+
+    memset(out, 0, sizeof *out);
+    out->protocol = -1;
+    memset(&s, 0, sizeof s);
+    s.lim = lim ? *lim : defaults;
+    s.out = out;
+    s.err = err;
+    s.start = s.p = data;
+    s.end = data + len;
+    if (data == NULL && len != 0) return tf_fail(err, TF_ERR_FORMAT, 0, "no pickle data");
+    if ((uint64_t)len > s.lim.pickle_bytes)
+        return tf_fail(err, TF_ERR_LIMIT, 0, "pickle of %zu bytes exceeds the limit of %llu bytes", len,
+                       (ull)s.lim.pickle_bytes);
+    while (!stop) {
+        if (s.p >= s.end) {
+            s.op_offset = (uint64_t)(s.p - s.start);
+            st = tf_fail(err, TF_ERR_FORMAT, s.op_offset, "pickle data was truncated (no STOP opcode)");
+            goto done;
+        }
+        s.op_offset = (uint64_t)(s.p - s.start);
+        s.op = *s.p++;
+        out->n_ops++;
+        if ((st = ps_step(&s, &stop)) != TF_OK) goto done;
+    }
+    if (s.p != s.end) {
+        st = tf_fail(err, TF_ERR_FORMAT, s.op_offset, "%zu bytes after the STOP opcode", (size_t)(s.end - s.p));
+        goto done;
+    }
+    if (s.sp - ps_fence(&s) < 1) st = tf_fail(err, TF_ERR_FORMAT, s.op_offset, "STOP with an empty stack");
+done:
+    free(s.stack);
+    free(s.marks);
+    free(s.memo);
+    if (st != TF_OK) pickscan_free(out);
+    return st;
+}
+
+void pickscan_free(PickScan *ps) {
+    if (ps == NULL) return;
+    free(ps->globals);
+    ps->globals = NULL;
+    ps->n_globals = ps->cap_globals = 0;
+}
