@@ -309,7 +309,8 @@ static PyObject *Archive_records(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     if (list == NULL) return NULL;
     for (size_t i = 0; i < z->n_entries; i++) {
         ZipEntry *e = &z->entries[i];
-        PyObject *t = Py_BuildValue("(s#iKKK)", e->name, (Py_ssize_t)e->name_len, (int)e->method,
+        PyObject *t = Py_BuildValue("(NiKKK)", PyUnicode_DecodeUTF8(e->name, (Py_ssize_t)e->name_len, "replace"),
+                                    (int)e->method,
                                     (unsigned long long)e->csize, (unsigned long long)e->usize,
                                     (unsigned long long)(e->header_offset - z->base));
         if (t == NULL) {

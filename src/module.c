@@ -22,6 +22,26 @@ PyObject *tf_helper(ModuleState *st, const char *name) {
     return h;
 }
 
+PyObject *tf_call_helper(Loader *L, const char *name, PyObject *args) {
+    PyObject *f = tf_helper(L->st, name);
+    PyObject *r = f && args ? PyObject_CallObject(f, args) : NULL;
+    if (r == NULL && args != NULL && f != NULL && !PyErr_ExceptionMatches(L->st->CheckpointError) &&
+        !PyErr_ExceptionMatches(PyExc_MemoryError) && !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+        /* our helpers only see data from the file: whatever goes wrong there is the file's fault */
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_NormalizeException(&t, &v, &tb);
+        PyObject *msg = v ? PyObject_Str(v) : NULL;
+        const char *m = msg ? PyUnicode_AsUTF8(msg) : NULL;
+        if (m == NULL) PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+        tf_raise_from(L, L->st->UnpicklingError, "invalid data for %s: %s: %s", name,
+                      t ? ((PyTypeObject *)t)->tp_name : "error", m ? m : "?");
+        Py_XDECREF(msg);
+    }
+    return r;
+}
+
 /* ---- errors ---------------------------------------------------------------- */
 
 static int raise_va(Loader *L, PyObject *exc, const char *fmt, va_list ap) {

@@ -125,6 +125,9 @@ int tf_raise_from(Loader *L, PyObject *exc, const char *fmt, ...);
 /* Raise from a TfErr of the Python-free layer; returns -1. */
 int tf_raise_err(Loader *L, const TfErr *err);
 PyObject *tf_helper(ModuleState *st, const char *name); /* borrowed, or NULL + exception */
+/* helpers[name](*args) (args: a tuple, borrowed; NULL passes the error on). New reference.
+ * A failure that is not ours becomes an UnpicklingError naming the helper. */
+PyObject *tf_call_helper(Loader *L, const char *name, PyObject *args);
 
 /* archive.c */
 extern PyType_Spec ArchiveSpec;
@@ -141,6 +144,8 @@ extern PyType_Spec StorageSpec;
 extern PyType_Spec GlobalRefSpec;
 /* Persistent id -> Storage (new reference). */
 PyObject *storage_persistent_load(Loader *L, PyObject *pid);
+/* Count nbytes against limits.total_bytes (LimitError past it). */
+int storage_charge(Loader *L, uint64_t nbytes);
 /* Give a Storage its bytes (read, inflate or map what it still lacks), byte swap
  * it, and show it to the map_location callable. Idempotent. */
 int storage_ready(Loader *L, StorageObject *s);

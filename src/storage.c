@@ -256,7 +256,7 @@ static PyObject *target_location(Loader *L, PyObject *saved) {
     return Py_NewRef(saved);
 }
 
-static int charge(Loader *L, uint64_t nbytes) {
+int storage_charge(Loader *L, uint64_t nbytes) {
     if (tf_add_u64(L->total_alloc, nbytes, &L->total_alloc) || L->total_alloc > L->lim.total_bytes)
         return tf_raise(L, L->st->LimitError, "storages need more than the limit of %llu bytes",
                         (unsigned long long)L->lim.total_bytes);
@@ -328,7 +328,7 @@ static int storage_fill(Loader *L, StorageObject *s, int defer) {
         s->readonly = !L->src_writable;
         return 0;
     }
-    if (charge(L, e->usize) < 0) return -1;
+    if (storage_charge(L, e->usize) < 0) return -1;
     npy_intp dims[1] = {(npy_intp)e->usize};
     PyObject *buf = PyArray_SimpleNew(1, dims, NPY_UINT8);
     if (buf == NULL) return -1;

@@ -38,8 +38,7 @@ static int get_dims(Loader *L, PyObject *seq, const char *what, int64_t *out, in
 }
 
 static PyObject *helper_call(Loader *L, const char *name, PyObject *args) {
-    PyObject *f = tf_helper(L->st, name);
-    return f ? PyObject_CallObject(f, args) : NULL;
+    return tf_call_helper(L, name, args);
 }
 
 /* The dtype value of a `torch <dtype>` GLOBAL back to its DtypeId. */
@@ -194,11 +193,12 @@ static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, 
     }
     char *data = s->data + offset * (int64_t)itemsize;
     PyObject *base = (PyObject *)s;
+    int64_t esize = (int64_t)itemsize; /* bytes per element of the memory viewed */
     if (dt == DT_COMPLEX32) {
         /* numpy has no complex32: the whole storage is upcast to complex64 once,
          * so every view of it still shares memory */
         if (s->upcast == NULL) {
-            if (storage_ready(L, s) < 0) return NULL;
+            if (storage_ready(L, s) < 0 || storage_charge(L, 2 * (uint64_t)s->nbytes) < 0) return NULL;
             PyObject *hargs = Py_BuildValue("(O)", (PyObject *)s);
             if (hargs == NULL) return NULL;
             s->upcast = helper_call(L, "complex32_storage", hargs);
@@ -207,27 +207,47 @@ static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, 
         }
         descr = PyArray_DESCR((PyArrayObject *)s->upcast);
         for (int i = 0; i < nd; i++) strides[i] *= 2;
+        esize = 8;
         data = (char *)PyArray_DATA((PyArrayObject *)s->upcast) + offset * 8;
         base = s->upcast;
     }
-    Py_INCREF(descr);
-    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, strides, data,
-                                         s->readonly ? 0 : NPY_ARRAY_WRITEABLE, NULL);
-    if (arr == NULL) return NULL;
-    if (PyArray_SetBaseObject((PyArrayObject *)arr, Py_NewRef(base)) < 0) {
-        Py_DECREF(arr);
-        return NULL;
-    }
+    PyObject *own = NULL;
     if (conj || neg) {
-        if (storage_ready(L, s) < 0) {
-            Py_DECREF(arr);
+        /* numpy has no lazy conj/neg bits: the span of storage the view covers is
+         * copied once, the bits applied to the copy, and the view made over it
+         * with torch's own strides (a broadcast view copies one element) */
+        int64_t extent = 1;
+        for (int i = 0; i < nd; i++) {
+            if (size[i] == 0) extent = 0;
+            if (extent && size[i] > 0) extent += (size[i] - 1) * stride[i]; /* checked when rebuilt */
+        }
+        npy_intp n = (npy_intp)extent;
+        if (storage_ready(L, s) < 0 || storage_charge(L, (uint64_t)extent * (uint64_t)esize) < 0) return NULL;
+        Py_INCREF(descr);
+        own = PyArray_NewFromDescr(&PyArray_Type, descr, 1, &n, NULL, NULL, 0, NULL);
+        if (own == NULL) return NULL;
+        memcpy(PyArray_DATA((PyArrayObject *)own), data, (size_t)(extent * esize));
+        PyObject *args = Py_BuildValue("(Oii)", own, conj, neg);
+        PyObject *r = args ? helper_call(L, "fix_values", args) : NULL;
+        Py_XDECREF(args);
+        if (r == NULL) {
+            Py_DECREF(own);
             return NULL;
         }
-        PyObject *args = Py_BuildValue("(Nii)", arr, conj, neg);
-        if (args == NULL) return NULL;
-        PyObject *r = helper_call(L, "fix_values", args);
-        Py_DECREF(args);
-        return r;
+        Py_DECREF(r);
+        data = PyArray_DATA((PyArrayObject *)own);
+        base = own;
+    }
+    Py_INCREF(descr);
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, dims, strides, data,
+                                         (s->readonly && own == NULL) ? 0 : NPY_ARRAY_WRITEABLE, NULL);
+    if (arr == NULL) {
+        Py_XDECREF(own);
+        return NULL;
+    }
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, own ? own : Py_NewRef(base)) < 0) {
+        Py_DECREF(arr);
+        return NULL;
     }
     return arr;
 }
@@ -501,9 +521,9 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
 }
 
 PyObject *tensor_build(Loader *L, PyObject *obj, PyObject *state) {
-    PyObject *f = tf_helper(L->st, "build");
-    if (f == NULL) return NULL;
-    PyObject *r = PyObject_CallFunctionObjArgs(f, obj, state, NULL);
+    PyObject *args = PyTuple_Pack(2, obj, state);
+    PyObject *r = tf_call_helper(L, "build", args);
+    Py_XDECREF(args);
     if (r == Py_NotImplemented) {
         Py_DECREF(r);
         return NULL;

@@ -345,9 +345,10 @@ static int do_global(Loader *L, const char *module, size_t mlen, const char *nam
                             "or safe_globals={'%s': ...} if you trust it",
                             canon, canon);
         }
-        PyObject *make = tf_helper(L->st, "opaque_global");
-        if (make == NULL) return -1;
-        return vm_push(L, PyObject_CallFunction(make, "s", canon));
+        PyObject *args = Py_BuildValue("(s)", canon);
+        PyObject *r = tf_call_helper(L, "opaque_global", args);
+        Py_XDECREF(args);
+        return vm_push(L, r);
     }
     PyObject *value = tensor_global_value(L, &hit, canon);
     if (value != NULL) return vm_push(L, value);
@@ -408,9 +409,10 @@ static PyObject *do_call(Loader *L, PyObject *callable, PyObject *args, PyObject
         return tensor_reduce(L, g, args);
     }
     if (is_opaque(L, callable)) {
-        PyObject *f = tf_helper(L->st, "opaque_call");
-        if (f == NULL) return NULL;
-        return PyObject_CallFunctionObjArgs(f, callable, args, kwargs ? kwargs : Py_None, NULL);
+        PyObject *a = PyTuple_Pack(3, callable, args, kwargs ? kwargs : Py_None);
+        PyObject *r = tf_call_helper(L, "opaque_call", a);
+        Py_XDECREF(a);
+        return r;
     }
     tf_raise(L, L->st->UnpicklingError, "REDUCE on a %s, which is not a global",
              Py_TYPE(callable)->tp_name);
@@ -507,8 +509,9 @@ static int op_build(Loader *L) {
         /* OrderedDict / Counter: state sets attributes such as _metadata */
         r = build_attrs(L, obj, state);
     } else if (is_opaque(L, obj)) {
-        PyObject *f = tf_helper(L->st, "opaque_build");
-        PyObject *res = f ? PyObject_CallFunctionObjArgs(f, obj, state, NULL) : NULL;
+        PyObject *a = PyTuple_Pack(2, obj, state);
+        PyObject *res = tf_call_helper(L, "opaque_build", a);
+        Py_XDECREF(a);
         r = res == NULL ? -1 : 0;
         Py_XDECREF(res);
     } else {
@@ -550,13 +553,13 @@ static int setitems_into(Loader *L, PyObject *target, Py_ssize_t start) {
         for (Py_ssize_t i = start; i < L->sp && r == 0; i += 2)
             r = PyDict_SetItem(target, L->stack[i], L->stack[i + 1]);
     } else if (is_opaque(L, target)) {
-        PyObject *f = tf_helper(L->st, "opaque_setitem");
-        for (Py_ssize_t i = start; f != NULL && i < L->sp && r == 0; i += 2) {
-            PyObject *res = PyObject_CallFunctionObjArgs(f, target, L->stack[i], L->stack[i + 1], NULL);
+        for (Py_ssize_t i = start; i < L->sp && r == 0; i += 2) {
+            PyObject *a = PyTuple_Pack(3, target, L->stack[i], L->stack[i + 1]);
+            PyObject *res = tf_call_helper(L, "opaque_setitem", a);
+            Py_XDECREF(a);
             r = res ? 0 : -1;
             Py_XDECREF(res);
         }
-        if (f == NULL) r = -1;
     } else {
         return tf_raise(L, L->st->UnpicklingError, "SETITEM on a %s (only dicts accept items)",
                         Py_TYPE(target)->tp_name);
@@ -577,10 +580,10 @@ static int appends_into(Loader *L, PyObject *target, Py_ssize_t start) {
         for (Py_ssize_t i = start; i < L->sp; i++)
             if (PyList_Append(target, L->stack[i]) < 0) return -1;
     } else if (is_opaque(L, target)) {
-        PyObject *f = tf_helper(L->st, "opaque_append");
-        if (f == NULL) return -1;
         for (Py_ssize_t i = start; i < L->sp; i++) {
-            PyObject *res = PyObject_CallFunctionObjArgs(f, target, L->stack[i], NULL);
+            PyObject *a = PyTuple_Pack(2, target, L->stack[i]);
+            PyObject *res = tf_call_helper(L, "opaque_append", a);
+            Py_XDECREF(a);
             if (res == NULL) return -1;
             Py_DECREF(res);
         }

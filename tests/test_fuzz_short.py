@@ -7,8 +7,9 @@ Three runs go at once for TORCHFREE_FUZZ_SECONDS (default 20) seconds:
   the same targets linked with the gcc driver (tests/fuzz/driver.c: seed replay plus random
   mutations under ASan + UBSan) run instead -- never a silent skip;
 * tests/fuzz/atheris_load.py over torchfree.load / scan / open / pickle_globals (atheris when
-  installed, else its own mutation loop), in the interpreter and build under test (so the
-  ASan + UBSan pass of .ci/run fuzzes the sanitized extension).
+  installed, else its own mutation loop), in the interpreter and build under test: the
+  ASan + UBSan pass of .ci/run fuzzes the sanitized extension (with the mutation loop, as the
+  preloaded sanitizer runtime takes atheris' coverage callbacks).
 
 All seeded with tests/data, tests/hostile and the shared corpus (tests/fuzz/make_seeds.py).
 """

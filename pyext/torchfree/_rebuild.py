@@ -9,6 +9,7 @@ complex32 and conj/neg tensors.
 from __future__ import annotations
 
 import argparse
+import re
 
 import numpy as np
 
@@ -62,13 +63,12 @@ def complex32_storage(storage) -> np.ndarray:
     return out
 
 
-def fix_values(arr: np.ndarray, conj: int, neg: int) -> np.ndarray:
-    """The lazy conj/neg bits of torch 2.x, applied to the values."""
+def fix_values(arr: np.ndarray, conj: int, neg: int) -> None:
+    """The lazy conj/neg bits of torch 2.x, applied in place to a private copy."""
     if conj:
-        arr = np.conjugate(arr)
+        np.conjugate(arr, out=arr)
     if neg:
-        arr = np.negative(arr)
-    return arr
+        np.negative(arr, out=arr)
 
 
 # ---- numpy objects, rebuilt inertly ------------------------------------------
@@ -90,16 +90,22 @@ def np_reconstruct(cls, shape, typecode):
     return _NdarrayStub()
 
 
+# what numpy pickles as a dtype's type string: a type code and a size ('f4', 'i8', 'b1', 'U12', 'V16')
+_DTYPE_STR = re.compile(r"[a-zA-Z]{1,2}[0-9]{0,12}\Z")
+
+
 def np_dtype(*args):
-    if not args or not isinstance(args[0], str):
-        raise _unpickling(f"numpy.dtype{args!r}: expected a type string")
+    if not args or not isinstance(args[0], str) or not _DTYPE_STR.match(args[0]):
+        raise _unpickling(f"numpy.dtype{args[:1]!r}: expected a type string such as 'f4'")
     base = args[0]
-    if base in ("O", "O8") or base.startswith("O"):
+    if base.startswith("O"):
         raise _unpickling("numpy object arrays are refused (they would need pickled Python objects)")
     try:
-        np.dtype(base)
-    except TypeError as e:
+        dt = np.dtype(base)
+    except Exception as e:  # noqa: BLE001 - any failure means the file is wrong
         raise _unpickling(f"numpy.dtype({base!r}) is not a dtype") from e
+    if dt.itemsize == 0 or dt.hasobject:
+        raise _unpickling(f"numpy.dtype({base!r}) has no fixed size")
     return _DtypeStub(base, args[1] if len(args) > 1 else False)
 
 

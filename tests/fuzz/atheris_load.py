@@ -3,9 +3,9 @@
     python tests/fuzz/atheris_load.py [libFuzzer flags, e.g. -max_total_time=20] [SEED_DIR ...]
 
 With atheris (pip install atheris): libFuzzer mutates whole files, guided by the coverage of
-torchfree's Python layer. Without it (or with --loop): the same checks on random mutations
-of the seeds (bit flips, interesting integers, inserts, deletes, splices), for
--max_total_time seconds. Seeds default to tests/data, tests/hostile and a few hand-built
+torchfree's Python layer. Without it, with --loop, or under a preloaded AddressSanitizer (whose
+runtime takes atheris' coverage callbacks): the same checks on random mutations of the seeds
+(bit flips, interesting integers, inserts, deletes, splices), for -max_total_time seconds. Seeds default to tests/data, tests/hostile and a few hand-built
 archives. Each input is checked for:
 
 * only CheckpointError (or the documented TypeError) ever escapes load/scan/open/pickle_globals;
@@ -37,6 +37,11 @@ try:
     import atheris  # type: ignore
 except ImportError:  # pragma: no cover - depends on the machine
     atheris = None
+# Under a preloaded gcc AddressSanitizer (the ASan pass of .ci/run) the sanitizer runtime owns
+# the coverage callbacks, atheris gets no coverage and only mutates an empty input: use the
+# seed-driven mutation loop there instead.
+if atheris is not None and "asan" in os.environ.get("LD_PRELOAD", "") and "--loop" not in sys.argv:
+    sys.argv.append("--loop")
 
 if atheris is not None and "--loop" not in sys.argv:
     with atheris.instrument_imports():
