@@ -9,9 +9,9 @@ default) or file objects.
 from __future__ import annotations
 
 import os
-import secrets
 
 from . import _core
+from ._files import atomic_write
 
 __all__ = ["save"]
 
@@ -104,50 +104,5 @@ def _archive_name(path: str) -> str:
 
 
 def _save_atomic(obj, path: str, name: str, legacy: bool) -> None:
-    target = os.path.realpath(path) if os.path.islink(path) else path
-    directory = os.path.dirname(os.path.abspath(target))
-    try:
-        mode = os.stat(target).st_mode & 0o7777
-    except FileNotFoundError:
-        mode = None
-    base = os.path.basename(target)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o666)  # permissions as a plain open() would give (umask)
-            break
-        except FileExistsError:
-            continue
-    else:  # pragma: no cover - 100 collisions of 48 random bits
-        raise FileExistsError(f"cannot create a temporary file next to {target!r}")
-    try:
-        try:
-            if mode is not None:
-                os.fchmod(fd, mode)  # replacing a file keeps its permissions
-            _core.save(obj, fd, name, legacy, sync=True)  # writeback starts while writing
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the rename durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        dfd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    # sync=True: writeback starts while writing, so the fsync that follows is short
+    atomic_write(path, lambda fd: _core.save(obj, fd, name, legacy, sync=True))

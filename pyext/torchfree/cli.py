@@ -648,47 +648,10 @@ def _read_input(path, fmt, unsafe):
 
 
 def _atomic_write(path, write):
-    """Call ``write(fh)`` on a temporary file next to ``path``, fsync it, rename it over ``path``
-    (keeping the permissions of the file it replaces) and fsync the folder."""
-    import tempfile
+    """Call ``write(fh)`` on a temporary file next to ``path``, then rename it over ``path``."""
+    from ._files import atomic_write, write_through_file
 
-    path = os.fspath(path)
-    target = os.path.realpath(path) if os.path.islink(path) else path
-    d = os.path.dirname(os.path.abspath(target))
-    try:
-        mode = os.stat(target).st_mode & 0o7777
-    except FileNotFoundError:
-        mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:
-        dfd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
+    atomic_write(path, write_through_file(write))
 
 
 def cmd_convert(args) -> int:
