@@ -602,15 +602,18 @@ static int make_run(Saver *S, PyObject *owner, const size_t *idx, size_t n, int 
     if (!whole) {
         lo = items[idx[0]].lo; /* the lowest: strides are >= 0, so lo is each item's first byte */
         hi = lo;
-        for (size_t i = 0; i < n; i++) {
+        for (size_t i = 0; i < n; i++) { /* empty views (no bytes) do not widen the record */
             SaveItem *m = &items[idx[i]];
-            if ((uint64_t)(m->lo - lo) % item == 0 && m->hi > hi) hi = m->hi;
+            if ((uint64_t)(m->lo - lo) % item == 0 && m->hi > m->lo && m->hi > hi) hi = m->hi;
         }
     }
     int rec = -1;
     for (size_t i = 0; i < n; i++) {
         SaveItem *m = &items[idx[i]];
-        if ((uint64_t)(m->lo - lo) % item != 0 || m->hi > hi) {
+        /* an empty view keeps its offset even past the record's end, as torch writes
+         * torch.zeros(4, 0, 4)[1:] (offset 4 into a 0-byte storage) */
+        int empty = m->hi == m->lo;
+        if ((uint64_t)(m->lo - lo) % item != 0 || (!empty && m->hi > hi)) {
             if (m->arr == NULL) return PyErr_Format(PyExc_ValueError, "a torchfree.Storage does not fit its record"), -1;
             if (lone_record(S, m) < 0) return -1;
             continue;

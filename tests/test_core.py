@@ -244,11 +244,19 @@ def test_trailing_bytes_and_missing_stop():
     ("past the end", tensor_v2("0", 12, 1, (3, 4), (4, 1)), {"0": F32.tobytes()}, "past the end"),
     ("stride overflow", tensor_v2("0", 12, 0, (2, 2), (2**62, 1)), {"0": F32.tobytes()}, "overflows|past the end"),
     ("negative stride", tensor_v2("0", 12, 0, (3,), (-1,)), {"0": F32.tobytes()}, "out of range"),
-    ("offset outside", tensor_v2("0", 12, 13, (0,), (1,)), {"0": F32.tobytes()}, "outside"),
 ])
 def test_bad_tensors(desc, body, records, match):
     with pytest.raises(torchfree.CheckpointError, match=match):
         torchfree.load(ckpt_of(P(b"}", unicode("layer.w"), body, b"s"), records))
+
+
+def test_empty_tensor_offset_past_its_storage():
+    """torch.zeros(4, 0, 4)[1:] has offset 4 in a 0-byte storage: torch loads it, and so do we."""
+    body = P(b"}", unicode("e"), tensor_v2("0", 0, 4, (3, 0, 4), (4, 4, 1)), unicode("f"),
+             tensor_v2("1", 12, 10**6, (0,), (1,)), b"s")  # noqa: E501
+    got = torchfree.load(ckpt_of(P(b"}", b"(", body[1:-1], b"u"), {"0": b"", "1": F32.tobytes()}))
+    assert got["e"].shape == (3, 0, 4) and got["f"].shape == (0,)
+    assert torchfree.scan(ckpt_of(P(b"}", b"(", body[1:-1], b"u"), {"0": b"", "1": F32.tobytes()}))["e"].storage_offset == 4
 
 
 def test_conflicting_storage_sizes():

@@ -284,6 +284,8 @@ def test_strided_views_and_offsets(torch, tmp_path):
         "flat_tail": x.view(-1)[17:], "scalar": torch.tensor(2.5), "zero_size": torch.ones(3, 0, 2),
         "scalar_int": torch.tensor(-7, dtype=torch.int64), "empty1d": torch.tensor([]),
         "bigger": torch.arange(1000, dtype=torch.float64)[500:],
+        # an empty view with its offset past its (0-byte) storage: torch writes and reads it
+        "empty_offset": torch.zeros(4, 0, 4)[1:], "empty_base": torch.zeros(4, 0, 4)[1:].contiguous(),
     }
     _, got, _ = save_and_compare(torch, tmp_path, obj)
     assert got["scalar"].shape == () and got["scalar"].item() == 2.5
