@@ -315,6 +315,23 @@ static int storage_locate(Loader *L, StorageObject *s, ZipEntry *e, const char *
     return 0;
 }
 
+/* Copy or inflate s's record into its buffer now: without the GIL, except for a
+ * Python file object, which is read through its own methods. */
+static int read_record(Loader *L, StorageObject *s) {
+    TfErr err = {0};
+    TfStatus rc;
+    if (L->mode == SRC_PYFILE) {
+        rc = zipread_extract(&L->zip, s->rec.entry, (uint8_t *)s->data, &err);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = zipread_extract(&L->zip, s->rec.entry, (uint8_t *)s->data, &err);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc != TF_OK) return tf_raise_err(L, &err);
+    s->pending = 0;
+    return 0;
+}
+
 /* Give s its bytes: a slice of the mapping, or a fresh buffer filled now
  * (inflated, copied) or, when `defer`, by pread in storage_finish. */
 static int storage_fill(Loader *L, StorageObject *s, int defer) {
@@ -338,16 +355,7 @@ static int storage_fill(Loader *L, StorageObject *s, int defer) {
     s->pending = 1;
     if (defer && L->mode == SRC_FD && e->method == 0) /* read in storage_finish, with the others */
         return PyList_Append(L->pending, (PyObject *)s);
-    TfStatus rc;
-    if (L->mode == SRC_PYFILE) {
-        rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
-        Py_END_ALLOW_THREADS
-    }
-    if (rc != TF_OK) return tf_raise_err(L, &err);
-    s->pending = 0;
+    if (read_record(L, s) < 0) return -1;
     return 0;
 }
 
@@ -519,20 +527,7 @@ int storage_ready(Loader *L, StorageObject *s) {
         return -1;
     }
     if (s->unread && storage_fill(L, s, 0) < 0) return -1;
-    if (s->pending) {
-        TfErr err = {0};
-        TfStatus rc;
-        ZipEntry *e = s->rec.entry;
-        if (L->mode == SRC_PYFILE) {
-            rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
-        } else {
-            Py_BEGIN_ALLOW_THREADS
-            rc = zipread_extract(&L->zip, e, (uint8_t *)s->data, &err);
-            Py_END_ALLOW_THREADS
-        }
-        if (rc != TF_OK) return tf_raise_err(L, &err);
-        s->pending = 0;
-    }
+    if (s->pending && read_record(L, s) < 0) return -1;
     if (s->swap_unit && !s->swapped && s->data != NULL) {
         dtypes_byteswap((uint8_t *)s->data, (uint64_t)s->nbytes, (unsigned)s->swap_unit);
         s->swapped = 1;

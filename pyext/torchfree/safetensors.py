@@ -411,21 +411,8 @@ def safe_open(filename, *, mmap=True):
     return SafetensorsFile(filename, mmap=mmap)
 
 
-class SafetensorsFile:
-    """One safetensors file opened by :func:`safe_open`."""
-
-    def __init__(self, filename, *, mmap=True):
-        self.path = os.fspath(filename)
-        self._fh = open(self.path, "rb")
-        try:
-            entries, meta, start, size = _read_header(self._fh, self.path)
-        except BaseException:
-            self._fh.close()
-            raise
-        self._entries = collections.OrderedDict((e.name, e) for e in entries)
-        self._meta = meta
-        self._start = start
-        self._mmap = bool(mmap)
+class _Entries:
+    """The name-indexed side of an opened file: ``self._entries`` maps names to header entries."""
 
     @property
     def entries(self):
@@ -442,6 +429,23 @@ class SafetensorsFile:
 
     def __contains__(self, name) -> bool:
         return name in self._entries
+
+
+class SafetensorsFile(_Entries):
+    """One safetensors file opened by :func:`safe_open`."""
+
+    def __init__(self, filename, *, mmap=True):
+        self.path = os.fspath(filename)
+        self._fh = open(self.path, "rb")
+        try:
+            entries, meta, start, size = _read_header(self._fh, self.path)
+        except BaseException:
+            self._fh.close()
+            raise
+        self._entries = collections.OrderedDict((e.name, e) for e in entries)
+        self._meta = meta
+        self._start = start
+        self._mmap = bool(mmap)
 
     def metadata(self):
         return self._meta
@@ -496,7 +500,7 @@ class SafetensorsFile:
         self.close()
 
 
-class _ShardedFile:
+class _ShardedFile(_Entries):
     """The shards of a ``*.safetensors.index.json`` as one file: headers read up front, tensors on
     demand. Tensors are listed shard by shard, in each shard's header order."""
 
@@ -521,22 +525,6 @@ class _ShardedFile:
                     raise FormatError(f"{self.path}: tensor {e.name!r} is in more than one shard")
                 self._entries[e.name] = e
                 self._where[e.name] = shard
-
-    @property
-    def entries(self):
-        return self._entries
-
-    def keys(self):
-        return list(self._entries)
-
-    def __iter__(self):
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, name) -> bool:
-        return name in self._entries
 
     def metadata(self):
         """The first shard's ``__metadata__``."""
