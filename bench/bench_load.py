@@ -56,6 +56,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from _llm import llm_config, llm_layout  # bench/ is on sys.path when a bench script runs
+
 try:
     import ml_dtypes  # bfloat16 for the numpy baselines / comparisons
 
@@ -179,23 +181,7 @@ def make_opt_state(torch, n_tensors: int, total_bytes: int):
     return {"state": state, "param_groups": param_groups}
 
 
-def llm_config(total_bytes: int):
-    """LLaMA-like dims whose state_dict is about total_bytes."""
-    if total_bytes >= 1_000_000_000:
-        h, inter, vocab = 2048, 5632, 32000
-    elif total_bytes >= 100_000_000:
-        h, inter, vocab = 1024, 2816, 16000
-    else:
-        h, inter, vocab = 256, 704, 4000
-    kv = h // 4
-    per_layer = 2 * (h * h + 2 * kv * h + h * h + 3 * inter * h)  # 16-bit weights
-    fixed = 2 * 2 * vocab * h  # embed + lm_head, 16-bit
-    layers = max(1, int(round((total_bytes - fixed) / per_layer)))
-    return h, inter, vocab, kv, layers
-
-
 def make_llm_state(torch, total_bytes: int):
-    h, inter, vocab, kv, layers = llm_config(total_bytes)
     g = torch.Generator().manual_seed(1)
 
     def w(shape, dtype):
@@ -203,25 +189,10 @@ def make_llm_state(torch, total_bytes: int):
         t.normal_(0.0, 0.02, generator=g)
         return t
 
+    dtypes = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
     sd = OrderedDict()
-    sd["model.embed_tokens.weight"] = w((vocab, h), torch.bfloat16)
-    for i in range(layers):
-        dt = (torch.bfloat16, torch.float16, torch.bfloat16)[i % 3]
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = w((h, h), dt)
-        sd[p + "self_attn.q_proj.bias"] = w((h,), torch.float32)
-        sd[p + "self_attn.k_proj.weight"] = w((kv, h), dt)
-        sd[p + "self_attn.k_proj.bias"] = w((kv,), torch.float32)
-        sd[p + "self_attn.v_proj.weight"] = w((kv, h), dt)
-        sd[p + "self_attn.v_proj.bias"] = w((kv,), torch.float32)
-        sd[p + "self_attn.o_proj.weight"] = w((h, h), dt)
-        sd[p + "mlp.gate_proj.weight"] = w((inter, h), dt)
-        sd[p + "mlp.up_proj.weight"] = w((inter, h), dt)
-        sd[p + "mlp.down_proj.weight"] = w((h, inter), dt)
-        sd[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.float32)
-        sd[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.float32)
-    sd["model.norm.weight"] = torch.ones(h, dtype=torch.float32)
-    sd["lm_head.weight"] = w((vocab, h), torch.float16)
+    for name, shape, kind in llm_layout(total_bytes):
+        sd[name] = torch.ones(shape, dtype=torch.float32) if kind == "ones" else w(shape, dtypes[kind])
     return sd
 
 

@@ -43,6 +43,8 @@ import warnings
 
 import numpy as np
 
+from _llm import llm_config, llm_layout  # bench/ is on sys.path when a bench script runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "pyext"))
 
@@ -57,16 +59,7 @@ except ImportError:  # pragma: no cover
 
 
 def llm_state(total_bytes: int, seed=1):
-    if total_bytes >= 1_000_000_000:
-        h, inter, vocab = 2048, 5632, 32000
-    elif total_bytes >= 100_000_000:
-        h, inter, vocab = 1024, 2816, 16000
-    else:
-        h, inter, vocab = 256, 704, 4000
-    kv = h // 4
-    per_layer = 2 * (h * h + 2 * kv * h + h * h + 3 * inter * h)
-    fixed = 2 * 2 * vocab * h
-    layers = max(1, int(round((total_bytes - fixed) / per_layer)))
+    h, inter, vocab, kv, layers = llm_config(total_bytes)
     rng = np.random.default_rng(seed)
     bf16, f16 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)
 
@@ -75,25 +68,10 @@ def llm_state(total_bytes: int, seed=1):
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return rng.integers(0, 256, n, dtype=np.uint8).view(dtype).reshape(shape)
 
+    dtypes = {"bf16": bf16, "f16": f16, "f32": np.dtype(np.float32)}
     sd = collections.OrderedDict()
-    sd["model.embed_tokens.weight"] = w((vocab, h), bf16)
-    for i in range(layers):
-        dt = (bf16, f16, bf16)[i % 3]
-        p = f"model.layers.{i}."
-        sd[p + "self_attn.q_proj.weight"] = w((h, h), dt)
-        sd[p + "self_attn.q_proj.bias"] = w((h,), np.float32)
-        sd[p + "self_attn.k_proj.weight"] = w((kv, h), dt)
-        sd[p + "self_attn.k_proj.bias"] = w((kv,), np.float32)
-        sd[p + "self_attn.v_proj.weight"] = w((kv, h), dt)
-        sd[p + "self_attn.v_proj.bias"] = w((kv,), np.float32)
-        sd[p + "self_attn.o_proj.weight"] = w((h, h), dt)
-        sd[p + "mlp.gate_proj.weight"] = w((inter, h), dt)
-        sd[p + "mlp.up_proj.weight"] = w((inter, h), dt)
-        sd[p + "mlp.down_proj.weight"] = w((h, inter), dt)
-        sd[p + "input_layernorm.weight"] = np.ones(h, dtype=np.float32)
-        sd[p + "post_attention_layernorm.weight"] = np.ones(h, dtype=np.float32)
-    sd["model.norm.weight"] = np.ones(h, dtype=np.float32)
-    sd["lm_head.weight"] = w((vocab, h), f16)
+    for name, shape, kind in llm_layout(total_bytes):
+        sd[name] = np.ones(shape, dtype=np.float32) if kind == "ones" else w(shape, dtypes[kind])
     return sd, dict(hidden=h, inter=inter, vocab=vocab, layers=layers)
 
 
