@@ -79,12 +79,13 @@ static int parse_limits(Loader *L, PyObject *limits) {
 }
 
 /* Release everything the Loader holds (safe on a zeroed or half-opened one). */
-static void loader_close(Loader *L) {
+void loader_close(Loader *L) {
     vm_free(L);
     zipread_close(&L->zip);
     Py_CLEAR(L->storages);
     Py_CLEAR(L->storage_list);
     Py_CLEAR(L->pending);
+    Py_CLEAR(L->fixups);
     Py_CLEAR(L->src_owner);
     Py_CLEAR(L->map_location);
     Py_CLEAR(L->safe_globals);
@@ -98,9 +99,9 @@ static char *open_kwlist[] = {"src", "size", "mode", "require_map", "map_kind", 
                               "weights_only", "safe_globals", "encoding", "limits", NULL};
 #define OPEN_FORMAT "OK$ipiOpOOO"
 
-/* Open the zip and read its version and byteorder records. The Loader keeps
- * its own references to the options. */
-static int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname) {
+/* Parse the options and, for a zip, open it and read its version and byteorder
+ * records. The Loader keeps its own references to the options. */
+int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname, int fmt) {
     PyObject *src, *map_location, *safe_globals, *encoding, *limits;
     unsigned long long size;
     int mode, require_map, map_kind, weights_only;
@@ -132,7 +133,13 @@ static int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwa
     L->storages = PyDict_New();
     L->storage_list = PyList_New(0);
     L->pending = PyList_New(0);
-    if (L->storages == NULL || L->storage_list == NULL || L->pending == NULL) return -1;
+    L->fixups = PyList_New(0);
+    L->format = fmt;
+    if (L->storages == NULL || L->storage_list == NULL || L->pending == NULL || L->fixups == NULL) return -1;
+    if (fmt != FMT_ZIP && mode != SRC_MAP && mode != SRC_COPY) {
+        PyErr_SetString(PyExc_ValueError, "legacy and tar checkpoints are read from a buffer");
+        return -1;
+    }
     TfErr err = {0};
     TfStatus rc;
     if (mode == SRC_PYFILE) {
@@ -158,6 +165,7 @@ static int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwa
         L->src = view->buf;
         L->size = (uint64_t)view->len;
         L->src_writable = !view->readonly;
+        if (fmt != FMT_ZIP) return 0;
         rc = zipread_open(&L->zip, mem_read_at, L, L->size, &L->lim, &err);
     }
     if (rc != TF_OK) return tf_raise_err(L, &err);
@@ -256,7 +264,7 @@ static PyObject *loader_unpickle(Loader *L) {
 PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
     Loader L;
     PyObject *obj = NULL;
-    if (loader_open(&L, PyModule_GetState(module), args, kwargs, "load_zip") == 0) {
+    if (loader_open(&L, PyModule_GetState(module), args, kwargs, "load_zip", FMT_ZIP) == 0) {
         obj = loader_unpickle(&L);
         if (obj != NULL && storage_finish(&L) < 0) Py_CLEAR(obj);
     }
@@ -286,7 +294,7 @@ static PyObject *Archive_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     if (st == NULL) return NULL;
     ArchiveObject *a = (ArchiveObject *)type->tp_alloc(type, 0);
     if (a == NULL) return NULL;
-    if (loader_open(&a->L, st, args, kwargs, "Archive") < 0) {
+    if (loader_open(&a->L, st, args, kwargs, "Archive", FMT_ZIP) < 0) {
         loader_close(&a->L);
         Py_DECREF(a);
         return NULL;

@@ -156,6 +156,10 @@ static PyMethodDef core_methods[] = {
     {"load_zip", (PyCFunction)(void (*)(void))mod_load_zip, METH_VARARGS | METH_KEYWORDS,
      "load_zip($module, /, src, size, *, mode, require_map, map_kind, map_location, weights_only,"
      " safe_globals, encoding, limits)\n--\n\nLoad a zip checkpoint (internal: use torchfree.load)."},
+    {"load_legacy", (PyCFunction)(void (*)(void))mod_load_legacy, METH_VARARGS | METH_KEYWORDS,
+     "load_legacy($module, /, src, size, *, mode, require_map, map_kind, map_location, weights_only,"
+     " safe_globals, encoding, limits)\n--\n\nLoad a legacy-stream or tar checkpoint held in a buffer"
+     " (internal: use torchfree.load)."},
     {"_set_helpers", mod_set_helpers, METH_VARARGS, set_helpers_doc},
     {"save", (PyCFunction)(void (*)(void))mod_save, METH_VARARGS | METH_KEYWORDS, mod_save_doc},
     {"pickle_globals", (PyCFunction)(void (*)(void))mod_pickle_globals, METH_VARARGS | METH_KEYWORDS, PICKLE_GLOBALS_DOC},

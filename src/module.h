@@ -72,6 +72,9 @@ typedef struct {
 } StorageObject;
 
 enum { SRC_MAP = 0, SRC_COPY = 1, SRC_FD = 2, SRC_PYFILE = 3 };
+/* container formats: zip (torch >= 1.6 and TorchScript), the legacy magic-number
+ * stream (0.1.10-1.5), the tar format (<= 0.1.9) */
+enum { FMT_ZIP = 0, FMT_LEGACY = 1, FMT_TAR = 2 };
 enum { ML_NONE = 0, ML_STR = 1, ML_DICT = 2, ML_CALL = 3 };
 
 typedef struct Loader {
@@ -86,6 +89,7 @@ typedef struct Loader {
     PyObject *pyfile;      /* SRC_PYFILE: a seekable binary file object (owned) */
     uint64_t pyfile_start; /* its position where the input starts */
     uint64_t size;
+    int format;            /* FMT_* */
     ZipReader zip;
     int file_big;          /* the byteorder record says big */
     int big_endian;        /* the file's byte order differs from ours */
@@ -105,6 +109,9 @@ typedef struct Loader {
     PyObject *pending;      /* list of StorageObject with deferred reads */
     uint64_t total_alloc;
     const char *record;     /* name of the pickle record, for messages */
+    /* legacy stream and tar: storage bytes come after (or apart from) the pickle */
+    int legacy_be;          /* sys_info says a big-endian host wrote it (some dtypes stay big-endian) */
+    PyObject *fixups;       /* list: copies made from storages before their bytes were read */
     /* pickle VM */
     const uint8_t *pk, *pk_end, *pk_start;
     PyObject **stack;
@@ -132,9 +139,22 @@ PyObject *tf_call_helper(Loader *L, const char *name, PyObject *args);
 /* archive.c */
 extern PyType_Spec ArchiveSpec;
 PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs);
+/* Parse the options of load_zip/load_legacy/Archive into L; open the zip when fmt is FMT_ZIP
+ * (the other formats need a buffer source). */
+int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname, int fmt);
+void loader_close(Loader *L);
+
+/* legacy.c */
+PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs);
+/* Persistent ids of the legacy stream (6-tuples) and the tar format (keys). New reference. */
+PyObject *legacy_persistent_load(Loader *L, PyObject *pid);
 
 /* unpickler.c */
 PyObject *vm_run(Loader *L, const uint8_t *data, size_t len); /* new reference */
+/* Run the pickle that starts at data and ends at its STOP (bytes after it are
+ * the caller's: the legacy stream concatenates pickles and blobs); *used gets
+ * its length. New reference. */
+PyObject *vm_run_at(Loader *L, const uint8_t *data, size_t len, size_t *used);
 void vm_free(Loader *L);
 /* Dotted key path of the object being built, e.g. "model.fc1.weight" (new reference). */
 PyObject *vm_key_path(Loader *L);
@@ -144,6 +164,16 @@ extern PyType_Spec StorageSpec;
 extern PyType_Spec GlobalRefSpec;
 /* Persistent id -> Storage (new reference). */
 PyObject *storage_persistent_load(Loader *L, PyObject *pid);
+/* A fresh Storage made by L (no data yet). New reference. */
+StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype);
+/* The location tag map_location gives a storage saved at `saved` (new reference). */
+PyObject *storage_target(Loader *L, PyObject *saved);
+/* The dtype of a persistent id's storage type (a torch storage class), or -1 with an exception. */
+int storage_type_dtype(Loader *L, PyObject *type);
+/* key as a str: str, ASCII bytes or int (new reference; NULL without an exception otherwise). */
+PyObject *storage_key_str(PyObject *key);
+/* old's bytes seen as another dtype (same data, another Storage). New reference. */
+PyObject *storage_retyped(Loader *L, StorageObject *old, uint64_t nbytes, int dtype);
 /* Count nbytes against limits.total_bytes (LimitError past it). */
 int storage_charge(Loader *L, uint64_t nbytes);
 /* Give a Storage its bytes (read, inflate or map what it still lacks), byte swap
@@ -167,5 +197,8 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args);
 PyObject *tensor_build(Loader *L, PyObject *obj, PyObject *state);
 /* Value pushed for a GLOBAL that is itself data (dtype, qscheme): new ref or NULL if not a value. */
 PyObject *tensor_global_value(Loader *L, const GlobalHit *hit, const char *canon);
+/* A dense tensor over storage: torch's (offset, size, stride) in elements of dt (-1: the
+ * storage's dtype), checked against the storage. New reference. */
+PyObject *tensor_strided(Loader *L, PyObject *storage, PyObject *offset, PyObject *size, PyObject *stride, int dt);
 
 #endif

@@ -152,7 +152,7 @@ PyType_Spec StorageSpec = {
     .slots = Storage_slots,
 };
 
-static StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype) {
+StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype) {
     StorageObject *s = PyObject_New(StorageObject, L->st->StorageType);
     if (s == NULL) return NULL;
     s->key = Py_NewRef(key);
@@ -245,8 +245,43 @@ static PyObject *as_str(PyObject *o) {
     return NULL;
 }
 
+PyObject *storage_key_str(PyObject *key) {
+    if (PyLong_CheckExact(key)) return PyObject_Str(key);
+    PyObject *r = as_str(key);
+    if (r == NULL) PyErr_Clear();
+    return r;
+}
+
+int storage_type_dtype(Loader *L, PyObject *type) {
+    ModuleState *st = L->st;
+    if (Py_TYPE(type) == st->GlobalRefType) {
+        GlobalRef *g = (GlobalRef *)type;
+        if (g->id == G_STORAGE) return g->arg;
+        if (g->id == G_UNTYPED_STORAGE || g->id == G_TYPED_STORAGE) return DT_UINT8;
+    }
+    return tf_raise(L, st->UnpicklingError, "persistent id names a storage type that is not a torch storage class");
+}
+
+PyObject *storage_retyped(Loader *L, StorageObject *old, uint64_t nbytes, int dtype) {
+    if ((uint64_t)old->nbytes != nbytes && !old->meta)
+        return tf_raise(L, L->st->FormatError, "storage %U is referenced with conflicting sizes (%zd and %llu bytes)",
+                        old->key, old->nbytes, (unsigned long long)nbytes),
+               NULL;
+    if (old->dtype == dtype) return Py_NewRef(old);
+    /* the same bytes under another dtype (legitimate for empty storages) */
+    if (storage_ready(L, old) < 0) return NULL;
+    StorageObject *s = storage_new(L, old->key, old->location, (Py_ssize_t)nbytes, dtype);
+    if (s == NULL) return NULL;
+    s->data = old->data;
+    s->owner = Py_NewRef(old);
+    s->readonly = old->readonly;
+    s->meta = old->meta;
+    s->swapped = old->swapped || old->swap_unit;
+    return (PyObject *)s;
+}
+
 /* The tag a storage saved with `saved` goes to (new reference). */
-static PyObject *target_location(Loader *L, PyObject *saved) {
+PyObject *storage_target(Loader *L, PyObject *saved) {
     if (L->ml_kind == ML_STR) return Py_NewRef(L->map_location);
     if (L->ml_kind == ML_DICT) {
         PyObject *v = PyDict_GetItemWithError(L->map_location, saved);
@@ -408,6 +443,7 @@ static int storage_apply_hook(Loader *L, StorageObject *s, PyObject *res) {
 
 PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
     ModuleState *st = L->st;
+    if (L->format != FMT_ZIP) return legacy_persistent_load(L, pid);
     if (!PyTuple_Check(pid) || PyTuple_GET_SIZE(pid) < 1) {
         tf_raise(L, st->UnpicklingError, "persistent id is a %s, not a ('storage', ...) tuple",
                  Py_TYPE(pid)->tp_name);
@@ -422,19 +458,9 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
                  "only persistent ids ('storage', type, key, location, numel) are allowed in a zip checkpoint");
         return NULL;
     }
-    PyObject *type = PyTuple_GET_ITEM(pid, 1);
-    int dtype;
-    if (Py_TYPE(type) == st->GlobalRefType && ((GlobalRef *)type)->id == G_STORAGE) {
-        dtype = ((GlobalRef *)type)->arg;
-    } else if (Py_TYPE(type) == st->GlobalRefType && (((GlobalRef *)type)->id == G_UNTYPED_STORAGE ||
-                                                      ((GlobalRef *)type)->id == G_TYPED_STORAGE)) {
-        dtype = DT_UINT8;
-    } else {
-        tf_raise(L, st->UnpicklingError, "persistent id names a storage type that is not a torch storage class");
-        return NULL;
-    }
-    PyObject *key = as_str(PyTuple_GET_ITEM(pid, 2));
-    if (key == NULL && PyLong_Check(PyTuple_GET_ITEM(pid, 2))) key = PyObject_Str(PyTuple_GET_ITEM(pid, 2));
+    int dtype = storage_type_dtype(L, PyTuple_GET_ITEM(pid, 1));
+    if (dtype < 0) return NULL;
+    PyObject *key = storage_key_str(PyTuple_GET_ITEM(pid, 2));
     PyObject *saved = as_str(PyTuple_GET_ITEM(pid, 3));
     PyObject *numel_o = PyTuple_GET_ITEM(pid, 4);
     PyObject *result = NULL, *target = NULL;
@@ -458,31 +484,11 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
     StorageObject *old = e ? (StorageObject *)e->user
                            : (StorageObject *)PyDict_GetItemWithError(L->storages, key);
     if (old != NULL) {
-        if ((uint64_t)old->nbytes != nbytes && !old->meta) {
-            tf_raise(L, st->FormatError,
-                     "record data/%U is referenced with conflicting sizes (%zd and %llu bytes)", key,
-                     old->nbytes, (unsigned long long)nbytes);
-            goto done;
-        }
-        if (old->dtype == dtype) {
-            result = Py_NewRef(old);
-            goto done;
-        }
-        /* the same bytes under another dtype (legitimate for empty storages) */
-        if (storage_ready(L, old) < 0) goto done;
-        s = storage_new(L, key, old->location, (Py_ssize_t)nbytes, dtype);
-        if (s == NULL) goto done;
-        s->data = old->data;
-        s->owner = Py_NewRef(old);
-        s->readonly = old->readonly;
-        s->meta = old->meta;
-        s->swapped = old->swapped || old->swap_unit;
-        result = (PyObject *)s;
-        s = NULL;
+        result = storage_retyped(L, old, nbytes, dtype);
         goto done;
     }
     if (PyErr_Occurred()) goto done;
-    target = target_location(L, saved);
+    target = storage_target(L, saved);
     if (target == NULL) goto done;
     s = storage_new(L, key, target, (Py_ssize_t)nbytes, dtype);
     if (s == NULL) goto done;
@@ -527,8 +533,8 @@ int storage_ready(Loader *L, StorageObject *s) {
         return -1;
     }
     if (s->unread && storage_fill(L, s, 0) < 0) return -1;
-    if (s->pending && read_record(L, s) < 0) return -1;
-    if (s->swap_unit && !s->swapped && s->data != NULL) {
+    if (s->pending && s->rec.entry != NULL && read_record(L, s) < 0) return -1;
+    if (s->swap_unit && !s->swapped && !s->pending && s->data != NULL) {
         dtypes_byteswap((uint8_t *)s->data, (uint64_t)s->nbytes, (unsigned)s->swap_unit);
         s->swapped = 1;
     }

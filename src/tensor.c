@@ -162,6 +162,15 @@ PyType_Spec TensorRefSpec = {
     .slots = TensorRef_slots,
 };
 
+/* Note a copy made from a storage whose bytes are not read yet (legacy stream:
+ * they follow the pickle); legacy_fixups() redoes it once they are. Steals item. */
+static int defer_fixup(Loader *L, PyObject *item) {
+    if (item == NULL) return -1;
+    int r = PyList_Append(L->fixups, item);
+    Py_DECREF(item);
+    return r;
+}
+
 /* An array over s with (offset, size, stride) in elements of dt, already
  * validated against s. Reads s first when it is still unread. */
 static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, int nd, const int64_t *size,
@@ -173,7 +182,8 @@ static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, 
         PyObject *shape = int_tuple(size, nd, 1);
         return shape ? make_meta(L, shape, dt) : NULL;
     }
-    if (L->big_endian && !s->swap_unit && !s->swapped && info->itemsize > 1)
+    if ((L->big_endian || (L->legacy_be && s->dtype == DT_UINT8)) && !s->swap_unit && !s->swapped &&
+        info->itemsize > 1)
         s->swap_unit = (info->flags & DTF_COMPLEX) ? info->itemsize / 2 : info->itemsize;
     if ((s->unread || !s->hooked) && storage_ready(L, s) < 0) return NULL;
     if (s->meta) { /* the map_location callable turned it into a meta storage */
@@ -206,6 +216,7 @@ static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, 
             s->upcast = helper_call(L, "complex32_storage", hargs);
             Py_DECREF(hargs);
             if (s->upcast == NULL) return NULL;
+            if (s->pending && defer_fixup(L, Py_BuildValue("(OO)", (PyObject *)s, s->upcast)) < 0) return NULL;
         }
         descr = PyArray_DESCR((PyArrayObject *)s->upcast);
         for (int i = 0; i < nd; i++) strides[i] *= 2;
@@ -237,6 +248,14 @@ static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, 
             return NULL;
         }
         Py_DECREF(r);
+        if (s->pending &&
+            defer_fixup(L, Py_BuildValue("(OOnii)", own, base, (Py_ssize_t)(data - (base == (PyObject *)s
+                                                                                        ? s->data
+                                                                                        : (char *)PyArray_DATA((PyArrayObject *)base))),
+                                         conj, neg)) < 0) {
+            Py_DECREF(own);
+            return NULL;
+        }
         data = PyArray_DATA((PyArrayObject *)own);
         base = own;
     }
@@ -332,6 +351,10 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
         return (PyObject *)t;
     }
     return make_view(L, s, dt, offset, nd, size, stride, conj, neg);
+}
+
+PyObject *tensor_strided(Loader *L, PyObject *storage, PyObject *offset, PyObject *size, PyObject *stride, int dt) {
+    return rebuild_strided(L, storage, offset, size, stride, dt, NULL);
 }
 
 /* OrderedDict(), OrderedDict([(k, v), ...]), Counter(...) */

@@ -1038,8 +1038,8 @@ VM_HOT int vm_step(Loader *L, int op, int *stop) {
     }
 }
 
-PyObject *vm_run(Loader *L, const uint8_t *data, size_t len) {
-    if ((uint64_t)len > L->lim.pickle_bytes) {
+PyObject *vm_run_at(Loader *L, const uint8_t *data, size_t len, size_t *used) {
+    if (used == NULL && (uint64_t)len > L->lim.pickle_bytes) {
         tf_raise(L, L->st->LimitError, "pickle of %zu bytes exceeds the limit of %llu bytes", len,
                  (unsigned long long)L->lim.pickle_bytes);
         return NULL;
@@ -1053,10 +1053,17 @@ PyObject *vm_run(Loader *L, const uint8_t *data, size_t len) {
             return NULL;
         }
         L->op_offset = (uint64_t)(L->pk - L->pk_start);
+        if (TF_UNLIKELY(used != NULL && L->op_offset >= L->lim.pickle_bytes)) {
+            tf_raise(L, L->st->LimitError, "pickle exceeds the limit of %llu bytes",
+                     (unsigned long long)L->lim.pickle_bytes);
+            return NULL;
+        }
         int op = *L->pk++;
         if (vm_step(L, op, &stop) < 0) return NULL;
     }
-    if (L->pk != L->pk_end) {
+    if (used != NULL) {
+        *used = (size_t)(L->pk - L->pk_start);
+    } else if (L->pk != L->pk_end) {
         tf_raise(L, L->st->UnpicklingError, "%zu bytes after the STOP opcode", (size_t)(L->pk_end - L->pk));
         return NULL;
     }
@@ -1066,3 +1073,5 @@ PyObject *vm_run(Loader *L, const uint8_t *data, size_t len) {
     }
     return L->stack[--L->sp];
 }
+
+PyObject *vm_run(Loader *L, const uint8_t *data, size_t len) { return vm_run_at(L, data, len, NULL); }

@@ -13,6 +13,7 @@ tests/data/make_fixtures.py).
 from __future__ import annotations
 
 import io
+import pickletools
 import pickle
 import zipfile
 
@@ -169,3 +170,51 @@ def make_big_endian(data):
         out.insert(1, (f"{prefix}/byteorder", b"big"))
     assert swapped == set(units), (swapped, set(units))
     return write_zip(out, zipfile.ZIP_STORED)
+
+
+# --- legacy stream (torch.save(..., _use_new_zipfile_serialization=False)) -------------------
+
+LEGACY_SYS_INFO_BE = {"protocol_version": 1001, "little_endian": False,
+                      "type_sizes": {"short": 2, "int": 4, "long": 4}}
+
+
+def legacy_split(data):
+    """(the five pickles as bytes, [(key, numel header, blob bytes)], storage scan) of a stream."""
+    f = io.BytesIO(data)
+    pickles = []
+    for _ in range(5):
+        start = f.tell()
+        for _op in pickletools.genops(f):
+            pass
+        pickles.append(data[start:f.tell()])
+    sc = StorageScan(pickles[3])
+    sc.load()
+    keys = pickle.loads(pickles[4])
+    blobs, pos = [], f.tell()
+    for key in keys:
+        ref = sc.storages[str(key)]
+        unit = V2_STORAGE_UNIT.get(ref.cls.name, 1) * (2 if ref.cls.name.startswith("Complex") else 1)
+        numel = int.from_bytes(data[pos:pos + 8], "little", signed=True)
+        blobs.append((str(key), numel, data[pos + 8:pos + 8 + numel * unit]))
+        pos += 8 + numel * unit
+    assert pos == len(data), (pos, len(data))
+    return pickles, blobs, sc
+
+
+def make_big_endian_legacy(data):
+    """A little-endian legacy stream -> the same checkpoint as torch writes it on a big-endian
+    host: sys_info says so, elements of 2/4/8 bytes were converted to little-endian (so those
+    bytes are unchanged), complex64 went over as one 8-byte unit (its halves swapped),
+    complex128 and untyped (v3) storages were not converted (big-endian on disk)."""
+    pickles, blobs, sc = legacy_split(data)
+    out = [pickles[0], pickles[1], pickle.dumps(LEGACY_SYS_INFO_BE, protocol=2), pickles[3], pickles[4]]
+    for key, numel, blob in blobs:
+        cls = sc.storages[key].cls.name
+        if cls == "ComplexFloatStorage":
+            blob = np.frombuffer(blob, dtype=np.uint32).reshape(-1, 2)[:, ::-1].tobytes()
+        elif cls == "ComplexDoubleStorage":
+            blob = byteswap(blob, 8)
+        elif cls not in V2_STORAGE_UNIT:
+            blob = byteswap(blob, V3_DTYPE_UNIT[sc.v3_dtypes[key]])
+        out.append(numel.to_bytes(8, "little", signed=True) + blob)
+    return b"".join(out)

@@ -228,6 +228,27 @@ TRUNCATED_SOURCES = {
 }
 
 
+def tar_intact(cut: bytes, blob: bytes) -> bool:
+    """A cut tar that still holds, whole, the three members torch reads (its sys_info member,
+    the last padding and the end-of-archive blocks are not needed): loading it must succeed."""
+    import tarfile
+
+    def data_end(data):
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as t:
+                members = {m.name: m for m in t.getmembers()}
+        except tarfile.TarError:
+            return None
+        if not all(n in members for n in ("storages", "tensors", "pickle")):
+            return None
+        return max(members[n].offset_data + members[n].size for n in ("storages", "tensors", "pickle"))
+
+    if blob.startswith(cut):
+        return len(cut) >= data_end(blob)
+    end = data_end(cut)
+    return end is not None and end <= len(cut)
+
+
 @pytest.mark.parametrize("source", list(TRUNCATED_SOURCES))
 def test_truncated_at_every_byte(source, in_empty_dir):
     blob = TRUNCATED_SOURCES[source]()
@@ -236,6 +257,9 @@ def test_truncated_at_every_byte(source, in_empty_dir):
         for what, fn in (("load", lambda: torchfree.load(cut)), ("scan", lambda: torchfree.scan(cut)),
                          ("open", lambda: read_all(torchfree.open(io.BytesIO(cut))))):
             res, _ = outcome(fn)
+            if what == "load" and source == "tar" and tar_intact(cut, blob):
+                assert res == "ok", f"{source}[:{len(cut)}] {what}: {res!r}"
+                continue
             assert isinstance(res, torchfree.CheckpointError), f"{source}[:{len(cut)}] {what}: {res!r}"
         pk = data_pkl(cut)
         if pk is not None:

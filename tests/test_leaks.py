@@ -20,6 +20,8 @@ from torchfree import _core
 HERE = Path(__file__).resolve().parent
 HOSTILE = HERE / "hostile"
 DATA = HERE / "data"
+_SAMPLES = HERE.parents[1] / "shared" / "spec" / "pytorch-checkpoint-samples"
+LEGACY_SAMPLES = [(_SAMPLES / n).read_bytes() for n in ("legacy211.pt", "old_tar_format.pt")]
 # fewer rounds on the sanitizer build, where every call is ~10x slower
 SANITIZED = "asan" in os.environ.get("LD_PRELOAD", "")
 ROUNDS = int(os.environ.get("TORCHFREE_LEAK_ROUNDS", "300" if SANITIZED else "1000"))
@@ -95,7 +97,11 @@ ERRORS = {  # hostile file -> the exception load raises: one of each error path 
     "zip_overlapping_records.pt": torchfree.FormatError,
     "zip_local_header_outside.pt": torchfree.FormatError,
     "zip_encrypted_record.pt": torchfree.FormatError,
-    "legacy_os_system.pt": torchfree.FormatError,
+    "legacy_os_system.pt": torchfree.UnsafeGlobalError,
+    "legacy_blob_short.pt": torchfree.FormatError,
+    "legacy_pid_1e18.pt": torchfree.LimitError,
+    "tar_numel_1e18.pt": torchfree.FormatError,
+    "tar_storages_reduce.pt": torchfree.UnsafeGlobalError,
     "stack_global_os_system.pt": torchfree.UnsafeGlobalError,
     "binunicode_past_end.pt": torchfree.UnpicklingError,
 }
@@ -111,6 +117,9 @@ def test_load_success_paths_do_not_leak(files):
         torchfree.load(io.BytesIO(blob), map_location="meta")
         torchfree.load(files["deflated"], mmap=False)
         torchfree.load(good, map_location=lambda s, t: None)
+        for old in LEGACY_SAMPLES:  # legacy stream and tar
+            torchfree.load(old)
+            torchfree.load(old, map_location=lambda s, t: None, weights_only=False)
 
     check_no_growth(work, ROUNDS // 2)
 

@@ -130,34 +130,29 @@ def test_corpus_zip(torch, rec, weights_only):
 
 # ---------------------------------------------------------------------------------------------
 # legacy stream and tar files
-#
-# NOT IN SCOPE OF THE CORE LOAD PATH (legacy/tar readers are another issue). Until that lands,
-# torchfree must refuse them cleanly with a CheckpointError subclass (FormatError) -- never crash,
-# never return garbage. Once implemented, the result must equal torch's, so these tests accept
-# either outcome and need no change then.
 # ---------------------------------------------------------------------------------------------
 
-def _refuse_or_equal(torch, path):
-    try:
-        got = torchfree.load(path, weights_only=False)
-    except torchfree.CheckpointError as e:
-        assert isinstance(e, torchfree.FormatError), f"{path.name}: expected FormatError, got {e!r}"
-        return "refused"
+def _legacy_equal(torch, path, weights_only):
     expected = _torch_load(torch, path)
-    assert_same(got, expected)
-    return "loaded"
+    for src in (path, path.read_bytes()):
+        got = torchfree.load(src, weights_only=weights_only)
+        pairs = assert_same(got, expected)
+        assert len(pairs) == count_tensors(expected)
 
 
 @needs_torch
 @pytest.mark.parametrize("path", SAMPLE_OTHER, ids=lambda p: p.name)
 def test_sample_legacy_or_tar(torch, path):
-    _refuse_or_equal(torch, path)
+    _legacy_equal(torch, path, weights_only=False)
 
 
 @needs_torch
+@pytest.mark.parametrize("weights_only", [True, False])
 @pytest.mark.parametrize("rec", CORPUS_OTHER, ids=lambda r: r["path"].rsplit("/", 1)[-1])
-def test_corpus_legacy(torch, rec):
-    _refuse_or_equal(torch, CORPUS / rec["path"])
+def test_corpus_legacy(torch, rec, weights_only):
+    path = CORPUS / rec["path"]
+    assert rec["format"] == "legacy"
+    _legacy_equal(torch, path, weights_only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,10 +167,14 @@ def _corruption_inputs():
         "alexnet": (CORPUS / "torchvision-0.14.1/test/expect/ModelTester.test_alexnet_expect.pkl").read_bytes(),
     }
     files["basic211_deflated"] = ckpt_tools.rezip(files["basic211"], zipfile.ZIP_DEFLATED)
+    files["legacy211"] = (SAMPLES / "legacy211.pt").read_bytes()
+    files["legacy_corpus"] = (CORPUS / CORPUS_OTHER[0]["path"]).read_bytes()
     return files
 
 
 CORRUPT = _corruption_inputs()
+# a tar cut inside its end-of-archive padding is still whole: flipped, not truncated
+FLIPPED = {**CORRUPT, "old_tar": (SAMPLES / "old_tar_format.pt").read_bytes()}
 
 
 def _load_or_checkpoint_error(data, **kw):
@@ -225,9 +224,9 @@ def test_truncated_file_paths_raise(tmp_path):
     assert not failures, failures[:5]
 
 
-@pytest.mark.parametrize("name", sorted(CORRUPT))
+@pytest.mark.parametrize("name", sorted(FLIPPED))
 def test_byte_flips_never_crash(name):
-    data = CORRUPT[name]
+    data = FLIPPED[name]
     n = len(data)
     rng = random.Random(1234)
     positions = list(range(n)) if n <= 2500 else sorted(rng.sample(range(n), 2500))

@@ -47,7 +47,8 @@ def load(f, map_location=None, *, mmap=None, weights_only=True, safe_globals=Non
         return load_sharded(f, mmap=mmap, **opts)
     src = Source(f, mmap)
     try:
-        return _core.load_zip(*src.args(), **src.kwargs(), **opts)
+        loader = _core.load_zip if src.format == "zip" else _core.load_legacy
+        return loader(*src.args(), **src.kwargs(), **opts)
     finally:
         src.close()
 
@@ -101,14 +102,37 @@ def _limits(lim):
     return tuple(merged[k] for k in _LIMIT_NAMES)
 
 
+_HEAD = 512  # enough to see a tar header's "ustar" at byte 257
+
+
+def _format_of(head: bytes) -> str:
+    """"zip", "legacy" (the magic-number stream or a tar archive: _core.load_legacy tells them
+    apart) or "" (neither)."""
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head[257:262] == b"ustar" or head[:1] == b"\x80":  # tar, or a pickle's PROTO opcode
+        return "legacy"
+    return ""
+
+
 def _not_zip(head: bytes):
     from . import FormatError
 
-    if head.startswith(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"):
-        return FormatError("legacy (pre-1.6) torch.save stream: not supported by this version of torchfree yet")
     if len(head) < 4:
         return FormatError("file is empty or too short to be a checkpoint")
-    return FormatError(f"not a torch checkpoint (starts with {head[:8]!r}, expected a zip archive)")
+    return FormatError(
+        f"not a torch checkpoint (starts with {head[:8]!r}; expected a zip archive, a legacy "
+        "torch.save stream or a tar archive)"
+    )
+
+
+def _legacy_lazy(head: bytes):
+    from . import FormatError
+
+    return FormatError(
+        "scan() and open() read zip checkpoints (torch >= 1.6); this is a legacy stream or tar "
+        "archive, which torchfree.load reads whole"
+    )
 
 
 class Source:
@@ -122,54 +146,70 @@ class Source:
     def __init__(self, f, mmap=None, *, lazy=False):
         self._file = None
         self._mapping = None
+        self.format = "zip"
         if isinstance(f, (str, os.PathLike)):
             self.path = os.fspath(f)
-            self._open_path(mmap)
+            self._open_path(mmap, lazy)
             return
         self.path = None
         if mmap:
             raise ValueError("f must be a file path in order to use the mmap argument")
         if isinstance(f, (bytes, bytearray, memoryview, _mmap.mmap)):
             buf = memoryview(f).cast("B") if isinstance(f, memoryview) else f
-            self._set_buffer(buf, _SRC_COPY)
+            self._set_buffer(buf, _SRC_COPY, lazy)
         elif hasattr(f, "read"):
             start = _tell(f) if lazy else None
             if start is not None:
                 end = f.seek(0, io.SEEK_END)
                 f.seek(start)
-                head = f.read(16)
+                head = f.read(_HEAD)
                 f.seek(start)
-                if not head.startswith(_ZIP_MAGIC):
-                    raise _not_zip(head)
+                fmt = _format_of(head)
+                if fmt != "zip":
+                    raise _legacy_lazy(head) if fmt else _not_zip(head)
                 self.src, self.size, self.mode = (f, start), max(end - start, 0), _SRC_PYFILE
                 self.require_map = False
             else:
-                self._set_buffer(_read_rest(f), _SRC_MAP)
+                self._set_buffer(_read_rest(f), _SRC_MAP, lazy)
         else:
             raise TypeError(f"expected a path, a bytes-like object or a binary file object, not {type(f).__name__}")
 
-    def _set_buffer(self, buf, mode):
-        head = bytes(memoryview(buf)[:16])
-        if not head.startswith(_ZIP_MAGIC):
-            raise _not_zip(head)
+    def _set_buffer(self, buf, mode, lazy=False):
+        head = bytes(memoryview(buf)[:_HEAD])
+        self.format = _format_of(head)
+        if self.format != "zip":
+            if not self.format:
+                raise _not_zip(head)
+            if lazy:
+                raise _legacy_lazy(head)
+            mode = _SRC_COPY  # storages are copied out of the buffer
         self.src, self.mode, self.require_map = buf, mode, False
         self.size = buf.nbytes if isinstance(buf, memoryview) else len(buf)
 
-    def _open_path(self, mmap):
+    def _open_path(self, mmap, lazy=False):
         fh = open(self.path, "rb")
         try:
             fd = fh.fileno()
             self.size = os.fstat(fd).st_size
-            head = os.pread(fd, 16, 0)
-            if not head.startswith(_ZIP_MAGIC):
+            head = os.pread(fd, _HEAD, 0)
+            self.format = _format_of(head)
+            if self.format != "zip":
+                if not self.format:
+                    raise _not_zip(head)
                 if mmap:
                     from . import CheckpointError
 
                     raise CheckpointError(
-                        "mmap can only be used with zip checkpoints (torch.save with "
-                        "_use_new_zipfile_serialization=True, the default since torch 1.6)"
-                    ) from _not_zip(head)
-                raise _not_zip(head)
+                        "mmap can only be used with files saved with torch.save(<f>, "
+                        "_use_new_zipfile_serialization=True) (the default since torch 1.6): this is "
+                        "a legacy stream or tar archive, which is read into memory (mmap=None or False)"
+                    )
+                if lazy:
+                    raise _legacy_lazy(head)
+                # storages are copied out of a read-only mapping, which closes on return
+                self._mapping = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ)
+                self.src, self.mode, self.require_map = self._mapping, _SRC_COPY, False
+                return
             self.require_map = bool(mmap)
             if mmap is False:
                 self.src, self.mode, self._file = fd, _SRC_FD, fh
