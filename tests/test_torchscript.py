@@ -226,6 +226,24 @@ def test_constants(torch, saved):
     assert torchfree.load(saved["scripted"]).constants == ()
 
 
+@pytest.mark.parametrize("name", ["ts113_scripted.pt", "ts113_traced.pt"])
+def test_torch113_archives(torch, name):
+    """TorchScript files written by torch 1.13 (tests/data/make_torchscript_fixtures.py)."""
+    from conftest import DATA
+
+    path = DATA / name
+    got = torchfree.load(path)
+    _check_state_dict(got, _expect(torch, path))
+    if name == "ts113_traced.pt":
+        ref = torch.jit.load(str(path))
+        torch_consts = [n.t("value") for n in ref.inlined_graph.nodes()
+                        if n.kind() == "prim::Constant" and n.hasAttribute("value") and n.kindOf("value") == "t"]
+        assert len(got.constants) == len(torch_consts) == 1
+        assert_same(got.constants[0], torch_consts[0])
+    else:
+        assert got.state["ints"] == [1, 2] and got.state["maybe"] is None
+
+
 def test_version_records(torch, saved):
     """torch writes .data/version (10 here) instead of version for models with upgraded operators."""
     with zipfile.ZipFile(saved["gelu"]) as z:
