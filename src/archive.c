@@ -169,6 +169,8 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
         rc = zipread_open(&L->zip, mem_read_at, L, L->size, &L->lim, &err);
     }
     if (rc != TF_OK) return tf_raise_err(L, &err);
+    /* torch.jit.save archives are told by their constants.pkl record, as torch.load does */
+    L->torchscript = zipread_find(&L->zip, "constants.pkl", 13) != NULL;
     return read_version_and_byteorder(L);
 }
 
@@ -219,14 +221,26 @@ static void prefault_stop(Prefault *p, pthread_t tid, int started) {
     pthread_join(tid, NULL);
 }
 
-/* Run data.pkl on the VM (lazy: tensors become TensorRefs). New reference. */
-static PyObject *loader_unpickle(Loader *L) {
-    ZipEntry *pe = zipread_find(&L->zip, "data.pkl", 8);
-    if (pe == NULL) return tf_raise(L, L->st->FormatError, "archive has no data.pkl record"), NULL;
+/* Run the pickle `record` on the VM, its storages being the records under `dir`
+ * (lazy: tensors become TensorRefs). New reference. */
+static PyObject *loader_unpickle_record(Loader *L, const char *record, const char *dir) {
+    ZipEntry *pe = zipread_find(&L->zip, record, strlen(record));
+    if (pe == NULL) {
+        if (zipread_find(&L->zip, "model.json", 10) != NULL)
+            return tf_raise(L, L->st->FormatError,
+                            "archive is a TorchScript model of the torch 1.0-1.3 format (model.json, no %s), "
+                            "which torchfree does not read", record),
+                   NULL;
+        return tf_raise(L, L->st->FormatError, "archive has no %s record", record), NULL;
+    }
     if (pe->usize > L->lim.pickle_bytes)
-        return tf_raise(L, L->st->LimitError, "data.pkl of %llu bytes exceeds the limit of %llu bytes",
+        return tf_raise(L, L->st->LimitError, "%s of %llu bytes exceeds the limit of %llu bytes", record,
                         (unsigned long long)pe->usize, (unsigned long long)L->lim.pickle_bytes),
                NULL;
+    if (L->storage_dir == NULL || strcmp(L->storage_dir, dir) != 0) {
+        L->storage_dir = dir;
+        L->data0 = 0; /* the directory index of <dir>0 is looked up again */
+    }
     TfErr err = {0};
     if (zipread_locate(&L->zip, pe, &err) != TF_OK) return tf_raise_err(L, &err), NULL;
     const uint8_t *pk;
@@ -242,7 +256,7 @@ static PyObject *loader_unpickle(Loader *L) {
         }
         pk = pickle_buf;
     }
-    L->record = "data.pkl";
+    L->record = record;
     /* the VM makes many containers and no cycles: a collection pass per few
      * hundred of them would cost more than the whole load */
     int gc_was_enabled = PyGC_Disable();
@@ -258,6 +272,23 @@ static PyObject *loader_unpickle(Loader *L) {
     return obj;
 }
 
+static PyObject *loader_unpickle(Loader *L) { return loader_unpickle_record(L, "data.pkl", "data/"); }
+
+/* A TorchScript archive's constants.pkl (the tensors its code names as CONSTANTS.c<i>, storages
+ * under constants/) set as `constants` on the module Opaque that data.pkl gave. */
+static int loader_constants(Loader *L, PyObject *obj) {
+    if (!L->torchscript || (PyObject *)Py_TYPE(obj) != L->st->OpaqueType) return 0;
+    /* constants/<k> are other records than data/<k>: a fresh table for keys without a record */
+    PyObject *fresh = PyDict_New();
+    if (fresh == NULL) return -1;
+    Py_SETREF(L->storages, fresh);
+    PyObject *consts = loader_unpickle_record(L, "constants.pkl", "constants/");
+    if (consts == NULL) return -1;
+    int r = PyObject_SetAttrString(obj, "constants", consts);
+    Py_DECREF(consts);
+    return r;
+}
+
 /* load_zip(src, size, *, mode, ...): the one-shot load behind torchfree.load.
  * src is a buffer (mode 0: zero-copy views; mode 1: copies) or a file
  * descriptor (mode 2: each storage read into fresh memory). */
@@ -266,7 +297,7 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
     PyObject *obj = NULL;
     if (loader_open(&L, PyModule_GetState(module), args, kwargs, "load_zip", FMT_ZIP) == 0) {
         obj = loader_unpickle(&L);
-        if (obj != NULL && storage_finish(&L) < 0) Py_CLEAR(obj);
+        if (obj != NULL && (loader_constants(&L, obj) < 0 || storage_finish(&L) < 0)) Py_CLEAR(obj);
     }
     loader_close(&L);
     return obj;
@@ -413,6 +444,8 @@ static PyObject *Archive_get_prefix(ArchiveObject *a, void *c) {
 
 static PyObject *Archive_get_closed(ArchiveObject *a, void *c) { return PyBool_FromLong(!a->open); }
 
+static PyObject *Archive_get_torchscript(ArchiveObject *a, void *c) { return PyBool_FromLong(a->L.torchscript); }
+
 static PyMethodDef Archive_methods[] = {
     {"unpickle", (PyCFunction)(void (*)(void))Archive_unpickle, METH_VARARGS | METH_KEYWORDS, Archive_unpickle_doc},
     {"materialize", Archive_materialize, METH_O,
@@ -433,6 +466,7 @@ static PyGetSetDef Archive_getset[] = {
     {"byteorder", (getter)Archive_get_byteorder, NULL, "'little' or 'big' (the byteorder record)", NULL},
     {"prefix", (getter)Archive_get_prefix, NULL, "the archive's top folder", NULL},
     {"closed", (getter)Archive_get_closed, NULL, "True after close()", NULL},
+    {"torchscript", (getter)Archive_get_torchscript, NULL, "True for a torch.jit.save archive (constants.pkl)", NULL},
     {NULL},
 };
 

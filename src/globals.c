@@ -12,6 +12,7 @@ typedef struct {
 } GlobalRow;
 
 #define WO GF_WEIGHTS_ONLY
+#define TS GF_TORCHSCRIPT
 static const GlobalRow rows[] = {
     {"torch._utils", "_rebuild_tensor", G_REBUILD_TENSOR, WO},
     {"torch._utils", "_rebuild_tensor_v2", G_REBUILD_TENSOR_V2, WO},
@@ -57,8 +58,15 @@ static const GlobalRow rows[] = {
     {"numpy", "ndarray", G_NP_NDARRAY, WO},
     {"numpy", "dtype", G_NP_DTYPE, WO},
     {"numpy._core.multiarray", "scalar", G_NP_SCALAR, WO},
+    {"torch.jit._pickle", "build_intlist", G_JIT_BUILD_LIST, TS},
+    {"torch.jit._pickle", "build_tensorlist", G_JIT_BUILD_LIST, TS},
+    {"torch.jit._pickle", "build_doublelist", G_JIT_BUILD_LIST, TS},
+    {"torch.jit._pickle", "build_boollist", G_JIT_BUILD_LIST, TS},
+    {"torch.jit._pickle", "build_tensor_from_id", G_JIT_BUILD_TENSOR_FROM_ID, TS},
+    {"torch.jit._pickle", "restore_type_tag", G_JIT_RESTORE_TYPE_TAG, TS},
 };
 #undef WO
+#undef TS
 
 static const char *const legacy_tensor_prefixes[] = {
     "Double", "Float", "Half", "Long", "Int", "Short", "Char", "Byte", "Bool", "BFloat16",
@@ -76,6 +84,12 @@ int globals_blocked_module(const char *module, size_t mlen) {
             return 1;
     }
     return 0;
+}
+
+int globals_torchscript_class(const char *module, size_t mlen) {
+    static const char ns[] = "__torch__";
+    size_t nl = sizeof(ns) - 1;
+    return mlen >= nl && memcmp(module, ns, nl) == 0 && (mlen == nl || (module[nl] == '.' && mlen > nl + 1));
 }
 
 /* A legacy tensor class such as FloatTensor: dtype of its storage, else DT_NONE. */

@@ -33,11 +33,14 @@ typedef enum {
     G_NAMESPACE,
     /* numpy, rebuilt inertly */
     G_NP_RECONSTRUCT, G_NP_NDARRAY, G_NP_DTYPE, G_NP_SCALAR,
+    /* torch.jit._pickle helpers of TorchScript pickles (identity functions in torch) */
+    G_JIT_BUILD_LIST, G_JIT_BUILD_TENSOR_FROM_ID, G_JIT_RESTORE_TYPE_TAG,
     G_COUNT
 } GlobalId;
 
 enum {
     GF_WEIGHTS_ONLY = 1, /* allowed under weights_only=True */
+    GF_TORCHSCRIPT = 2,  /* allowed under weights_only=True inside a TorchScript archive */
 };
 
 typedef struct {
@@ -55,5 +58,8 @@ void globals_lookup(const char *module, size_t mlen, const char *name, size_t nl
 /* 1 when the module must never be trusted, even through safe_globals
  * (sys, os, posix, nt: as torch's blocklist). */
 int globals_blocked_module(const char *module, size_t mlen);
+
+/* 1 for the module of a TorchScript class ("__torch__" or "__torch__.<...>"). */
+int globals_torchscript_class(const char *module, size_t mlen);
 
 #endif

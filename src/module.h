@@ -101,6 +101,10 @@ typedef struct Loader {
     PyObject *encoding;     /* str, or NULL for "bytes" (owned) */
     TfLimits lim;
     int lazy;               /* tensors become TensorRefs, storages are read on demand */
+    int torchscript;        /* a torch.jit.save archive (it has constants.pkl): __torch__ classes
+                             * become inert Opaques even under weights_only */
+    const char *storage_dir; /* folder of the storage records of the pickle being run: "data/"
+                              * (NULL means that too) or "constants/" */
     PyObject *globals_seen; /* set of "module.name" of every GLOBAL, or NULL */
     /* state */
     PyObject *storage_list; /* every StorageObject, in first-use order (records point at theirs) */

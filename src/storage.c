@@ -300,7 +300,8 @@ int storage_charge(Loader *L, uint64_t nbytes) {
 
 /* The record data/<key> (NULL when absent). torch numbers keys 0, 1, ... and
  * writes data/<k> in key order, so a numeric key is tried at its expected
- * directory index before the hash lookup. name receives "data/<key>". */
+ * directory index before the hash lookup. name receives "<dir><key>", dir being
+ * L->storage_dir ("data/", or "constants/" for a TorchScript constants.pkl). */
 static ZipEntry *find_record(Loader *L, PyObject *key, char *name, size_t cap) {
     Py_ssize_t klen;
     const char *k = PyUnicode_AsUTF8AndSize(key, &klen);
@@ -309,17 +310,26 @@ static ZipEntry *find_record(Loader *L, PyObject *key, char *name, size_t cap) {
         snprintf(name, cap, "data/<a key of %zd bytes>", klen);
         return NULL;
     }
-    memcpy(name, "data/", 5);
-    memcpy(name + 5, k, (size_t)klen);
-    name[klen + 5] = 0;
-    size_t nlen = (size_t)klen + 5;
+    const char *dir = L->storage_dir ? L->storage_dir : "data/";
+    size_t dlen = strlen(dir);
+    if ((size_t)klen + dlen + 1 > cap) {
+        snprintf(name, cap, "%s<a key of %zd bytes>", dir, klen);
+        return NULL;
+    }
+    memcpy(name, dir, dlen);
+    memcpy(name + dlen, k, (size_t)klen);
+    name[klen + dlen] = 0;
+    size_t nlen = (size_t)klen + dlen;
     if (klen > 0 && klen <= 9) {
         size_t v = 0;
         Py_ssize_t i = 0;
         while (i < klen && k[i] >= '0' && k[i] <= '9') v = v * 10 + (size_t)(k[i++] - '0');
         if (i == klen && (klen == 1 || k[0] != '0')) {
             if (L->data0 == 0) {
-                ZipEntry *e0 = zipread_find(&L->zip, "data/0", 6);
+                char first[64];
+                int flen = snprintf(first, sizeof first, "%s0", dir);
+                ZipEntry *e0 = flen > 0 && (size_t)flen < sizeof first ? zipread_find(&L->zip, first, (size_t)flen)
+                                                                       : NULL;
                 L->data0 = e0 ? (size_t)(e0 - L->zip.entries) + 1 : (size_t)-1;
             }
             if (L->data0 != (size_t)-1 && L->data0 - 1 + v < L->zip.n_entries) {
@@ -475,7 +485,8 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
     uint64_t nbytes;
     if (overflow || numel < 0 || tf_mul_u64((uint64_t)numel, dtypes_table[dtype].itemsize, &nbytes) ||
         nbytes > (uint64_t)PY_SSIZE_T_MAX) {
-        tf_raise(L, st->FormatError, "persistent id of record data/%U claims an impossible numel", key);
+        tf_raise(L, st->FormatError, "persistent id of record %s%U claims an impossible numel",
+                 L->storage_dir ? L->storage_dir : "data/", key);
         goto done;
     }
     char name[4096 + 8];

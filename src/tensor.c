@@ -422,6 +422,25 @@ static int check_number(PyObject *o) { return PyFloat_Check(o) || PyLong_Check(o
 static int check_int_or_none(PyObject *o) { return PyLong_Check(o) || o == Py_None; }
 static int check_int(PyObject *o) { return PyLong_Check(o); }
 
+/* torch.jit._pickle helpers of TorchScript pickles. In torch they return their
+ * first argument; the static type tags only matter to TorchScript's own types. */
+static PyObject *jit_pickle_helper(Loader *L, GlobalRef *g, PyObject *args) {
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    PyObject *a = n >= 1 ? PyTuple_GET_ITEM(args, 0) : NULL;
+    switch (g->id) {
+    case G_JIT_BUILD_LIST: /* build_intlist([1, 2]) and friends */
+        if (n != 1 || !PyList_CheckExact(a)) return wrong_args(L, g, "one list", args), NULL;
+        return Py_NewRef(a);
+    case G_JIT_BUILD_TENSOR_FROM_ID: /* only an id into a tensor table archives do not have */
+        if (n != 1 || !PyLong_CheckExact(a)) return wrong_args(L, g, "one int", args), NULL;
+        return Py_NewRef(a);
+    default: /* restore_type_tag(value, "Dict[str, Tensor]") */
+        if (n != 2 || !PyUnicode_Check(PyTuple_GET_ITEM(args, 1)))
+            return wrong_args(L, g, "(value, type: str)", args), NULL;
+        return Py_NewRef(a);
+    }
+}
+
 PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
@@ -538,6 +557,10 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         return tf_raise(L, st->UnpicklingError,
                         "%U (quantized, sparse, nested, wrapper-subclass and pre-0.4 tensors) is not "
                         "supported by this version of torchfree yet", g->canon), NULL;
+    case G_JIT_BUILD_LIST:
+    case G_JIT_BUILD_TENSOR_FROM_ID:
+    case G_JIT_RESTORE_TYPE_TAG:
+        return jit_pickle_helper(L, g, args);
     default:
         return tf_raise(L, st->UnpicklingError, "%U cannot be called", g->canon), NULL;
     }

@@ -337,7 +337,18 @@ static int do_global(Loader *L, const char *module, size_t mlen, const char *nam
         PyObject *user = PyDict_GetItemString(L->safe_globals, canon); /* borrowed */
         if (user != NULL) return vm_push(L, globalref_new(L, G_UNKNOWN, -1, canon, user));
     }
-    if (hit.id == G_UNKNOWN || (L->weights_only && !(hit.flags & GF_WEIGHTS_ONLY))) {
+    int allowed = !L->weights_only || (hit.flags & GF_WEIGHTS_ONLY) ||
+                  (L->torchscript && (hit.flags & GF_TORCHSCRIPT));
+    if (hit.id == G_UNKNOWN && L->torchscript && globals_torchscript_class(module, mlen)) {
+        /* a TorchScript class (module object, scripted class, enum, custom class): its code
+         * lives in code/, which is never run; the object stays an inert Opaque with its
+         * attribute dict (BUILD state), whatever weights_only says */
+        PyObject *args = Py_BuildValue("(s)", canon);
+        PyObject *r = tf_call_helper(L, "opaque_global", args);
+        Py_XDECREF(args);
+        return vm_push(L, r);
+    }
+    if (hit.id == G_UNKNOWN || !allowed) {
         if (L->weights_only) {
             return tf_raise(L, L->st->UnsafeGlobalError,
                             "Unsupported global: GLOBAL %s is not allowed with weights_only=True; "

@@ -104,6 +104,8 @@ ERRORS = {  # hostile file -> the exception load raises: one of each error path 
     "tar_storages_reduce.pt": torchfree.UnsafeGlobalError,
     "stack_global_os_system.pt": torchfree.UnsafeGlobalError,
     "binunicode_past_end.pt": torchfree.UnpicklingError,
+    "torchscript_constants_os_system.pt": torchfree.UnsafeGlobalError,  # fails after data.pkl loaded
+    "jit_build_intlist_of_str.pt": torchfree.UnpicklingError,
 }
 
 
@@ -158,6 +160,23 @@ def test_scan_and_open_do_not_leak(files):
             expect(torchfree.CheckpointError, torchfree.scan, blobs[name])
             expect(torchfree.CheckpointError, lambda b: read_all(torchfree.open(io.BytesIO(b))), blobs[name])
         expect(torchfree.FormatError, lambda: read_all(torchfree.open(io.BytesIO(blobs["zip_bomb_declared_small.pt"]))))
+
+    check_no_growth(work, ROUNDS // 2)
+
+
+def test_torchscript_does_not_leak():
+    from test_torchscript import handbuilt_archive
+
+    blob = handbuilt_archive()[0]
+
+    def work():
+        torchfree.load(blob)
+        torchfree.load(blob, map_location="meta")
+        torchfree.load(blob, map_location=lambda s, t: None)
+        torchfree.scan(blob)
+        with torchfree.open(io.BytesIO(blob)) as ck:
+            for k in list(ck.keys()):
+                ck[k]
 
     check_no_growth(work, ROUNDS // 2)
 

@@ -306,7 +306,8 @@ def _info_from(archive, obj, path, storages) -> CheckpointInfo:
     recs = [RecordInfo(n, m != 0, c, u, o) for n, m, c, u, o in archive.records()]
     prefix = archive.prefix
     sinfo = [StorageInfo(s.key, s.dtype, s.nbytes, s.location, f"{prefix}/data/{s.key}") for s in storages]
-    return CheckpointInfo(path, "zip", archive.byteorder, recs, sinfo, tensors, archive.globals())
+    fmt = "torchscript" if archive.torchscript else "zip"
+    return CheckpointInfo(path, fmt, archive.byteorder, recs, sinfo, tensors, archive.globals())
 
 
 def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:

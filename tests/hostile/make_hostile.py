@@ -261,12 +261,38 @@ attack("rebuild_parameter_state_global.pt", "`_rebuild_parameter_with_state` who
                            b"tR")), {"0": W}))
 attack("torchscript_archive.pt",
        "TorchScript archive (`constants.pkl`, `code/`): torch < 2.6 ran it under `weights_only=True` "
-       "(CVE-2025-32434 shape)", UG, "ok", "ok", scan_global="__torch__.Evil")(
+       "(CVE-2025-32434 shape); torchfree never runs `code/`, its `__torch__` classes are inert Opaques",
+       "ok", "ok", "ok", scan_global="__torch__.Evil")(
     lambda: zipped(P(PROTO2, glob("__torch__", "Evil"), b")\x81", b"}", b"b", b"."),
                    extra=[("constants.pkl", b"\x80\x02)."),
                           ("code/__torch__.py",
                            f"class Evil(Module):\n  def forward(self):\n    return ops.aten.save('{CANARY}')\n"
                            .encode())]))
+
+_TS = [("constants.pkl", b"\x80\x02)."), ("code/__torch__.py", b"class M(Module):\n  pass\n")]
+attack("torchscript_os_system.pt", "TorchScript archive whose `data.pkl` calls `os.system` next to a `__torch__` "
+       "module", UG, "ok", "ok", live=True, scan_global="os.system")(
+    lambda: zipped(P(PROTO2, b"}(", unicode("x"), _os_system_reduce(), unicode("m"), glob("__torch__", "M"),
+                     b")\x81", b"}", b"bu."), extra=_TS))
+attack("torchscript_constants_os_system.pt", "TorchScript archive whose `constants.pkl` calls `os.system` "
+       "(scan and open read only `data.pkl`)", UG, "ok", "ok", open="ok")(
+    lambda: zipped(P(PROTO2, glob("__torch__", "M"), b")\x81", b"}", b"b."),
+                   extra=[("constants.pkl", P(PROTO2, _os_system_reduce(), b"\x85.")), _TS[1]]))
+attack("torchscript_torch_os_system.pt", "TorchScript archive calling `__torch__.os.system`: a TorchScript class "
+       "name, so an inert Opaque, never a lookup of `os`", "ok", "ok", "ok", scan_global="__torch__.os.system")(
+    lambda: zipped(P(PROTO2, call("__torch__.os", "system", unicode(SHELL)), b"."), extra=_TS))
+attack("torch_class_plain_zip.pt", "a `__torch__` class in a `torch.save` zip (no `constants.pkl`): refused under "
+       "`weights_only=True` as any unknown class", UG, "ok", "ok", scan_global="__torch__.M")(
+    lambda: zipped(P(PROTO2, glob("__torch__", "M"), b")\x81", b"}", b"b.")))
+attack("jit_pickle_plain_zip.pt", "`torch.jit._pickle.build_intlist` in a `torch.save` zip: allowed only inside a "
+       "TorchScript archive under `weights_only=True`", UG, "ok", "ok", scan_global="torch.jit._pickle.build_intlist")(
+    lambda: ckpt(call("torch.jit._pickle", "build_intlist", P(b"]", b"(", binint(1), b"e"))))
+attack("jit_restore_type_tag_bad_args.pt", "`restore_type_tag` with one argument in a TorchScript archive", UP, UP,
+       UP, scan_global="torch.jit._pickle.restore_type_tag")(
+    lambda: zipped(P(PROTO2, call("torch.jit._pickle", "restore_type_tag", b"}"), b"."), extra=_TS))
+attack("jit_build_intlist_of_str.pt", "`build_intlist` of a `str` in a TorchScript archive", UP, UP, UP,
+       scan_global="torch.jit._pickle.build_intlist")(
+    lambda: zipped(P(PROTO2, call("torch.jit._pickle", "build_intlist", unicode("x")), b"."), extra=_TS))
 
 # allowlisted functions called wrongly
 
