@@ -50,6 +50,17 @@ def test_matches_torch(entry, torch):
     assert pairs, f"{entry[0]}: no tensor compared"
 
 
+@pytest.mark.parametrize("encoding", ["latin1", "bytes"])
+@pytest.mark.parametrize("entry", FILES, ids=ids(FILES))
+def test_encoding_matches_torch(entry, encoding, torch):
+    """The legacy files come from Python 2 (lpips v0.0: py2 str keys, persistent ids and
+    locations): encoding="bytes" keeps their keys as bytes, as torch does."""
+    path = cached(entry)
+    exp = torch.load(path, map_location="cpu", weights_only=False, encoding=encoding)
+    got = torchfree.load(path, weights_only=False, encoding=encoding)
+    assert assert_same(got, exp)
+
+
 @pytest.mark.parametrize("entry", FILES, ids=ids(FILES))
 def test_weights_only_matches_torch(entry, torch):
     """weights_only=True: where torch's weights-only unpickler accepts the file, torchfree gives
