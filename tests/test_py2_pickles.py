@@ -291,3 +291,25 @@ def test_malformed_py2_strings(tmp_path, blob, what):
     for wo in (False, True):
         with pytest.raises(torchfree.UnpicklingError):
             torchfree.load(out.getvalue(), weights_only=wo)
+
+
+def test_no_leaks_on_py2_paths():
+    """Success and error paths of the py2 decoding and of bytearray(text, encoding) leak nothing."""
+    from test_leaks import check_no_growth, expect
+
+    ok = checkpoint(content(S))
+    ok_nb = checkpoint(content(S, bytearray_arg=False))
+    ba_bytes = checkpoint([(U("weight"), tensor(U)),
+                           (U("ba"), G("__builtin__", "bytearray") + U("ab") + S(b"latin-1") + b"\x86R")])
+    ba_codec = checkpoint([(U("weight"), tensor(U)),
+                           (U("ba"), G("__builtin__", "bytearray") + U("ab") + S(b"rot13") + b"\x86R")])
+    bad = checkpoint([(S(b"weight"), tensor(S)), (S(b"bad"), S(LATIN1_ONLY))])
+
+    def work():
+        torchfree.load(ok, weights_only=False, encoding="latin1")
+        torchfree.load(ok_nb, weights_only=False, encoding="bytes")
+        expect(torchfree.UnpicklingError, torchfree.load, ba_bytes, encoding="bytes")
+        expect(torchfree.UnpicklingError, torchfree.load, ba_codec)
+        expect(torchfree.UnpicklingError, torchfree.load, bad)
+
+    check_no_growth(work, rounds=400)
