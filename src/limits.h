@@ -15,6 +15,9 @@
 #ifndef TF_LIMIT_MEMO
 #define TF_LIMIT_MEMO (UINT64_C(1) << 26)
 #endif
+/* Unused memo slots a BINPUT may skip: Python 2's cPickle numbers from 1, so its first put
+ * skips slot 0. Farther indices are refused (a sparse memo would be a huge table). */
+#define TF_MEMO_GAP UINT64_C(16)
 /* Values on the VM stack at once (SETITEMS batches are 2000 items). */
 #ifndef TF_LIMIT_STACK
 #define TF_LIMIT_STACK (UINT64_C(1) << 22)

@@ -117,13 +117,14 @@ static TfStatus ps_memo_put(Ps *s, uint64_t idx) {
         s->memo[idx] = top;
         return TF_OK;
     }
-    if (idx != (uint64_t)s->memo_len)
+    if (idx - (uint64_t)s->memo_len > TF_MEMO_GAP) /* as the VM: a few unused slots only */
         return PS_FAIL(TF_ERR_FORMAT, "memo index %llu skips slots (next free slot is %zu): sparse memos are refused",
                        (ull)idx, s->memo_len);
-    if ((uint64_t)s->memo_len >= s->lim.memo)
+    if (idx >= s->lim.memo)
         return PS_FAIL(TF_ERR_LIMIT, "memo exceeds the limit of %llu slots", (ull)s->lim.memo);
-    TfStatus st = ps_grow(s, (void **)&s->memo, &s->memo_cap, s->memo_len + 1, sizeof(PsVal));
+    TfStatus st = ps_grow(s, (void **)&s->memo, &s->memo_cap, (size_t)idx + 1, sizeof(PsVal));
     if (st != TF_OK) return st;
+    while ((uint64_t)s->memo_len < idx) s->memo[s->memo_len++] = (PsVal){0, 0, 0};
     s->memo[s->memo_len++] = top;
     s->out->memo_len = s->memo_len;
     return TF_OK;

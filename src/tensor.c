@@ -394,9 +394,9 @@ static PyObject *make_codecs_encode(Loader *L, GlobalRef *g, PyObject *args) {
     static const char *const allowed[] = {"latin1", "latin-1", "iso-8859-1", "iso8859-1", "utf-8", "utf8", "ascii"};
     int ok = 0;
     for (size_t i = 0; i < sizeof(allowed) / sizeof(allowed[0]); i++) ok |= strcmp(enc, allowed[i]) == 0;
-    if (!ok) return tf_raise(L, L->st->UnpicklingError, "_codecs.encode with encoding %s is not supported", enc), NULL;
+    if (!ok) return tf_raise(L, L->st->UnpicklingError, "%U with encoding %s is not supported", g->canon, enc), NULL;
     PyObject *r = PyUnicode_AsEncodedString(PyTuple_GET_ITEM(args, 0), enc, "strict");
-    if (r == NULL) tf_raise_from(L, L->st->UnpicklingError, "_codecs.encode failed");
+    if (r == NULL) tf_raise_from(L, L->st->UnpicklingError, "%U(text, '%s') failed", g->canon, enc);
     return r;
 }
 
@@ -508,8 +508,17 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         return make_codecs_encode(L, g, args);
     case G_BYTES:
     case G_BYTEARRAY: {
+        /* (text, encoding): how Python 2 pickles a bytearray (latin-1 text and 'latin-1');
+         * encoded as _codecs.encode would */
+        if (n == 2 && PyUnicode_Check(ARG(0)) && PyUnicode_Check(ARG(1))) {
+            PyObject *b = make_codecs_encode(L, g, args);
+            if (b == NULL || g->id == G_BYTES) return b;
+            PyObject *r = PyByteArray_FromObject(b);
+            Py_DECREF(b);
+            return r;
+        }
         if (n > 1 || (n == 1 && !PyBytes_CheckExact(ARG(0)) && !PyByteArray_CheckExact(ARG(0))))
-            return wrong_args(L, g, "at most one bytes", args), NULL;
+            return wrong_args(L, g, "at most one bytes, or (text: str, encoding: str)", args), NULL;
         const char *p = "";
         Py_ssize_t len = 0;
         if (n == 1) {

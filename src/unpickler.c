@@ -113,19 +113,22 @@ static PyObject *vm_pop_tuple_n(Loader *L, Py_ssize_t n) {
 static int vm_memo_put(Loader *L, uint64_t idx, PyObject *o) {
     if (idx < (uint64_t)L->memo_len) {
         Py_INCREF(o);
-        Py_SETREF(L->memo[idx], o);
+        Py_XSETREF(L->memo[idx], o);
         return 0;
     }
-    if (idx != (uint64_t)L->memo_len)
+    /* Python 2's cPickle numbers its memo from 1: a few unused slots are allowed (they stay
+     * empty), a far index is refused (it would make a huge table) */
+    if (idx - (uint64_t)L->memo_len > TF_MEMO_GAP)
         return tf_raise(L, L->st->UnpicklingError,
                         "memo index %llu skips slots (next free slot is %zd): sparse memos are refused",
                         (unsigned long long)idx, L->memo_len);
-    if ((uint64_t)L->memo_len >= L->lim.memo)
+    if (idx >= L->lim.memo)
         return tf_raise(L, L->st->LimitError, "memo exceeds the limit of %llu slots",
                         (unsigned long long)L->lim.memo);
-    if (L->memo_len == L->memo_cap) {
+    if (idx >= (uint64_t)L->memo_cap) {
         Py_ssize_t cap = L->memo_cap ? L->memo_cap * 2 : 64;
         if ((uint64_t)cap > L->lim.memo) cap = (Py_ssize_t)L->lim.memo;
+        if ((uint64_t)cap <= idx) cap = (Py_ssize_t)idx + 1;
         PyObject **m = PyMem_Realloc(L->memo, (size_t)cap * sizeof(PyObject *));
         if (m == NULL) {
             PyErr_NoMemory();
@@ -134,6 +137,7 @@ static int vm_memo_put(Loader *L, uint64_t idx, PyObject *o) {
         L->memo = m;
         L->memo_cap = cap;
     }
+    while ((uint64_t)L->memo_len < idx) L->memo[L->memo_len++] = NULL;
     Py_INCREF(o);
     L->memo[L->memo_len++] = o;
     return 0;
@@ -495,8 +499,17 @@ static int build_attrs(Loader *L, PyObject *obj, PyObject *state) {
         Py_ssize_t pos = 0;
         PyObject *key, *value;
         while (PyDict_Next(d, &pos, &key, &value)) {
-            if (!PyUnicode_Check(key))
-                return tf_raise(L, L->st->UnpicklingError, "BUILD attribute name is not a string");
+            if (!PyUnicode_Check(key)) {
+                /* a Python 2 name read with encoding="bytes": into __dict__ as it is, as pickle does */
+                PyObject *dict = PyBytes_Check(key) ? PyObject_GetAttrString(obj, "__dict__") : NULL;
+                int r = dict != NULL && PyDict_Check(dict) ? PyDict_SetItem(dict, key, value) : -1;
+                Py_XDECREF(dict);
+                if (r < 0) {
+                    PyErr_Clear();
+                    return tf_raise(L, L->st->UnpicklingError, "BUILD attribute name is not a string");
+                }
+                continue;
+            }
             if (PyObject_SetAttr(obj, key, value) < 0) {
                 tf_raise_from(L, L->st->UnpicklingError, "cannot set attribute %U on %s", key,
                          Py_TYPE(obj)->tp_name);

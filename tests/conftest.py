@@ -70,6 +70,8 @@ def pytest_configure(config):
         "needs_torch: compares against real PyTorch; skipped when torch is missing "
         "(fails instead when TORCHFREE_REQUIRE_TORCH=1)",
     )
+    config.addinivalue_line(
+        "markers", "huge: writes and reads files of several GB; deselected unless TORCHFREE_SLOW=1")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -79,6 +81,12 @@ def pytest_collection_modifyitems(config, items):
     # errors when the project runs with filterwarnings=error.
     # Every test that uses the `torch` fixture needs torch: mark it, so `-m "not needs_torch"`
     # (the ASan+UBSan run of .ci/run) leaves it out. tryfirst: before -m deselects.
+    # `huge` tests (GBs of disk and I/O) run only when asked for: TORCHFREE_SLOW=1.
+    if os.environ.get("TORCHFREE_SLOW") != "1":
+        huge = [item for item in items if item.get_closest_marker("huge") is not None]
+        if huge:
+            config.hook.pytest_deselected(items=huge)
+            items[:] = [item for item in items if item.get_closest_marker("huge") is None]
     for item in items:
         if "torch" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.needs_torch)

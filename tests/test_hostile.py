@@ -385,7 +385,7 @@ def test_pickle_globals_lists_every_global():
 
 
 @pytest.mark.parametrize("body,match", [
-    (b"q\x05", "underflow"), (P(b"N", b"q\x05"), "sparse"), (b"h\x00", "not set"), (b"X\xff\xff\xff\x7f", "truncated"),
+    (b"q\x05", "underflow"), (P(b"N", b"q\x40"), "sparse"), (b"h\x00", "not set"), (b"X\xff\xff\xff\x7f", "truncated"),
     (b"N", "no STOP"), (b"N.N", "after the STOP"), (b"\x82\x01", "extension"), (b"\xff", "invalid pickle opcode"),
     (b"(N)u", "odd|target"), (b"1", "no MARK"),
 ])

@@ -362,8 +362,9 @@ attack("memo_long_binput_2e31.pt", "`LONG_BINPUT 2^31` on an empty memo (sparse 
        UP, UP)(lambda: ckpt(P(b"N", b"r" + struct.pack("<I", 2**31))))
 attack("memo_long_binput_max.pt", "`LONG_BINPUT 0xffffffff`", UP, UP, UP)(
     lambda: ckpt(P(b"N", b"r\xff\xff\xff\xff")))
-attack("memo_binput_skips.pt", "`BINPUT 0`, `BINPUT 5`: a gap in the memo", UP, UP, UP)(
-    lambda: ckpt(P(b"Nq\x00", b"Nq\x05")))
+attack("memo_binput_skips.pt", "`BINPUT 0`, `BINPUT 40`: a gap in the memo (a gap of up to 16 slots is "
+       "allowed: Python 2's cPickle numbers from 1)", UP, UP, UP)(
+    lambda: ckpt(P(b"Nq\x00", b"Nq\x28")))
 attack("memo_binget_unset.pt", "`BINGET 0` before any `PUT`", UP, UP, UP)(lambda: ckpt(b"h\x00"))
 attack("memo_long_binget_huge.pt", "`LONG_BINGET 0xfffffff0`", UP, UP, UP)(lambda: ckpt(b"j\xf0\xff\xff\xff"))
 attack("memo_text_get_huge.pt", "protocol 0 `GET 999999999999999999`", UP, UP, UP)(
@@ -377,7 +378,7 @@ attack("mark_empty_list_1e6.pt", "a million `MARK EMPTY_LIST` pairs", LE, LE, LE
     lambda: deflated_pickle(P(PROTO2, b"(]" * 10**6, b".")))
 attack("empty_list_nested_3e5.pt", "a list nested 300000 deep (`EMPTY_LIST` and `APPEND` x 3*10^5), then a bad "
        "`BINPUT`: freeing it must not recurse", UP, UP, UP, peak_mib=64)(
-    lambda: deflated_pickle(P(PROTO2, b"]" * 300000, b"a" * (300000 - 1), b"q\x05.")))
+    lambda: deflated_pickle(P(PROTO2, b"]" * 300000, b"a" * (300000 - 1), b"q\x40.")))
 attack("stack_5e6_values.pt", "5 million `NONE`s on the stack (limit 2^22)", LE, LE, LE, peak_mib=64)(
     lambda: deflated_pickle(P(PROTO2, b"N" * 5 * 10**6, b".")))
 attack("binunicode_past_end.pt", "`BINUNICODE` length 2^31 in a 20-byte pickle", UP, UP, UP)(
