@@ -212,6 +212,59 @@ def device_tensor(data, dtype):
     return data if data.dtype == dtype else data.astype(dtype)
 
 
+# ---- save: what torch's pickle of a quantized or sparse tensor holds ----------------------
+
+
+class SaveGlobal:
+    """A GLOBAL for save() to write (one object per name, so the memo names it once)."""
+
+    __slots__ = ("module", "name")
+    _made: dict = {}
+
+    def __new__(cls, module, name):
+        o = cls._made.get((module, name))
+        if o is None:
+            o = cls._made[(module, name)] = object.__new__(cls)
+            o.module, o.name = module, name
+        return o
+
+
+class SaveCall:
+    """func(*args) for save() to write as a REDUCE."""
+
+    __slots__ = ("func", "args")
+
+    def __init__(self, func, args: tuple):
+        self.func, self.args = func, args
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
+def save_parts(obj):
+    """("q", int_repr, dtype name, shape, qparams) for a QuantizedArray, ("call", SaveCall) for a
+    SparseArray: torch's own pickle of them (torch._tensor.Tensor._reduce_ex_internal)."""
+    if isinstance(obj, QuantizedArray):
+        if obj.axis is None:
+            qparams = (SaveGlobal("torch", "per_tensor_affine"), float(obj.scale), int(obj.zero_point))
+        else:
+            # float qparams are written as per_channel_affine too (torch does): the zero points' dtype
+            # tells them apart when loaded
+            qparams = (SaveGlobal("torch", "per_channel_affine"), np.ascontiguousarray(obj.scale),
+                       np.ascontiguousarray(obj.zero_point), int(obj.axis))
+        return ("q", _native(obj.int_repr), obj.dtype.removeprefix("torch."), obj.shape, qparams)
+    if isinstance(obj, SparseArray):
+        layout = SaveCall(SaveGlobal("torch.serialization", "_get_layout"), (obj.layout,))
+        size = SaveCall(SaveGlobal("torch", "Size"), (tuple(obj.shape),))
+        if obj.layout == "torch.sparse_coo":
+            data = (obj.indices, obj.values, size, obj.is_coalesced)
+        else:
+            data = (obj.compressed_indices, obj.plain_indices, obj.values, size)
+        return ("call", SaveCall(SaveGlobal("torch._utils", "_rebuild_sparse_tensor"), (layout, data)))
+    raise TypeError(f"cannot save a {type(obj).__name__}")
+
+
 # ---- numpy objects, rebuilt inertly ------------------------------------------
 
 
@@ -335,4 +388,9 @@ HELPERS = {
     "sparse_csr": sparse_csr,
     "nested": nested,
     "device_tensor": device_tensor,
+    "QuantizedArray": QuantizedArray,
+    "SparseArray": SparseArray,
+    "SaveGlobal": SaveGlobal,
+    "SaveCall": SaveCall,
+    "save_parts": save_parts,
 }
