@@ -458,9 +458,9 @@ static int collect_rare(Saver *S, PyObject *obj) {
         DtypeId dt = name ? dtypes_by_name(name, strlen(name)) : DT_NONE;
         uint64_t mark;
         if (dt == DT_NONE) r = -1;
-        else if (ptrmap_get(&S->seen, int_repr, &mark))
-            r = raise_at(S, PyExc_ValueError, "the int_repr array of a QuantizedArray is saved twice");
-        else r = collect_array(S, int_repr, (int)dt);
+        else if (!ptrmap_get(&S->seen, int_repr, &mark)) r = collect_array(S, int_repr, (int)dt);
+        else if (mark < 3 || S->items[mark - 3].dt != (int)dt) /* two quantized tensors may share one */
+            r = raise_at(S, PyExc_ValueError, "the int_repr array of a QuantizedArray is also saved as another dtype");
         if (r == 0) r = collect(S, PyTuple_GET_ITEM(parts, 4));
     } else if (r == 0) {
         r = collect(S, PyTuple_GET_ITEM(parts, 1));

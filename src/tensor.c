@@ -413,6 +413,16 @@ static int check_number(PyObject *o) { return PyFloat_Check(o) || PyLong_Check(o
 static int check_int_or_none(PyObject *o) { return PyLong_Check(o) || o == Py_None; }
 static int check_int(PyObject *o) { return PyLong_Check(o); }
 
+/* Finish the deferred reads and byte swaps of the storages seen so far: the
+ * rare rebuilds below check and compute with their parts' values now. */
+static int ready_all(Loader *L) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(L->storage_list); i++) {
+        StorageObject *s = (StorageObject *)PyList_GET_ITEM(L->storage_list, i);
+        if ((s->pending || (s->swap_unit && !s->swapped)) && storage_ready(L, s) < 0) return -1;
+    }
+    return 0;
+}
+
 /* o with every TensorRef (of a lazy archive) made an array, looking into
  * tuples and lists down to `depth` levels: the rare rebuilds (quantized,
  * sparse, nested) need their parts' values. New reference. */
@@ -549,7 +559,7 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         int dt = ((StorageObject *)ARG(0))->dtype;
         PyObject *view = rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, NULL, 1);
         if (view == NULL) return NULL;
-        PyObject *params = materialize_all(L, ARG(4), 2);
+        PyObject *params = ready_all(L) < 0 ? NULL : materialize_all(L, ARG(4), 2);
         PyObject *shape = params ? PySequence_Tuple(ARG(2)) : NULL;
         if (shape == NULL) {
             Py_DECREF(view);
@@ -575,6 +585,7 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         if ((g->id == G_REBUILD_SPARSE_TENSOR || g->id == G_REBUILD_SPARSE_CSR_TENSOR) && n != 2)
             return wrong_args(L, g, "(layout, data)", args), NULL;
         PyObject *margs;
+        if (ready_all(L) < 0) return NULL;
         if (g->id == G_REBUILD_DEVICE_TENSOR_FROM_NUMPY || g->id == G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR) {
             if (n != 4) return wrong_args(L, g, "(data, dtype, device, requires_grad)", args), NULL;
             int dt = dtype_from_value(L, ARG(1));
@@ -614,9 +625,20 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         int dt = g->id == G_TENSOR ? DT_FLOAT32 : g->arg;
         if (dt < 0 || st->descr[dt] == NULL)
             return tf_raise(L, st->UnpicklingError, "%U has no array dtype", g->canon), NULL;
-        npy_intp zero = 0;
+        /* numpy gives a fresh empty array stride 0; torch's is (1,): view a 1-element buffer */
+        npy_intp one = 1, zero = 0, stride = (npy_intp)dtypes_table[dt].np_itemsize;
         Py_INCREF(st->descr[dt]);
-        return PyArray_NewFromDescr(&PyArray_Type, st->descr[dt], 1, &zero, NULL, NULL, 0, NULL);
+        PyObject *buf = PyArray_NewFromDescr(&PyArray_Type, st->descr[dt], 1, &one, NULL, NULL, 0, NULL);
+        if (buf == NULL) return NULL;
+        Py_INCREF(st->descr[dt]);
+        PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, st->descr[dt], 1, &zero, &stride,
+                                             PyArray_DATA((PyArrayObject *)buf), NPY_ARRAY_WRITEABLE, NULL);
+        if (arr == NULL || PyArray_SetBaseObject((PyArrayObject *)arr, buf) < 0) {
+            if (arr == NULL) Py_DECREF(buf);
+            Py_XDECREF(arr);
+            return NULL;
+        }
+        return arr;
     }
     default:
         return tf_raise(L, st->UnpicklingError, "%U cannot be called", g->canon), NULL;

@@ -194,15 +194,15 @@ class QuantizedArray:
         """float32 values, computed as torch's CPU kernels do (bit for bit)."""
         f = np.asarray(self.int_values(), dtype=np.float32)
         if self.axis is None:
-            return np.ascontiguousarray((f - np.float32(self.zero_point)) * np.float32(self.scale))
+            return _c((f - np.float32(self.zero_point)) * np.float32(self.scale))
         bshape = [1] * len(self.shape)
         bshape[self.axis] = -1
         zp = self.zero_point.reshape(bshape)
         sc = self.scale.reshape(bshape)
         if self.qscheme == "torch.per_channel_affine_float_qparams":
-            return np.ascontiguousarray((f - zp) * sc)
+            return _c((f - zp) * sc)
         # float subtraction, double product, rounded to float
-        return np.ascontiguousarray(((f - zp.astype(np.float32)).astype(np.float64) * sc).astype(np.float32))
+        return _c(((f - zp.astype(np.float32)).astype(np.float64) * sc).astype(np.float32))
 
     def __repr__(self) -> str:
         if self.axis is None:
@@ -210,6 +210,11 @@ class QuantizedArray:
         else:
             q = f"axis={self.axis}, scale={_short(self.scale)}, zero_point={_short(self.zero_point)}"
         return f"QuantizedArray(shape={self.shape}, dtype={self.dtype}, qscheme={self.qscheme}, {q})"
+
+
+def _c(a) -> np.ndarray:
+    """C-contiguous (0-d stays 0-d), as torch's dequantize() output."""
+    return np.array(a, order="C", copy=None)
 
 
 # ---- sparse ------------------------------------------------------------------
