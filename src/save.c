@@ -42,7 +42,7 @@
 /* Memo identities of objects that exist only on torch's side. Their
  * addresses stand for the objects (pickler.h); dtype and storage-class
  * GLOBALs use the addresses of their dtype table fields. */
-static const char K_REBUILD_V2, K_REBUILD_V3, K_REBUILD_META, K_UNTYPED, K_ORDERED_DICT, K_COUNTER, K_SET,
+static const char K_REBUILD_V2, K_REBUILD_V3, K_REBUILD_META, K_REBUILD_QTENSOR, K_UNTYPED, K_ORDERED_DICT, K_COUNTER, K_SET,
     K_COMPLEX, K_CODECS_ENCODE, K_BYTEARRAY;
 
 #define SAVE_CHUNK ((size_t)8 << 20)             /* bytes per write/CRC step */
@@ -88,6 +88,7 @@ typedef struct {
     Pickler pk;
     PyObject *keep;        /* list: objects we made that the memo refers to */
     PyObject *str_storage, *str_cpu, *str_latin1;
+    PyObject *parts;       /* dict: QuantizedArray / SparseArray -> what the save_parts helper made of it */
     /* collect */
     PtrMap seen;           /* container -> 1 (done) / 2 (tuple in progress); item object -> index + 3 */
     SaveItem *items;
@@ -315,14 +316,15 @@ static int is_memmap(PyObject *o) {
     return strcmp(n, "numpy.memmap") == 0 || strcmp(n, "memmap") == 0;
 }
 
-static int collect_array(Saver *S, PyObject *obj) {
+/* force_dt: the dtype of the storage (a quantized tensor's int_repr), or -1 for the array's own */
+static int collect_array(Saver *S, PyObject *obj, int force_dt) {
     PyArrayObject *a = (PyArrayObject *)obj;
     if (!PyArray_CheckExact(obj) && !is_memmap(obj))
         return raise_at(S, PyExc_TypeError,
                         "cannot save a %s (an ndarray subclass): pass a plain numpy.ndarray (np.asarray(x))",
                         Py_TYPE(obj)->tp_name);
     PyArray_Descr *d = PyArray_DESCR(a);
-    int dt = dtype_of_descr(S->st, d);
+    int dt = force_dt >= 0 ? force_dt : dtype_of_descr(S->st, d);
     if (dt < 0) return raise_at(S, PyExc_TypeError, "numpy dtype %R has no torch equivalent", (PyObject *)d);
     if (PyArray_NDIM(a) > (int)TF_LIMIT_NDIM) return raise_at(S, PyExc_ValueError, "array has too many dimensions");
     PyObject *w = Py_NewRef(obj);
@@ -422,6 +424,51 @@ static int collect_int(Saver *S, PyObject *obj) {
     return 0;
 }
 
+/* 1 when obj is exactly the class helpers[name] (a torchfree type), 0 if not, -1 on error. */
+static int is_helper_type(Saver *S, PyObject *obj, const char *name) {
+    PyObject *tp = tf_helper(S->st, name);
+    if (tp == NULL) return -1;
+    return (PyObject *)Py_TYPE(obj) == tp;
+}
+
+/* A QuantizedArray or SparseArray: the save_parts helper says what torch's
+ * pickle of it holds: ("q", int_repr, dtype name, shape, qparams) or
+ * ("call", SaveCall). Kept in S->parts for the pickle pass. */
+static int collect_rare(Saver *S, PyObject *obj) {
+    if (S->parts == NULL && (S->parts = PyDict_New()) == NULL) return -1;
+    PyObject *f = tf_helper(S->st, "save_parts");
+    PyObject *parts = f ? PyObject_CallOneArg(f, obj) : NULL;
+    if (parts == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyObject *t, *v, *tb;
+            PyErr_Fetch(&t, &v, &tb);
+            PyErr_NormalizeException(&t, &v, &tb);
+            int r = raise_at(S, t, "%S", v);
+            Py_XDECREF(t);
+            Py_XDECREF(v);
+            Py_XDECREF(tb);
+            return r;
+        }
+        return -1;
+    }
+    int r = PyDict_SetItem(S->parts, obj, parts);
+    if (r == 0 && PyTuple_GET_SIZE(parts) == 5) {
+        PyObject *int_repr = PyTuple_GET_ITEM(parts, 1);
+        const char *name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(parts, 2));
+        DtypeId dt = name ? dtypes_by_name(name, strlen(name)) : DT_NONE;
+        uint64_t mark;
+        if (dt == DT_NONE) r = -1;
+        else if (!ptrmap_get(&S->seen, int_repr, &mark)) r = collect_array(S, int_repr, (int)dt);
+        else if (mark < 3 || S->items[mark - 3].dt != (int)dt) /* two quantized tensors may share one */
+            r = raise_at(S, PyExc_ValueError, "the int_repr array of a QuantizedArray is also saved as another dtype");
+        if (r == 0) r = collect(S, PyTuple_GET_ITEM(parts, 4));
+    } else if (r == 0) {
+        r = collect(S, PyTuple_GET_ITEM(parts, 1));
+    }
+    Py_DECREF(parts);
+    return r;
+}
+
 static int collect(Saver *S, PyObject *obj) {
     ModuleState *st = S->st;
     PyTypeObject *tp = Py_TYPE(obj);
@@ -460,7 +507,7 @@ static int collect(Saver *S, PyObject *obj) {
     }
     if (PyArray_Check(obj)) {
         if (ptrmap_get(&S->seen, obj, &mark)) return 0;
-        return collect_array(S, obj);
+        return collect_array(S, obj, -1);
     }
     if (tp == st->StorageType) {
         if (ptrmap_get(&S->seen, obj, &mark)) return 0;
@@ -493,6 +540,23 @@ static int collect(Saver *S, PyObject *obj) {
         if (!ok) return raise_at(S, PyExc_TypeError, "MetaArray with a shape or dtype torch cannot rebuild");
         return 0;
     }
+    int rare = is_helper_type(S, obj, "QuantizedArray") || is_helper_type(S, obj, "SparseArray");
+    if (rare < 0) return -1;
+    if (rare) {
+        if (ptrmap_get(&S->seen, obj, &mark)) return 0;
+        if (ptrmap_set(&S->seen, obj, 1) < 0) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        return collect_rare(S, obj);
+    }
+    if (is_helper_type(S, obj, "SaveGlobal") == 1) return 0;
+    if (is_helper_type(S, obj, "SaveCall") == 1) {
+        PyObject *args = PyObject_GetAttrString(obj, "args");
+        int r = args ? collect(S, args) : -1;
+        Py_XDECREF(args);
+        return r;
+    }
     if (st->OpaqueType != NULL && PyObject_TypeCheck(obj, (PyTypeObject *)st->OpaqueType)) {
         PyObject *q = PyObject_GetAttrString(obj, "qualname");
         if (q == NULL) return -1;
@@ -510,8 +574,8 @@ static int collect(Saver *S, PyObject *obj) {
     return raise_at(S, PyExc_TypeError,
                     "cannot save an object of type %s: torch.load(weights_only=True) could not rebuild it "
                     "(supported: dict, OrderedDict, Counter, list, tuple, set, str, bytes, bytearray, int, "
-                    "float, complex, bool, None, numpy arrays, numpy dtypes, torchfree.MetaArray and "
-                    "torchfree.Storage)", tp->tp_name);
+                    "float, complex, bool, None, numpy arrays, numpy dtypes, torchfree.MetaArray, "
+                    "torchfree.QuantizedArray, torchfree.SparseArray and torchfree.Storage)", tp->tp_name);
 }
 
 /* ---- records ------------------------------------------------------------------------ */
@@ -1138,6 +1202,80 @@ static int save_meta(Saver *S, PyObject *obj) {
     return 0;
 }
 
+/* torch's pickle of a quantized tensor: _rebuild_qtensor(storage, offset, size,
+ * stride, qparams, False, OrderedDict()). */
+static int save_quantized(Saver *S, PyObject *obj, PyObject *parts) {
+    Pickler *P = &S->pk;
+    uint64_t i;
+    PyObject *int_repr = PyTuple_GET_ITEM(parts, 1), *shape = PyTuple_GET_ITEM(parts, 3);
+    if (!ptrmap_get(&S->seen, int_repr, &i)) return PyErr_Format(PyExc_RuntimeError, "array was not collected"), -1;
+    SaveItem *it = &S->items[i - 3];
+    emit_global(S, &K_REBUILD_QTENSOR, "torch._utils", "_rebuild_qtensor");
+    pk_op(P, OP_MARK);
+    if (emit_pid(S, &S->recs[it->rec]) < 0) return -1;
+    pk_int(P, it->offset);
+    if (it->dt == DT_QUINT4X2 || it->dt == DT_QUINT2X4) {
+        /* int_repr holds the packed bytes: the tensor is contiguous in its own shape */
+        Py_ssize_t nd = PyTuple_GET_SIZE(shape);
+        int64_t vals[NPY_MAXDIMS], contiguous = 1;
+        if (nd > NPY_MAXDIMS) return PyErr_Format(PyExc_ValueError, "too many dimensions"), -1;
+        for (Py_ssize_t d = nd - 1; d >= 0; d--) {
+            int64_t dim = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, d));
+            if (dim < 0) return PyErr_Occurred() ? -1 : (PyErr_Format(PyExc_ValueError, "negative size"), -1);
+            vals[d] = contiguous;
+            contiguous *= dim > 1 ? dim : 1;
+        }
+        if (save_obj(S, shape) < 0) return -1;
+        if (nd == 0) {
+            pk_op(P, OP_EMPTY_TUPLE);
+        } else {
+            if (nd > 3) pk_op(P, OP_MARK);
+            for (Py_ssize_t d = 0; d < nd; d++) pk_int(P, vals[d]);
+            pk_tuple(P, (size_t)nd);
+            pk_memoize(P, NULL);
+        }
+    } else {
+        emit_dims(S, (PyArrayObject *)it->arr, 0);
+        emit_dims(S, (PyArrayObject *)it->arr, 1);
+    }
+    if (save_obj(S, PyTuple_GET_ITEM(parts, 4)) < 0) return -1;
+    pk_op(P, OP_NEWFALSE);
+    emit_global(S, &K_ORDERED_DICT, "collections", "OrderedDict");
+    pk_op(P, OP_EMPTY_TUPLE);
+    pk_op(P, OP_REDUCE);
+    pk_memoize(P, NULL);
+    pk_op(P, OP_TUPLE);
+    pk_memoize(P, NULL);
+    pk_op(P, OP_REDUCE);
+    pk_memoize(P, obj);
+    return 0;
+}
+
+/* SaveGlobal(module, name) / SaveCall(func, args): a GLOBAL, or func(*args) by REDUCE. */
+static int save_made_call(Saver *S, PyObject *obj, int is_call, PyObject *memo_key) {
+    Pickler *P = &S->pk;
+    if (!is_call) {
+        PyObject *m = PyObject_GetAttrString(obj, "module"), *n = m ? PyObject_GetAttrString(obj, "name") : NULL;
+        const char *ms = n ? PyUnicode_AsUTF8(m) : NULL, *ns = ms ? PyUnicode_AsUTF8(n) : NULL;
+        if (ns != NULL) emit_global(S, obj, ms, ns); /* helpers keep one object per global alive */
+        Py_XDECREF(m);
+        Py_XDECREF(n);
+        return ns ? 0 : -1;
+    }
+    PyObject *f = PyObject_GetAttrString(obj, "func"), *a = f ? PyObject_GetAttrString(obj, "args") : NULL;
+    int r = a && PyTuple_Check(a) ? 0 : -1;
+    if (r < 0 && a != NULL) PyErr_SetString(PyExc_TypeError, "SaveCall args must be a tuple");
+    if (r == 0) r = save_obj(S, f);
+    if (r == 0) r = save_obj(S, a);
+    if (r == 0) {
+        pk_op(P, OP_REDUCE);
+        pk_memoize(P, memo_key);
+    }
+    Py_XDECREF(f);
+    Py_XDECREF(a);
+    return r;
+}
+
 /* CPython's save(): atoms, the memo, then each type's own form. */
 static int save_obj(Saver *S, PyObject *obj) {
     Pickler *P = &S->pk;
@@ -1240,7 +1378,20 @@ static int save_obj(Saver *S, PyObject *obj) {
         emit_global(S, &dtypes_table[dt].name, "torch", dtypes_table[dt].name);
     } else if (st->MetaArrayType != NULL && tp == (PyTypeObject *)st->MetaArrayType) {
         r = save_meta(S, obj);
+    } else if (S->parts != NULL && PyDict_GetItemWithError(S->parts, obj) != NULL) {
+        PyObject *parts = PyDict_GetItemWithError(S->parts, obj);
+        /* a sparse tensor is its call (memoized as the SparseArray itself) */
+        r = PyTuple_GET_SIZE(parts) == 5 ? save_quantized(S, obj, parts)
+                                         : save_made_call(S, PyTuple_GET_ITEM(parts, 1), 1, obj);
+    } else if (is_helper_type(S, obj, "SaveGlobal") == 1) {
+        r = save_made_call(S, obj, 0, obj);
+    } else if (is_helper_type(S, obj, "SaveCall") == 1) {
+        r = save_made_call(S, obj, 1, obj);
     } else {
+        if (PyErr_Occurred()) {
+            Py_LeaveRecursiveCall();
+            return -1;
+        }
         r = -1;
         PyErr_Format(PyExc_TypeError, "cannot save an object of type %s", tp->tp_name);
     }
@@ -1586,6 +1737,7 @@ static void saver_free(Saver *S) {
     Py_XDECREF(S->str_storage);
     Py_XDECREF(S->str_cpu);
     Py_XDECREF(S->str_latin1);
+    Py_XDECREF(S->parts);
 }
 
 /* Hold a buffer export on each record's owner while its bytes are written

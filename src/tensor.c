@@ -291,7 +291,7 @@ PyObject *tensor_materialize(Loader *L, PyObject *ref) {
  * elements of dtype dt, checked to lie inside `storage`, then a numpy view
  * (or, in a lazy archive, a TensorRef to make one later). */
 static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_o, PyObject *size_o,
-                                 PyObject *stride_o, int dt, PyObject *metadata) {
+                                 PyObject *stride_o, int dt, PyObject *metadata, int quantized) {
     ModuleState *st = L->st;
     if (!is_storage(L, storage))
         return tf_raise(L, st->UnpicklingError, "tensor rebuilt over a %s, not a storage",
@@ -299,8 +299,9 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
     StorageObject *s = (StorageObject *)storage;
     if (dt < 0) dt = s->dtype;
     const DtypeInfo *info = &dtypes_table[dt];
-    if (info->flags & (DTF_QUANTIZED | DTF_NO_TENSOR))
-        return tf_raise(L, st->UnpicklingError, "dtype %s cannot be rebuilt as a plain tensor", info->name), NULL;
+    if (quantized ? !(info->flags & DTF_QUANTIZED) : (info->flags & (DTF_QUANTIZED | DTF_NO_TENSOR)) != 0)
+        return tf_raise(L, st->UnpicklingError, "dtype %s cannot be rebuilt as a %s tensor", info->name,
+                        quantized ? "quantized" : "plain"), NULL;
     int64_t offset, size[NPY_MAXDIMS + 1], stride[NPY_MAXDIMS + 1];
     int nd, nds;
     if (get_index(L, offset_o, "storage offset", &offset) < 0 || get_dims(L, size_o, "size", size, &nd) < 0 ||
@@ -318,6 +319,19 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
             return tf_raise(L, st->FormatError, "tensor size overflows"), NULL;
         if (size[i] > 0 && (tf_mul_u64((uint64_t)(size[i] - 1), (uint64_t)stride[i], &t) || tf_add_u64(last, t, &last)))
             return tf_raise(L, st->FormatError, "tensor size x stride overflows"), NULL;
+    }
+    if (quantized && (dt == DT_QUINT4X2 || dt == DT_QUINT2X4)) {
+        /* sub-byte: torch's int_repr() is the packed bytes of the numel elements,
+         * read linearly from the data pointer (strides play no part) */
+        uint64_t per = dt == DT_QUINT4X2 ? 2 : 4, packed = (numel + per - 1) / per;
+        uint64_t end;
+        if (tf_add_u64((uint64_t)offset, packed, &end) || end > (uint64_t)s->nbytes)
+            return tf_raise(L, st->FormatError,
+                            "quantized %s tensor of %llu elements at offset %lld reaches past the end of record "
+                            "data/%U (%zd bytes)", info->name, (unsigned long long)numel, (long long)offset, s->key,
+                            s->nbytes), NULL;
+        int64_t psize = (int64_t)packed, pstride = 1;
+        return make_view(L, s, dt, offset, 1, &psize, &pstride, 0, 0);
     }
     uint64_t end_bytes;
     if (empty) {
@@ -337,7 +351,7 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
         conj = c != NULL && PyObject_IsTrue(c) == 1;
         neg = n != NULL && PyObject_IsTrue(n) == 1;
     }
-    if (L->lazy) {
+    if (L->lazy && !quantized) {
         TensorRef *t = PyObject_New(TensorRef, st->TensorRefType);
         if (t == NULL) return NULL;
         t->storage = Py_NewRef(storage);
@@ -354,7 +368,7 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
 }
 
 PyObject *tensor_strided(Loader *L, PyObject *storage, PyObject *offset, PyObject *size, PyObject *stride, int dt) {
-    return rebuild_strided(L, storage, offset, size, stride, dt, NULL);
+    return rebuild_strided(L, storage, offset, size, stride, dt, NULL, 0);
 }
 
 /* OrderedDict(), OrderedDict([(k, v), ...]), Counter(...) */
@@ -441,6 +455,38 @@ static PyObject *jit_pickle_helper(Loader *L, GlobalRef *g, PyObject *args) {
     }
 }
 
+/* Finish the deferred reads and byte swaps of the storages seen so far: the
+ * rare rebuilds below check and compute with their parts' values now. */
+static int ready_all(Loader *L) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(L->storage_list); i++) {
+        StorageObject *s = (StorageObject *)PyList_GET_ITEM(L->storage_list, i);
+        if ((s->pending || (s->swap_unit && !s->swapped)) && storage_ready(L, s) < 0) return -1;
+    }
+    return 0;
+}
+
+/* o with every TensorRef (of a lazy archive) made an array, looking into
+ * tuples and lists down to `depth` levels: the rare rebuilds (quantized,
+ * sparse, nested) need their parts' values. New reference. */
+static PyObject *materialize_all(Loader *L, PyObject *o, int depth) {
+    if (Py_TYPE(o) == L->st->TensorRefType) return tensor_materialize(L, o);
+    if (depth <= 0 || !(PyTuple_CheckExact(o) || PyList_CheckExact(o))) return Py_NewRef(o);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *x = materialize_all(L, PySequence_Fast_GET_ITEM(o, i), depth - 1);
+        if (x == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, x);
+    }
+    if (PyList_CheckExact(o)) return out;
+    Py_SETREF(out, PyList_AsTuple(out));
+    return out;
+}
+
 PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
@@ -448,15 +494,15 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     switch (g->id) {
     case G_REBUILD_TENSOR_V2:
         if (n < 6 || n > 7) return wrong_args(L, g, "6 or 7 arguments", args), NULL;
-        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, n == 7 ? ARG(6) : NULL);
+        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, n == 7 ? ARG(6) : NULL, 0);
     case G_REBUILD_TENSOR:
         if (n != 4) return wrong_args(L, g, "4 arguments", args), NULL;
-        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, NULL);
+        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, NULL, 0);
     case G_REBUILD_TENSOR_V3: {
         if (n < 7 || n > 8) return wrong_args(L, g, "7 or 8 arguments", args), NULL;
         int dt = dtype_from_value(L, ARG(6));
         if (dt < 0) return NULL;
-        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, n == 8 ? ARG(7) : NULL);
+        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, n == 8 ? ARG(7) : NULL, 0);
     }
     case G_REBUILD_PARAMETER:
     case G_REBUILD_PARAMETER_WITH_STATE:
@@ -464,11 +510,12 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         /* a Parameter is its data (numpy arrays carry no requires_grad) */
         if (n < 1 || n > 4) return wrong_args(L, g, "(data, requires_grad, hooks[, state])", args), NULL;
         return Py_NewRef(ARG(0));
+    case G_REBUILD_FROM_TYPE:
     case G_REBUILD_FROM_TYPE_V2: {
         if (n != 4) return wrong_args(L, g, "(func, type, args, state)", args), NULL;
         PyObject *func = ARG(0), *type = ARG(1), *fargs = ARG(2);
         if (Py_TYPE(func) != st->GlobalRefType || ((GlobalRef *)func)->obj != NULL || !PyTuple_Check(fargs))
-            return tf_raise(L, st->UnpicklingError, "_rebuild_from_type_v2 needs a torch rebuild function"), NULL;
+            return tf_raise(L, st->UnpicklingError, "%U needs a torch rebuild function", g->canon), NULL;
         PyObject *inner = tensor_reduce(L, (GlobalRef *)func, fargs);
         if (inner == NULL) return NULL;
         if (Py_TYPE(type) == st->GlobalRefType &&
@@ -553,23 +600,101 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         return helper_call(L, "np_dtype", args);
     case G_NP_SCALAR:
         return helper_call(L, "np_scalar", args);
-    case G_REBUILD_QTENSOR:
+    case G_REBUILD_QTENSOR: {
+        if (n != 7)
+            return wrong_args(L, g, "(storage, offset, size, stride, quantizer_params, requires_grad, hooks)", args),
+                   NULL;
+        if (!is_storage(L, ARG(0)))
+            return tf_raise(L, st->UnpicklingError, "quantized tensor rebuilt over a %s, not a storage",
+                            Py_TYPE(ARG(0))->tp_name), NULL;
+        int dt = ((StorageObject *)ARG(0))->dtype;
+        PyObject *view = rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, NULL, 1);
+        if (view == NULL) return NULL;
+        PyObject *params = ready_all(L) < 0 ? NULL : materialize_all(L, ARG(4), 2);
+        PyObject *shape = params ? PySequence_Tuple(ARG(2)) : NULL;
+        if (shape == NULL) {
+            Py_DECREF(view);
+            Py_XDECREF(params);
+            return NULL;
+        }
+        PyObject *hargs = Py_BuildValue("(NsNN)", view, dtypes_table[dt].name, shape, params);
+        PyObject *r = hargs ? helper_call(L, "qtensor", hargs) : NULL;
+        Py_XDECREF(hargs);
+        return r;
+    }
     case G_REBUILD_SPARSE_TENSOR:
     case G_REBUILD_SPARSE_CSR_TENSOR:
     case G_REBUILD_NESTED_TENSOR:
-    case G_REBUILD_WRAPPER_SUBCLASS:
     case G_REBUILD_DEVICE_TENSOR_FROM_NUMPY:
-    case G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR:
-    case G_REBUILD_FROM_TYPE:
-    case G_TENSOR:
-    case G_LEGACY_TENSOR:
-        return tf_raise(L, st->UnpicklingError,
-                        "%U (quantized, sparse, nested, wrapper-subclass and pre-0.4 tensors) is not "
-                        "supported by this version of torchfree yet", g->canon), NULL;
+    case G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR: {
+        const char *helper = g->id == G_REBUILD_NESTED_TENSOR ? "nested"
+                             : g->id == G_REBUILD_SPARSE_TENSOR ? "sparse"
+                             : g->id == G_REBUILD_SPARSE_CSR_TENSOR ? "sparse_csr"
+                                                                    : "device_tensor";
+        if (g->id == G_REBUILD_NESTED_TENSOR && n != 4)
+            return wrong_args(L, g, "(buffer, sizes, strides, storage_offsets)", args), NULL;
+        if ((g->id == G_REBUILD_SPARSE_TENSOR || g->id == G_REBUILD_SPARSE_CSR_TENSOR) && n != 2)
+            return wrong_args(L, g, "(layout, data)", args), NULL;
+        PyObject *margs;
+        if (ready_all(L) < 0) return NULL;
+        if (g->id == G_REBUILD_DEVICE_TENSOR_FROM_NUMPY || g->id == G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR) {
+            if (n != 4) return wrong_args(L, g, "(data, dtype, device, requires_grad)", args), NULL;
+            int dt = dtype_from_value(L, ARG(1));
+            if (dt < 0) return NULL;
+            if (st->descr[dt] == NULL || (dtypes_table[dt].flags & (DTF_QUANTIZED | DTF_NO_TENSOR)) ||
+                dt == DT_COMPLEX32)
+                return tf_raise(L, st->UnpicklingError, "%U to dtype %s is not supported", g->canon,
+                                dtypes_table[dt].name), NULL;
+            PyObject *data = materialize_all(L, ARG(0), 0);
+            margs = data ? Py_BuildValue("(NO)", data, (PyObject *)st->descr[dt]) : NULL;
+        } else {
+            margs = materialize_all(L, args, 2);
+        }
+        if (margs == NULL) return NULL;
+        PyObject *r = helper_call(L, helper, margs);
+        Py_DECREF(margs);
+        return r;
+    }
+    case G_REBUILD_WRAPPER_SUBCLASS: {
+        /* storage-less: the real tensors are in the state _rebuild_from_type_v2 passes on */
+        if (n != 8)
+            return wrong_args(L, g, "(cls, dtype, size, stride, storage_offset, layout, device, requires_grad)",
+                              args), NULL;
+        int dt = dtype_from_value(L, ARG(1));
+        int64_t size[NPY_MAXDIMS + 1];
+        int nd;
+        if (dt < 0 || get_dims(L, ARG(2), "size", size, &nd) < 0) return NULL;
+        PyObject *shape = PySequence_Tuple(ARG(2));
+        return shape ? make_meta(L, shape, dt) : NULL;
+    }
     case G_JIT_BUILD_LIST:
     case G_JIT_BUILD_TENSOR_FROM_ID:
     case G_JIT_RESTORE_TYPE_TAG:
         return jit_pickle_helper(L, g, args);
+    case G_TENSOR:
+    case G_LEGACY_TENSOR: {
+        /* torch.Tensor() / torch.FloatTensor(): an empty tensor, which a pre-0.4 pickle
+         * then BUILDs with (storage, offset, size, stride) */
+        if (n != 0)
+            return tf_raise(L, st->UnpicklingError, "%U called with arguments is not supported", g->canon), NULL;
+        int dt = g->id == G_TENSOR ? DT_FLOAT32 : g->arg;
+        if (dt < 0 || st->descr[dt] == NULL)
+            return tf_raise(L, st->UnpicklingError, "%U has no array dtype", g->canon), NULL;
+        /* numpy gives a fresh empty array stride 0; torch's is (1,): view a 1-element buffer */
+        npy_intp one = 1, zero = 0, stride = (npy_intp)dtypes_table[dt].np_itemsize;
+        Py_INCREF(st->descr[dt]);
+        PyObject *buf = PyArray_NewFromDescr(&PyArray_Type, st->descr[dt], 1, &one, NULL, NULL, 0, NULL);
+        if (buf == NULL) return NULL;
+        Py_INCREF(st->descr[dt]);
+        PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, st->descr[dt], 1, &zero, &stride,
+                                             PyArray_DATA((PyArrayObject *)buf), NPY_ARRAY_WRITEABLE, NULL);
+        if (arr == NULL || PyArray_SetBaseObject((PyArrayObject *)arr, buf) < 0) {
+            if (arr == NULL) Py_DECREF(buf);
+            Py_XDECREF(arr);
+            return NULL;
+        }
+        return arr;
+    }
     default:
         return tf_raise(L, st->UnpicklingError, "%U cannot be called", g->canon), NULL;
     }
@@ -577,6 +702,26 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
 }
 
 PyObject *tensor_build(Loader *L, PyObject *obj, PyObject *state) {
+    if ((PyArray_CheckExact(obj) || Py_TYPE(obj) == L->st->TensorRefType ||
+         Py_TYPE(obj) == (PyTypeObject *)L->st->MetaArrayType) && PyTuple_CheckExact(state)) {
+        /* BUILD on a tensor: Tensor.__setstate__ of pre-0.4 pickles */
+        Py_ssize_t n = PyTuple_GET_SIZE(state);
+        if (n == 4) /* set_(storage, offset, size, stride) */
+            return rebuild_strided(L, PyTuple_GET_ITEM(state, 0), PyTuple_GET_ITEM(state, 1),
+                                   PyTuple_GET_ITEM(state, 2), PyTuple_GET_ITEM(state, 3), -1, NULL, 0);
+        if (n == 5) { /* a Variable: (data, _, backward_hooks, requires_grad, _) */
+            PyObject *data = PyTuple_GET_ITEM(state, 0);
+            if (!PyArray_Check(data) && Py_TYPE(data) != L->st->TensorRefType &&
+                Py_TYPE(data) != (PyTypeObject *)L->st->MetaArrayType)
+                return tf_raise(L, L->st->UnpicklingError, "Variable state holds a %s, not a tensor",
+                                Py_TYPE(data)->tp_name), NULL;
+            return Py_NewRef(data);
+        }
+        if (n == 3) /* (requires_grad, _, backward_hooks): the data stays */
+            return Py_NewRef(obj);
+        return tf_raise(L, L->st->UnpicklingError, "BUILD on a tensor with a state of %zd items (expected 3, 4 or 5)",
+                        n), NULL;
+    }
     PyObject *args = PyTuple_Pack(2, obj, state);
     PyObject *r = tf_call_helper(L, "build", args);
     Py_XDECREF(args);

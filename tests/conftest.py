@@ -244,9 +244,64 @@ def _torch_types():
     return torch
 
 
-def _cmp_tensor(a, t, path, ctx):
+def _cmp_quantized(a, t, path, ctx):
+    """QuantizedArray vs a torch quantized tensor: int_repr, quantizer, dequantize(), bit for bit."""
     import torchfree
 
+    torch = sys.modules["torch"]
+    assert isinstance(a, torchfree.QuantizedArray), f"{path}: expected QuantizedArray, got {type(a)!r}"
+    assert a.dtype == str(t.dtype) and a.shape == tuple(t.shape), f"{path}: {a!r} vs {t.dtype} {tuple(t.shape)}"
+    assert a.qscheme == str(t.qscheme()), f"{path}: qscheme {a.qscheme} != {t.qscheme()}"
+    ir = t.int_repr()
+    assert a.int_repr.dtype == ir.numpy().dtype and a.int_repr.shape == tuple(ir.shape), \
+        f"{path}: int_repr {a.int_repr.dtype}{a.int_repr.shape} != {ir.dtype}{tuple(ir.shape)}"
+    assert np.array_equal(np_bytes(a.int_repr), torch_bytes(ir)), f"{path}: int_repr values differ"
+    if t.qscheme() == torch.per_tensor_affine:
+        assert a.axis is None and type(a.zero_point) is int and a.zero_point == t.q_zero_point()
+        _cmp_float(a.scale, t.q_scale(), path + ".scale")
+    else:
+        assert a.axis == t.q_per_channel_axis(), f"{path}: axis {a.axis} != {t.q_per_channel_axis()}"
+        _cmp_tensor(a.scale, t.q_per_channel_scales(), path + ".scale", ctx, pair=False)
+        _cmp_tensor(a.zero_point, t.q_per_channel_zero_points(), path + ".zero_point", ctx, pair=False)
+    _cmp_tensor(a.dequantize(), t.dequantize(), path + ".dequantize()", ctx, pair=False, strides=False)
+
+
+def _cmp_sparse(a, t, path, ctx):
+    """SparseArray vs a torch sparse tensor: layout, index arrays, values, to_dense(), bit for bit."""
+    import torchfree
+
+    torch = sys.modules["torch"]
+    assert isinstance(a, torchfree.SparseArray), f"{path}: expected SparseArray, got {type(a)!r}"
+    assert a.layout == str(t.layout) and a.shape == tuple(t.shape), f"{path}: {a!r} vs {t.layout} {tuple(t.shape)}"
+    if t.layout == torch.sparse_coo:
+        assert a.is_coalesced == t.is_coalesced(), f"{path}: is_coalesced {a.is_coalesced} != {t.is_coalesced()}"
+        parts = [("indices", t._indices()), ("values", t._values())]
+    else:
+        comp, plain = {torch.sparse_csr: ("crow", "col"), torch.sparse_bsr: ("crow", "col"),
+                       torch.sparse_csc: ("ccol", "row"), torch.sparse_bsc: ("ccol", "row")}[t.layout]
+        parts = [(comp + "_indices", getattr(t, comp + "_indices")()), (plain + "_indices", getattr(t, plain + "_indices")()),
+                 ("values", t.values())]
+        assert a.compressed_indices is getattr(a, comp + "_indices") and a.plain_indices is getattr(a, plain + "_indices")
+    for name, tt in parts:
+        _cmp_tensor(getattr(a, name), tt, f"{path}.{name}", ctx)
+    _cmp_tensor(a.todense(), t.to_dense(), path + ".todense()", ctx, pair=False, strides=False)
+
+
+def _cmp_tensor(a, t, path, ctx, pair=True, strides=True):
+    import torchfree
+
+    if t.is_quantized:
+        return _cmp_quantized(a, t, path, ctx)
+    if t.layout != sys.modules["torch"].strided:
+        return _cmp_sparse(a, t, path, ctx)
+    if t.is_nested:
+        assert isinstance(a, torchfree.NestedArray), f"{path}: expected NestedArray, got {type(a)!r}"
+        parts = t.unbind()
+        assert len(a) == len(parts), f"{path}: {len(a)} components != {len(parts)}"
+        for i, (x, y) in enumerate(zip(a, parts)):
+            _cmp_tensor(x, y, f"{path}.{i}", ctx, pair=False)
+            assert x.size == 0 or np.shares_memory(x, a.buffer), f"{path}.{i} does not view the nested buffer"
+        return
     name = str(t.dtype).replace("torch.", "")
     exp_dt = TORCH_TO_NP[name]
     if ctx.meta or t.is_meta:
@@ -261,7 +316,7 @@ def _cmp_tensor(a, t, path, ctx):
         f"{path}: dtype {a.dtype!r} is not in native byte order"
     assert a.shape == tuple(t.shape), f"{path}: shape {a.shape} != {tuple(t.shape)}"
     lazy = t.is_conj() or t.is_neg()
-    if not lazy:
+    if not lazy and strides:
         exp_strides = tuple(s * a.itemsize for s in t.stride())
         assert a.strides == exp_strides, f"{path}: strides {a.strides} != {exp_strides} (torch {t.stride()})"
     got = np_bytes(a)
@@ -272,7 +327,8 @@ def _cmp_tensor(a, t, path, ctx):
             f"{path}: values differ (dtype {a.dtype}, shape {a.shape}); "
             f"first differing byte offsets {None if bad is None else bad[:8].tolist()}; "
             f"got {got[:32].tolist()} expected {exp[:32].tolist()}")
-    ctx.pairs.append((path, a, t))
+    if pair:
+        ctx.pairs.append((path, a, t))
 
 
 def _cmp_float(a, b, path):

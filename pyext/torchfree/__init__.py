@@ -21,7 +21,7 @@ from ._core import (
 from ._load import load
 from ._save import save
 from ._scan import Checkpoint, CheckpointInfo, TensorInfo, flatten, open, scan
-from ._types import MetaArray, Opaque
+from ._types import MetaArray, NestedArray, Opaque, QuantizedArray, SparseArray
 from .statedict import (
     IncompatibleKeys,
     StateDictDiff,
@@ -51,6 +51,9 @@ __all__ = [
     "Storage",
     "Opaque",
     "MetaArray",
+    "QuantizedArray",
+    "SparseArray",
+    "NestedArray",
     "LIMITS",
     "CheckpointError",
     "FormatError",

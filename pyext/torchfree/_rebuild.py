@@ -13,7 +13,7 @@ import re
 
 import numpy as np
 
-from ._types import MetaArray, Opaque
+from ._types import MetaArray, NestedArray, Opaque, QuantizedArray, SparseArray
 
 
 # ---- Opaque --------------------------------------------------------------
@@ -69,6 +69,200 @@ def fix_values(arr: np.ndarray, conj: int, neg: int) -> None:
         np.conjugate(arr, out=arr)
     if neg:
         np.negative(arr, out=arr)
+
+
+# ---- quantized, sparse, nested, device tensors -------------------------------------
+
+
+def _format(msg: str):
+    from . import FormatError
+
+    return FormatError(msg)
+
+
+def _int(x, what):
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise _unpickling(f"{what} is a {type(x).__name__}, not an int")
+    return x
+
+
+def qtensor(int_repr, dtype: str, shape: tuple, params):
+    """_rebuild_qtensor: int_repr is the C core's validated view of the storage."""
+    dtype = "torch." + dtype
+    if not isinstance(params, tuple) or not params or not isinstance(params[0], str):
+        raise _unpickling(f"quantizer parameters {_short(params)} do not start with a qscheme")
+    qscheme = params[0]
+    if isinstance(int_repr, MetaArray):
+        return MetaArray(shape, dtype)
+    if qscheme == "torch.per_tensor_affine":
+        if len(params) != 3:
+            raise _unpickling("per_tensor_affine parameters are not (qscheme, scale, zero_point)")
+        scale, zp = params[1], params[2]
+        if isinstance(scale, bool) or not isinstance(scale, (float, int)):
+            raise _unpickling(f"quantizer scale is a {type(scale).__name__}, not a float")
+        return QuantizedArray(int_repr, dtype, float(scale), _int(zp, "quantizer zero_point"), shape=shape)
+    if qscheme in ("torch.per_channel_affine", "torch.per_channel_affine_float_qparams"):
+        if len(params) != 4:
+            raise _unpickling(f"{qscheme} parameters are not (qscheme, scales, zero_points, axis)")
+        _, scales, zps, axis = params
+        axis = _int(axis, "per-channel axis")
+        if not 0 <= axis < len(shape):
+            raise _format(f"per-channel axis {axis} out of range for size {shape}")
+        if type(scales) is list and type(zps) is list:
+            flt = qscheme == "torch.per_channel_affine_float_qparams"
+            for v in scales + zps:
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise _unpickling("per-channel scales / zero_points lists hold a non-number")
+            scales = np.array(scales, dtype=np.float32 if flt else np.float64)
+            zps = np.array(zps, dtype=np.float32 if flt else np.int64)
+        elif not (isinstance(scales, np.ndarray) and isinstance(zps, np.ndarray)):
+            raise _unpickling("per-channel scales / zero_points are not tensors or lists")
+        if scales.ndim != 1 or zps.ndim != 1 or scales.shape[0] != shape[axis] or zps.shape[0] != shape[axis]:
+            raise _format(f"per-channel scales / zero_points of shapes {scales.shape}, {zps.shape} do not match "
+                          f"size[{axis}] = {shape[axis]}")
+        if scales.dtype.kind not in "fiu" or zps.dtype.kind not in "fiu":
+            raise _unpickling(f"per-channel scales / zero_points of dtypes {scales.dtype}, {zps.dtype}")
+        return QuantizedArray(int_repr, dtype, scales, zps, axis, shape=shape)
+    raise _unpickling(f"cannot rebuild a quantized tensor with qscheme {qscheme!r}")
+
+
+def _short(x) -> str:
+    r = repr(x)
+    return r if len(r) < 60 else r[:57] + "..."
+
+
+def _array(x, what):
+    if not isinstance(x, np.ndarray):
+        raise _unpickling(f"{what} is a {type(x).__name__}, not a tensor")
+    return x
+
+
+def _size(x, what="sparse tensor size"):
+    if not isinstance(x, tuple) or not all(isinstance(s, int) and not isinstance(s, bool) for s in x):
+        raise _unpickling(f"{what} {_short(x)} is not a tuple of ints")
+    return x
+
+
+def sparse(layout, data):
+    """_rebuild_sparse_tensor(layout, data)."""
+    if not isinstance(layout, str) or layout not in ("torch.sparse_coo", "torch.sparse_csr", "torch.sparse_csc",
+                                                     "torch.sparse_bsr", "torch.sparse_bsc"):
+        raise _unpickling(f"rebuilding a sparse tensor of layout {_short(layout)} is not supported")
+    if not isinstance(data, tuple):
+        raise _unpickling("sparse tensor data is not a tuple")
+    if layout == "torch.sparse_coo":
+        if len(data) == 3:
+            (indices, values, size), coalesced = data, None
+        elif len(data) == 4:
+            indices, values, size, coalesced = data
+            if coalesced is not None and not isinstance(coalesced, bool):
+                raise _unpickling("sparse COO is_coalesced is not a bool")
+        else:
+            raise _unpickling(f"sparse COO data has {len(data)} items (expected 3 or 4)")
+        return SparseArray(layout, _size(size), _array(values, "sparse values"), _array(indices, "sparse indices"),
+                           is_coalesced=coalesced)
+    if len(data) != 4:
+        raise _unpickling(f"{layout} data has {len(data)} items (expected 4)")
+    ci, pi, values, size = data
+    return SparseArray(layout, _size(size), _array(values, "sparse values"),
+                       compressed_indices=_array(ci, "compressed indices"), plain_indices=_array(pi, "plain indices"))
+
+
+def sparse_csr(layout, data):
+    """torch 1.x _rebuild_sparse_csr_tensor(layout, (crow, col, values, size))."""
+    if layout != "torch.sparse_csr":
+        raise _unpickling(f"_rebuild_sparse_csr_tensor with layout {_short(layout)}")
+    return sparse(layout, data)
+
+
+def nested(buffer, sizes, strides, offsets):
+    """_rebuild_nested_tensor: the components as views of the 1-D buffer."""
+    buffer = _array(buffer, "nested tensor buffer")
+    sizes, strides, offsets = (_array(a, "nested tensor metadata") for a in (sizes, strides, offsets))
+    if buffer.ndim != 1:
+        raise _format(f"nested tensor buffer has {buffer.ndim} dims, not 1")
+    if sizes.dtype != np.int64 or strides.dtype != np.int64 or offsets.dtype != np.int64 or sizes.ndim != 2 or \
+            strides.shape != sizes.shape or offsets.shape != sizes.shape[:1]:
+        raise _format("nested tensor sizes / strides / offsets are not int64 [n, ndim], [n, ndim], [n]")
+    out = NestedArray()
+    out.buffer = buffer
+    item = buffer.itemsize
+    for i in range(sizes.shape[0]):
+        size, stride, off = [int(v) for v in sizes[i]], [int(v) for v in strides[i]], int(offsets[i])
+        if min(size + stride + [off], default=0) < 0:
+            raise _format(f"nested tensor component {i} has a negative size, stride or offset")
+        if 0 not in size:
+            end = off + sum((s - 1) * t for s, t in zip(size, stride))
+            if end >= buffer.shape[0]:
+                raise _format(f"nested tensor component {i} reaches past its buffer of {buffer.shape[0]} elements")
+        else:
+            off = 0
+        base = buffer[off:] if buffer.shape[0] else buffer
+        out.append(np.lib.stride_tricks.as_strided(base, shape=size, strides=[t * item for t in stride],
+                                                   writeable=buffer.flags.writeable))
+    return out
+
+
+def device_tensor(data, dtype):
+    """_rebuild_device_tensor_from_cpu_tensor / _from_numpy: the host values in dtype."""
+    if isinstance(data, MetaArray):
+        return MetaArray(data.shape, dtype)
+    if not isinstance(data, np.ndarray):
+        raise _unpickling(f"device tensor data is a {type(data).__name__}, not a tensor")
+    return data if data.dtype == dtype else data.astype(dtype)
+
+
+# ---- save: what torch's pickle of a quantized or sparse tensor holds ----------------------
+
+
+class SaveGlobal:
+    """A GLOBAL for save() to write (one object per name, so the memo names it once)."""
+
+    __slots__ = ("module", "name")
+    _made: dict = {}
+
+    def __new__(cls, module, name):
+        o = cls._made.get((module, name))
+        if o is None:
+            o = cls._made[(module, name)] = object.__new__(cls)
+            o.module, o.name = module, name
+        return o
+
+
+class SaveCall:
+    """func(*args) for save() to write as a REDUCE."""
+
+    __slots__ = ("func", "args")
+
+    def __init__(self, func, args: tuple):
+        self.func, self.args = func, args
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
+def save_parts(obj):
+    """("q", int_repr, dtype name, shape, qparams) for a QuantizedArray, ("call", SaveCall) for a
+    SparseArray: torch's own pickle of them (torch._tensor.Tensor._reduce_ex_internal)."""
+    if isinstance(obj, QuantizedArray):
+        if obj.axis is None:
+            qparams = (SaveGlobal("torch", "per_tensor_affine"), float(obj.scale), int(obj.zero_point))
+        else:
+            # float qparams are written as per_channel_affine too (torch does): the zero points' dtype
+            # tells them apart when loaded
+            qparams = (SaveGlobal("torch", "per_channel_affine"), np.ascontiguousarray(obj.scale),
+                       np.ascontiguousarray(obj.zero_point), int(obj.axis))
+        return ("q", _native(obj.int_repr), obj.dtype.removeprefix("torch."), obj.shape, qparams)
+    if isinstance(obj, SparseArray):
+        layout = SaveCall(SaveGlobal("torch.serialization", "_get_layout"), (obj.layout,))
+        size = SaveCall(SaveGlobal("torch", "Size"), (tuple(obj.shape),))
+        if obj.layout == "torch.sparse_coo":
+            data = (obj.indices, obj.values, size, obj.is_coalesced)
+        else:
+            data = (obj.compressed_indices, obj.plain_indices, obj.values, size)
+        return ("call", SaveCall(SaveGlobal("torch._utils", "_rebuild_sparse_tensor"), (layout, data)))
+    raise TypeError(f"cannot save a {type(obj).__name__}")
 
 
 # ---- numpy objects, rebuilt inertly ------------------------------------------
@@ -189,4 +383,14 @@ HELPERS = {
     "np_scalar": np_scalar,
     "namespace": namespace,
     "build": build,
+    "qtensor": qtensor,
+    "sparse": sparse,
+    "sparse_csr": sparse_csr,
+    "nested": nested,
+    "device_tensor": device_tensor,
+    "QuantizedArray": QuantizedArray,
+    "SparseArray": SparseArray,
+    "SaveGlobal": SaveGlobal,
+    "SaveCall": SaveCall,
+    "save_parts": save_parts,
 }

@@ -32,7 +32,9 @@ def save(obj, f, *, pickle_protocol=2, format="zip", atomic=True):
             of ``str``, ``bytes``, ``bytearray``, ``int``, ``float``, ``complex``, ``bool``,
             ``None``, numpy arrays (every dtype torch has: bool, int8-64, uint8-64,
             float16/32/64, complex64/128 and the ml_dtypes bfloat16 and float8 kinds),
-            numpy dtypes, and what ``torchfree.load`` returns (``MetaArray``, ``Storage``).
+            numpy dtypes, and what ``torchfree.load`` returns (``MetaArray``, ``Storage``,
+            ``QuantizedArray``, ``SparseArray``: written as torch writes quantized and sparse
+            tensors; per-channel float-qparams tensors as ``per_channel_affine``, as torch does).
         f: a path (``str`` / ``os.PathLike``) or a binary file object with ``write``
             (written in one sequential pass: non-seekable streams work).
         pickle_protocol: 2, the only protocol whose opcodes torch's weights-only

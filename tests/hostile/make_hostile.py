@@ -241,7 +241,8 @@ attack("global_in_build_state.pt", "`OrderedDict` `BUILD` state `{'_metadata': o
     lambda: ckpt(P(glob("collections", "OrderedDict"), b")R", b"}", unicode("_metadata"), _os_system_reduce(),
                    b"s", b"b")))
 attack("build_on_tensor_setstate.pt",
-       "`BUILD` on a rebuilt tensor with a `set_`-style state (torch's `Tensor.__setstate__` path)", UP, UP, UP)(
+       "`BUILD` on a rebuilt tensor with a `set_`-style state (torch's `Tensor.__setstate__` path) of 1e6 elements "
+       "over a 12-byte storage", FE, FE, FE)(
     lambda: ckpt(sd("w", P(GOOD_TENSOR, b"(", storage_pid("0", 12), binint(0), tup((1000000,)), tup((1,)), b"t",
                            b"b")), {"0": W}))
 attack("rebuild_from_type_v2_os_system.pt", "`_rebuild_from_type_v2(_rebuild_tensor_v2, os.system, args, state)`",
