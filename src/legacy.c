@@ -361,6 +361,7 @@ static PyObject *load_stream(Loader *L) {
         L->legacy_be = le == Py_False;
     }
     Py_DECREF(sys_info);
+    uint64_t main_off = off;
     int gc_was_enabled = PyGC_Disable();
     obj = run_pickle(L, &off, end, "main pickle", rec, sizeof rec);
     if (gc_was_enabled) PyGC_Enable();
@@ -410,6 +411,21 @@ static PyObject *load_stream(Loader *L) {
         off += (uint64_t)s->nbytes;
     }
     if (finish_storages(L) < 0) goto fail;
+    if (L->legacy_rerun) {
+        /* quantized, sparse, nested and device tensors compute with their parts' values, which
+         * were not read on the first run: now every storage has its bytes (and the callable has
+         * seen them), the main pickle runs again over the same storages */
+        L->legacy_rerun = 0;
+        gc_was_enabled = PyGC_Disable();
+        PyObject *again = run_pickle(L, &main_off, end, "main pickle", rec, sizeof rec);
+        if (gc_was_enabled) PyGC_Enable();
+        L->record = NULL;
+        Py_SETREF(obj, again);
+        if (obj == NULL || L->legacy_rerun) {
+            if (obj != NULL) tf_raise(L, L->st->FormatError, "storages of the legacy stream are still unread");
+            goto fail;
+        }
+    }
     goto done;
 fail:
     Py_CLEAR(obj);

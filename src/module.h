@@ -116,6 +116,7 @@ typedef struct Loader {
     /* legacy stream and tar: storage bytes come after (or apart from) the pickle */
     int legacy_be;          /* sys_info says a big-endian host wrote it (some dtypes stay big-endian) */
     PyObject *fixups;       /* list: copies made from storages before their bytes were read */
+    int legacy_rerun;       /* a rebuild needed bytes not read yet: run the main pickle again after */
     /* pickle VM */
     const uint8_t *pk, *pk_end, *pk_start;
     PyObject **stack;

@@ -460,6 +460,11 @@ static PyObject *jit_pickle_helper(Loader *L, GlobalRef *g, PyObject *args) {
 static int ready_all(Loader *L) {
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(L->storage_list); i++) {
         StorageObject *s = (StorageObject *)PyList_GET_ITEM(L->storage_list, i);
+        if (L->format == FMT_LEGACY && s->pending) {
+            /* a legacy stream's bytes follow its pickle: this object is made on a second run */
+            L->legacy_rerun = 1;
+            return 1;
+        }
         if ((s->pending || (s->swap_unit && !s->swapped)) && storage_ready(L, s) < 0) return -1;
     }
     return 0;
@@ -610,7 +615,12 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         int dt = ((StorageObject *)ARG(0))->dtype;
         PyObject *view = rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, NULL, 1);
         if (view == NULL) return NULL;
-        PyObject *params = ready_all(L) < 0 ? NULL : materialize_all(L, ARG(4), 2);
+        int ready = ready_all(L);
+        if (ready != 0) {
+            Py_DECREF(view);
+            return ready < 0 ? NULL : Py_NewRef(Py_None);
+        }
+        PyObject *params = materialize_all(L, ARG(4), 2);
         PyObject *shape = params ? PySequence_Tuple(ARG(2)) : NULL;
         if (shape == NULL) {
             Py_DECREF(view);
@@ -636,7 +646,8 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         if ((g->id == G_REBUILD_SPARSE_TENSOR || g->id == G_REBUILD_SPARSE_CSR_TENSOR) && n != 2)
             return wrong_args(L, g, "(layout, data)", args), NULL;
         PyObject *margs;
-        if (ready_all(L) < 0) return NULL;
+        int ready = ready_all(L);
+        if (ready != 0) return ready < 0 ? NULL : Py_NewRef(Py_None);
         if (g->id == G_REBUILD_DEVICE_TENSOR_FROM_NUMPY || g->id == G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR) {
             if (n != 4) return wrong_args(L, g, "(data, dtype, device, requires_grad)", args), NULL;
             int dt = dtype_from_value(L, ARG(1));

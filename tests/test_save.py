@@ -1103,7 +1103,19 @@ def _same_tree(a, b):
                      suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large])
 @hypothesis.given(objects(legacy=False))
 def test_property_zip_roundtrip(obj):
-    got = torchfree.load(save_bytes(obj))
+    _check_roundtrip(obj, "zip")
+
+
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
+@hypothesis.settings(max_examples=100, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large])
+@hypothesis.given(objects(legacy=True))
+def test_property_legacy_roundtrip(obj):
+    _check_roundtrip(obj, "legacy")
+
+
+def _check_roundtrip(obj, fmt):
+    got = torchfree.load(save_bytes(obj, format=fmt))
     _same_tree(obj, got)
     # sharing: arrays with one owner view one storage, others never share
     src, out = obj["all"], got["all"]
