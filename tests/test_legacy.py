@@ -479,9 +479,14 @@ def test_quantized_sparse_nested_in_a_legacy_stream(torch, tmp_path):
     }
     path = tmp_path / "kinds.pt"
     path.write_bytes(save_legacy(torch, obj))
-    expected = torch.load(path, weights_only=False)
     got = torchfree.load(path, weights_only=False)
-    assert_same(got, expected)
+    # torch's own legacy loader builds a nested tensor from sizes it has not read yet (garbage):
+    # that one is compared with the saved tensor, the rest with torch.load
+    assert_same(got["nested"], obj["nested"])
+    del obj["nested"]
+    path.write_bytes(save_legacy(torch, obj))
+    got = torchfree.load(path, weights_only=False)
+    assert_same(got, torch.load(path, weights_only=False))
     assert isinstance(got["q"], torchfree.QuantizedArray) and isinstance(got["coo"], torchfree.SparseArray)
     np.testing.assert_array_equal(got["csr"].todense(), dense.numpy())
     # the callable still sees each storage once
