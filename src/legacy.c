@@ -100,11 +100,11 @@ static StorageObject *new_root(Loader *L, PyObject *key, PyObject *saved, uint64
     s->saved = Py_NewRef(saved);
     if (PyUnicode_Compare(s->location, L->st->str_meta) == 0) {
         s->meta = 1;
-    } else if (give_buffer(L, s) < 0) {
+    } else if (!L->lazy && give_buffer(L, s) < 0) { /* lazy (scan): no bytes at all */
         goto fail;
     }
-    s->pending = !s->meta;
-    s->hooked = s->meta || L->ml_kind != ML_CALL;
+    s->pending = !s->meta && !L->lazy;
+    s->hooked = s->meta || L->lazy || L->ml_kind != ML_CALL;
     if (PyList_Append(L->storage_list, (PyObject *)s) < 0 || PyDict_SetItem(L->storages, key, (PyObject *)s) < 0)
         goto fail;
     return s;
@@ -129,7 +129,7 @@ static PyObject *new_view(Loader *L, StorageObject *root, PyObject *key, PyObjec
     StorageObject *v = storage_new(L, key, root->location, (Py_ssize_t)(numel * itemsize), root->dtype);
     if (v == NULL) return NULL;
     v->meta = root->meta;
-    v->data = root->meta ? NULL : root->data + off * itemsize;
+    v->data = root->data == NULL ? NULL : root->data + off * itemsize;
     v->owner = Py_NewRef(root);
     v->readonly = root->readonly;
     v->pending = root->pending ? 2 : 0; /* 2: a view into a storage still to be read */
@@ -406,7 +406,7 @@ static PyObject *load_stream(Loader *L) {
                      s->key, s->nbytes, (unsigned long long)off);
             goto fail;
         }
-        if (!s->meta && copy_blob(L, s, off) < 0) goto fail;
+        if (!s->meta && !L->lazy && copy_blob(L, s, off) < 0) goto fail;
         s->pending = 0;
         off += (uint64_t)s->nbytes;
     }
@@ -537,7 +537,7 @@ static int tar_storages(Loader *L, const TarMember *m) {
             goto next;
         }
         if ((s = new_root(L, key, saved, nbytes, dtype)) == NULL) goto next;
-        if (!s->meta && copy_blob(L, s, off) < 0) goto next;
+        if (!s->meta && !L->lazy && copy_blob(L, s, off) < 0) goto next;
         s->pending = 0;
         if (storage_ready(L, s) < 0) goto next; /* as torch: the callable sees the bytes */
         off += nbytes;
@@ -668,19 +668,55 @@ static PyObject *load_tar(Loader *L) {
 
 static int is_tar(const Loader *L) { return L->size >= 512 && memcmp(L->src + 257, "ustar", 5) == 0; }
 
-/* load_legacy(src, size, *, ...): the one-shot load of a legacy stream or tar
- * archive held in a buffer (same keywords as load_zip). */
+/* Take an optional bool keyword out of kwargs (a new dict or NULL in *rest). */
+static int pop_flag(PyObject **kwargs, const char *name, int *out) {
+    *out = 0;
+    if (*kwargs == NULL) return 0;
+    PyObject *v = PyDict_GetItemString(*kwargs, name); /* borrowed */
+    if (v == NULL) return 0;
+    if ((*out = PyObject_IsTrue(v)) < 0) return -1;
+    return PyDict_DelItemString(*kwargs, name);
+}
+
+/* load_legacy(src, size, *, ..., lazy=False, collect_globals=False): the one-shot load of a
+ * legacy stream or tar archive held in a buffer (the keywords of load_zip). With
+ * collect_globals it returns (obj, storages, sorted globals, "legacy" or "tar"); lazy (scan)
+ * reads no storage bytes: tensors become TensorRefs over storages without data. */
 PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs) {
     Loader L;
-    PyObject *obj = NULL;
-    if (loader_open(&L, PyModule_GetState(module), args, kwargs, "load_legacy", FMT_LEGACY) == 0) {
+    PyObject *obj = NULL, *kw = kwargs ? PyDict_Copy(kwargs) : NULL;
+    int lazy, collect;
+    if ((kwargs != NULL && kw == NULL) || pop_flag(&kw, "lazy", &lazy) < 0 || pop_flag(&kw, "collect_globals", &collect) < 0) {
+        Py_XDECREF(kw);
+        return NULL;
+    }
+    if (loader_open(&L, PyModule_GetState(module), args, kw, "load_legacy", FMT_LEGACY) == 0 &&
+        (!collect || (L.globals_seen = PySet_New(NULL)) != NULL)) {
+        L.lazy = lazy;
         if (is_tar(&L)) {
             L.format = FMT_TAR;
             obj = load_tar(&L);
         } else {
             obj = load_stream(&L);
         }
+        if (obj != NULL && collect) {
+            /* the storages with bytes of their own (not views and retyped aliases of them) */
+            PyObject *roots = PyList_New(0), *g = PySequence_List(L.globals_seen);
+            for (Py_ssize_t i = 0; roots != NULL && i < PyList_GET_SIZE(L.storage_list); i++) {
+                StorageObject *s = (StorageObject *)PyList_GET_ITEM(L.storage_list, i);
+                if ((s->owner == NULL || Py_TYPE(s->owner) != L.st->StorageType) && PyList_Append(roots, (PyObject *)s) < 0)
+                    Py_CLEAR(roots);
+            }
+            if (roots == NULL || g == NULL || PyList_Sort(g) < 0) {
+                Py_XDECREF(roots);
+                Py_XDECREF(g);
+                Py_CLEAR(obj);
+            } else {
+                obj = Py_BuildValue("(NNNs)", obj, roots, g, L.format == FMT_TAR ? "tar" : "legacy"); /* steals */
+            }
+        }
     }
     loader_close(&L);
+    Py_XDECREF(kw);
     return obj;
 }

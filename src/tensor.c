@@ -456,8 +456,11 @@ static PyObject *jit_pickle_helper(Loader *L, GlobalRef *g, PyObject *args) {
 }
 
 /* Finish the deferred reads and byte swaps of the storages seen so far: the
- * rare rebuilds below check and compute with their parts' values now. */
+ * rare rebuilds below check and compute with their parts' values now. Returns 1
+ * when those values are not there (a legacy stream's bytes follow its pickle; a
+ * lazy scan of one reads none): the caller then leaves None in the object's place. */
 static int ready_all(Loader *L) {
+    if (L->format != FMT_ZIP && L->lazy) return 1; /* scan of a legacy stream or tar: no bytes at all */
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(L->storage_list); i++) {
         StorageObject *s = (StorageObject *)PyList_GET_ITEM(L->storage_list, i);
         if (L->format == FMT_LEGACY && s->pending) {

@@ -493,3 +493,36 @@ def test_quantized_sparse_nested_in_a_legacy_stream(torch, tmp_path):
     seen = []
     torchfree.load(path, weights_only=False, map_location=lambda s, tag: seen.append(s.key))
     assert len(seen) == len(set(seen))
+
+
+def test_scan_and_open(torch, tmp_path):
+    """scan runs the pickles and reads no storage byte; open reads the file whole (its bytes
+    follow its pickle) and serves the same arrays as load."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 5, generator=g)
+    obj = {"x": x, "xt": x.t(), "row": x[2], "i": torch.arange(7), "h": torch.randn(3, generator=g).half(),
+           "nested": {"b": torch.zeros(2, 3, dtype=torch.float64)}}
+    for name, data in (("legacy", save_legacy(torch, obj)), ("tar", make_tar(torch))):
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(data)
+        loaded = torchfree.flatten(torchfree.load(path, weights_only=False))
+        for make in (lambda: path, lambda: data, lambda: io.BytesIO(data)):
+            info = torchfree.scan(make())
+            assert info.format == name
+            assert [t.name for t in info.tensors] == list(loaded)
+            for t in info.tensors:
+                a = loaded[t.name]
+                assert (t.dtype, t.shape, t.strides) == (a.dtype, a.shape, a.strides), t.name
+            keys = {t.storage_key for t in info.tensors}
+            assert {s.key for s in info.storages} >= keys - {None}
+            with torchfree.open(make(), weights_only=False) as ck:
+                assert list(ck.keys()) == list(loaded)
+                for k, a in loaded.items():
+                    np.testing.assert_array_equal(ck[k], a)
+                assert ck.info.tensors == info.tensors
+        if name == "legacy":
+            assert info.total_bytes == x.numel() * 4 + 7 * 8 + 3 * 2 + 6 * 8  # views counted once
+    # the CLI's `info` runs scan
+    from torchfree import cli
+
+    assert cli.main(["info", str(tmp_path / "legacy.pt")]) in (0, None)

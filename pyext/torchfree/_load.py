@@ -126,21 +126,13 @@ def _not_zip(head: bytes):
     )
 
 
-def _legacy_lazy(head: bytes):
-    from . import FormatError
-
-    return FormatError(
-        "scan() and open() read zip checkpoints (torch >= 1.6); this is a legacy stream or tar "
-        "archive, which torchfree.load reads whole"
-    )
-
-
 class Source:
     """An opened input: the arguments the C core reads it with, and what keeps it alive.
 
     ``lazy`` sources (scan, open) read only what is asked for: a path is mapped (or, with
     ``mmap=False``, kept open and read with pread), a seekable file object is read with
-    seek/readinto; one-shot loads read file objects into memory first.
+    seek/readinto; one-shot loads read file objects into memory first. Legacy streams and tars
+    (``format == "legacy"``) are always a buffer: a read-only mapping of a path, or the bytes.
     """
 
     def __init__(self, f, mmap=None, *, lazy=False):
@@ -149,14 +141,14 @@ class Source:
         self.format = "zip"
         if isinstance(f, (str, os.PathLike)):
             self.path = os.fspath(f)
-            self._open_path(mmap, lazy)
+            self._open_path(mmap)
             return
         self.path = None
         if mmap:
             raise ValueError("f must be a file path in order to use the mmap argument")
         if isinstance(f, (bytes, bytearray, memoryview, _mmap.mmap)):
             buf = memoryview(f).cast("B") if isinstance(f, memoryview) else f
-            self._set_buffer(buf, _SRC_COPY, lazy)
+            self._set_buffer(buf, _SRC_COPY)
         elif hasattr(f, "read"):
             start = _tell(f) if lazy else None
             if start is not None:
@@ -165,28 +157,27 @@ class Source:
                 head = f.read(_HEAD)
                 f.seek(start)
                 fmt = _format_of(head)
-                if fmt != "zip":
-                    raise _legacy_lazy(head) if fmt else _not_zip(head)
+                if not fmt:
+                    raise _not_zip(head)
+            if start is not None and fmt == "zip":
                 self.src, self.size, self.mode = (f, start), max(end - start, 0), _SRC_PYFILE
                 self.require_map = False
-            else:
-                self._set_buffer(_read_rest(f), _SRC_MAP, lazy)
+            else:  # one-shot loads, non-seekable streams, and legacy/tar (read whole)
+                self._set_buffer(_read_rest(f), _SRC_MAP)
         else:
             raise TypeError(f"expected a path, a bytes-like object or a binary file object, not {type(f).__name__}")
 
-    def _set_buffer(self, buf, mode, lazy=False):
+    def _set_buffer(self, buf, mode):
         head = bytes(memoryview(buf)[:_HEAD])
         self.format = _format_of(head)
         if self.format != "zip":
             if not self.format:
                 raise _not_zip(head)
-            if lazy:
-                raise _legacy_lazy(head)
             mode = _SRC_COPY  # storages are copied out of the buffer
         self.src, self.mode, self.require_map = buf, mode, False
         self.size = buf.nbytes if isinstance(buf, memoryview) else len(buf)
 
-    def _open_path(self, mmap, lazy=False):
+    def _open_path(self, mmap):
         fh = open(self.path, "rb")
         try:
             fd = fh.fileno()
@@ -204,8 +195,6 @@ class Source:
                         "_use_new_zipfile_serialization=True) (the default since torch 1.6): this is "
                         "a legacy stream or tar archive, which is read into memory (mmap=None or False)"
                     )
-                if lazy:
-                    raise _legacy_lazy(head)
                 # storages are copied out of a read-only mapping, which closes on return
                 self._mapping = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ)
                 self.src, self.mode, self.require_map = self._mapping, _SRC_COPY, False

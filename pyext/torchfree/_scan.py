@@ -310,6 +310,43 @@ def _info_from(archive, obj, path, storages) -> CheckpointInfo:
     return CheckpointInfo(path, fmt, archive.byteorder, recs, sinfo, tensors, archive.globals())
 
 
+def _legacy_scan(src, opts):
+    """scan() of a legacy stream or tar: the pickles run, no storage byte is copied."""
+    obj, storages, globs, fmt = _core.load_legacy(*src.args(), **src.kwargs(), **opts, lazy=True,
+                                                  collect_globals=True)
+    tensors = [_tensor_info(name, leaf) for name, leaf in _walk(obj, ".", _LEAVES)]
+    sinfo = [StorageInfo(s.key, s.dtype, s.nbytes, s.location, f"storage {s.key}") for s in storages]
+    return CheckpointInfo(src.path, fmt, "little", [], sinfo, tensors, globs)
+
+
+class _LoadedArchive:
+    """What Checkpoint needs of an Archive, for a legacy stream or tar: read whole at open
+    (its bytes follow its pickle), so every tensor is already an array."""
+
+    torchscript = False
+    prefix = ""
+    byteorder = "little"
+
+    def __init__(self, src, opts):
+        self._src, self._opts = src, opts
+        self.obj, self._storages, self._globals, self.format = _core.load_legacy(
+            *src.args(), **src.kwargs(), **opts, collect_globals=True)
+        self.closed = False
+
+    def storages(self):
+        return list(self._storages)
+
+    def globals(self):
+        return list(self._globals)
+
+    def info(self) -> CheckpointInfo:
+        return _legacy_scan(self._src, self._opts)
+
+    def close(self):
+        self.closed = True
+        self.obj = self._storages = None
+
+
 def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:
     """Describe a checkpoint from its container index and pickle only: no tensor byte is read.
 
@@ -324,6 +361,8 @@ def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:
     src = Source(f, False, lazy=True)
     try:
         opts = options(map_location, weights_only=False, limits=limits)
+        if src.format != "zip":
+            return _legacy_scan(src, opts)
         archive = _core.Archive(*src.args(), **src.kwargs(), **opts)
         try:
             obj = archive.unpickle(lazy=True, collect_globals=True)
@@ -353,8 +392,12 @@ class Checkpoint:
         self._src = Source(f, mmap, lazy=True)
         try:
             opts = options(map_location, weights_only, safe_globals, encoding, limits)
-            self._archive = _core.Archive(*self._src.args(), **self._src.kwargs(), **opts)
-            self._obj = self._archive.unpickle(lazy=True, collect_globals=True)
+            if self._src.format != "zip":
+                self._archive = _LoadedArchive(self._src, opts)
+                self._obj = self._archive.obj
+            else:
+                self._archive = _core.Archive(*self._src.args(), **self._src.kwargs(), **opts)
+                self._obj = self._archive.unpickle(lazy=True, collect_globals=True)
         except BaseException:
             self._src.close()
             raise
@@ -403,7 +446,10 @@ class Checkpoint:
         if self._info is None:
             self._check_open()
             path = self._src.path
-            self._info = _info_from(self._archive, self._obj, path, self._archive.storages())
+            if isinstance(self._archive, _LoadedArchive):
+                self._info = self._archive.info()
+            else:
+                self._info = _info_from(self._archive, self._obj, path, self._archive.storages())
         return self._info
 
     @property
