@@ -497,14 +497,21 @@ static int tar_members(Loader *L, TarMember m[3]) {
     return 0;
 }
 
+/* A tar member's pickled count of what follows (at most limits["records"]). */
+static int read_count(Loader *L, uint64_t *off, uint64_t end, const char *what, char *rec, size_t reccap,
+                      uint64_t *n) {
+    PyObject *o = run_pickle(L, off, end, what, rec, reccap);
+    if (o == NULL) return -1;
+    int r = want_count(L, o, L->lim.records, what, n);
+    Py_DECREF(o);
+    return r;
+}
+
 /* Member "storages": n, then n x ((key, location, type) + blob), then [(view, root, offset, numel)]. */
 static int tar_storages(Loader *L, const TarMember *m) {
     char rec[96];
     uint64_t off = m->off, end = m->off + m->size, n;
-    PyObject *o = run_pickle(L, &off, end, "storage count", rec, sizeof rec);
-    if (o == NULL) return -1;
-    int r = want_count(L, o, L->lim.records, "storage count", &n);
-    Py_DECREF(o);
+    int r = read_count(L, &off, end, "storage count", rec, sizeof rec, &n);
     if (r < 0) return -1;
     for (uint64_t i = 0; i < n; i++) {
         PyObject *t = run_pickle(L, &off, end, "storage header", rec, sizeof rec), *key = NULL, *saved = NULL;
@@ -588,10 +595,7 @@ static PyObject *i64_tuple(const uint8_t *p, int n) {
 static int tar_tensors(Loader *L, const TarMember *m, PyObject *tensors) {
     char rec[96];
     uint64_t off = m->off, end = m->off + m->size, n;
-    PyObject *o = run_pickle(L, &off, end, "tensor count", rec, sizeof rec);
-    if (o == NULL) return -1;
-    int r = want_count(L, o, L->lim.records, "tensor count", &n);
-    Py_DECREF(o);
+    int r = read_count(L, &off, end, "tensor count", rec, sizeof rec, &n);
     if (r < 0) return -1;
     for (uint64_t i = 0; i < n; i++) {
         PyObject *t = run_pickle(L, &off, end, "tensor header", rec, sizeof rec), *key = NULL, *skey = NULL;

@@ -495,6 +495,16 @@ static PyObject *materialize_all(Loader *L, PyObject *o, int depth) {
     return out;
 }
 
+/* A MetaArray of a (dtype GLOBAL, size) pair of a storage-less rebuild. */
+static PyObject *meta_of(Loader *L, PyObject *dtype, PyObject *size_o) {
+    int dt = dtype_from_value(L, dtype);
+    int64_t size[NPY_MAXDIMS + 1];
+    int nd;
+    if (dt < 0 || get_dims(L, size_o, "size", size, &nd) < 0) return NULL;
+    PyObject *shape = PySequence_Tuple(size_o);
+    return shape ? make_meta(L, shape, dt) : NULL;
+}
+
 PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
@@ -537,12 +547,7 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     }
     case G_REBUILD_META_TENSOR_NO_STORAGE: {
         if (n != 4) return wrong_args(L, g, "(dtype, size, stride, requires_grad)", args), NULL;
-        int dt = dtype_from_value(L, ARG(0));
-        int64_t size[NPY_MAXDIMS + 1];
-        int nd;
-        if (dt < 0 || get_dims(L, ARG(1), "size", size, &nd) < 0) return NULL;
-        PyObject *shape = PySequence_Tuple(ARG(1));
-        return shape ? make_meta(L, shape, dt) : NULL;
+        return meta_of(L, ARG(0), ARG(1));
     }
     case G_ORDERED_DICT:
         return make_mapping(L, g, st->OrderedDict, args);
@@ -674,12 +679,7 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         if (n != 8)
             return wrong_args(L, g, "(cls, dtype, size, stride, storage_offset, layout, device, requires_grad)",
                               args), NULL;
-        int dt = dtype_from_value(L, ARG(1));
-        int64_t size[NPY_MAXDIMS + 1];
-        int nd;
-        if (dt < 0 || get_dims(L, ARG(2), "size", size, &nd) < 0) return NULL;
-        PyObject *shape = PySequence_Tuple(ARG(2));
-        return shape ? make_meta(L, shape, dt) : NULL;
+        return meta_of(L, ARG(1), ARG(2));
     }
     case G_JIT_BUILD_LIST:
     case G_JIT_BUILD_TENSOR_FROM_ID:

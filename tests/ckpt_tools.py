@@ -218,3 +218,25 @@ def make_big_endian_legacy(data):
             blob = byteswap(blob, V3_DTYPE_UNIT[sc.v3_dtypes[key]])
         out.append(numel.to_bytes(8, "little", signed=True) + blob)
     return b"".join(out)
+
+
+class NonSeekable(io.RawIOBase):
+    """A read-only stream without seek/tell (like a pipe), giving short reads: load() reads it
+    into memory first (API.md)."""
+
+    def __init__(self, data):
+        self._b = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    def tell(self):
+        raise OSError("not seekable")
+
+    def readinto(self, buf):
+        chunk = self._b.read(min(len(buf), 1000))
+        buf[:len(chunk)] = chunk
+        return len(chunk)

@@ -48,20 +48,6 @@ def every_dtype(torch):
     return obj
 
 
-class NonSeekable(io.RawIOBase):
-    def __init__(self, data):
-        self._f = io.BytesIO(data)
-
-    def readable(self):
-        return True
-
-    def readinto(self, b):
-        return self._f.readinto(b)
-
-    def seekable(self):
-        return False
-
-
 # ---------------------------------------------------------------------------------------------
 # legacy stream written by torch 2.13
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +77,7 @@ def test_sources(torch, tmp_path):
     path = tmp_path / "src.pt"
     path.write_bytes(data)
     expected = torch.load(path)
-    for src in (path, str(path), data, bytearray(data), memoryview(data), io.BytesIO(data), NonSeekable(data)):
+    for src in (path, str(path), data, bytearray(data), memoryview(data), io.BytesIO(data), ckpt_tools.NonSeekable(data)):
         assert_same(torchfree.load(src), expected)
     assert_same(torchfree.load(path, mmap=False), expected)
     # a file object positioned after other bytes loads from there

@@ -476,22 +476,7 @@ INPUT_KINDS = ["str", "pathlib", "bytes", "bytearray", "memoryview", "mmap", "by
                "nonseekable"]
 
 
-class NonSeekable(io.RawIOBase):
-    """A read-only stream without seek/tell (like a pipe): read into memory first (API.md)."""
-
-    def __init__(self, data):
-        self._b = io.BytesIO(data)
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return False
-
-    def readinto(self, buf):
-        chunk = self._b.read(min(len(buf), 1000))  # short reads
-        buf[:len(chunk)] = chunk
-        return len(chunk)
+NonSeekable = ckpt_tools.NonSeekable
 
 
 @pytest.mark.parametrize("kind", INPUT_KINDS)
