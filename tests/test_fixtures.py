@@ -13,6 +13,7 @@ import pickle
 import struct
 import zipfile
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -365,3 +366,25 @@ def test_reduce_of_os_system_is_never_called(tmp_path):
     # API.md: weights_only=False turns unknown globals into inert Opaque placeholders
     assert isinstance(got["x"], torchfree.Opaque)
     assert got["x"].name == "system" and list(got["x"].args) == [f"touch {Evil.marker}"]
+
+
+def test_legacy_113_fixture():
+    """A legacy stream written by torch 1.13 (tests/data/make_legacy_113.py) against the arrays
+    torch 1.13 gave when it wrote it; no torch needed."""
+    exp = np.load(DATA / "legacy_113.npz")
+    for src in (DATA / "legacy_113.pt", (DATA / "legacy_113.pt").read_bytes()):
+        got = torchfree.flatten(torchfree.load(src))
+        assert sorted(got) == sorted(k.removesuffix(".bits") for k in exp.files)
+        for k in exp.files:
+            a = got[k.removesuffix(".bits")]
+            e = exp[k]
+            if k.endswith(".bits"):
+                assert a.dtype == ml_dtypes.bfloat16
+                a = a.view(np.int16)
+            assert a.dtype == e.dtype and a.shape == e.shape, k
+            assert a.tobytes() == e.tobytes(), k  # (the .npz holds contiguous copies)
+        assert got["f32_t"].strides == (4, 24) and got["f32_col"].strides == (24,)
+        assert np.shares_memory(got["f32"], got["f32_t"]) and np.shares_memory(got["f32"], got["f32_tail"])
+        assert not np.shares_memory(got["f32"], got["f64"])
+    sd = torchfree.load(DATA / "legacy_113.pt")["state_dict"]
+    assert list(sd) == ["weight", "bias"] and sd._metadata[""] == {"version": 1}
