@@ -318,9 +318,19 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
         else
             obj = loader_unpickle(&L);
         if (obj != NULL && (loader_constants(&L, obj) < 0 || storage_finish(&L) < 0)) Py_CLEAR(obj);
+        if (obj != NULL) Py_SETREF(obj, loader_torch_finish(&L, obj));
     }
     loader_close(&L);
     return obj;
+}
+
+PyObject *loader_torch_finish(Loader *L, PyObject *obj) {
+    PyObject *fin = L->torch ? PyDict_GetItemString(L->torch, "finish") : NULL;
+    if (fin == NULL) return Py_NewRef(obj);
+    PyObject *n = PyLong_FromSsize_t(PyList_GET_SIZE(L->storage_list));
+    PyObject *r = n ? PyObject_CallFunctionObjArgs(fin, obj, n, NULL) : NULL;
+    Py_XDECREF(n);
+    return r;
 }
 
 /* ---- Archive ------------------------------------------------------------------ */

@@ -680,6 +680,7 @@ PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs) {
         } else {
             obj = load_stream(&L);
         }
+        if (obj != NULL) Py_SETREF(obj, loader_torch_finish(&L, obj));
     }
     loader_close(&L);
     return obj;

@@ -153,6 +153,9 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs);
  * (the other formats need a buffer source). */
 int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname, int fmt);
 void loader_close(Loader *L);
+/* Torch mode: torch["finish"](obj, number of storages) (bare storages become torch storages).
+ * New reference. */
+PyObject *loader_torch_finish(Loader *L, PyObject *obj);
 
 /* legacy.c */
 PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs);

@@ -95,6 +95,22 @@ def _restorer(torch, map_location):
     return restore
 
 
+def _metadata(conj, neg):
+    return {"conj": True, "neg": True} if conj and neg else {"conj": True} if conj else {"neg": True}
+
+
+def _cpu_fast(map_location):
+    """saved location -> True when map_location leaves that storage on the CPU as it is
+    (torch's restore returns the storage itself then)."""
+    if map_location is None:
+        return lambda loc: loc == "cpu"
+    if isinstance(map_location, str) and map_location == "cpu" or type(map_location).__name__ == "device" and str(map_location) == "cpu":
+        return lambda loc: True
+    if isinstance(map_location, dict):
+        return lambda loc: (lambda t: isinstance(t, str) and t == "cpu")(map_location.get(loc, loc))
+    return lambda loc: False
+
+
 def _cuda_target(torch, map_location):
     """The one CUDA device every storage goes to (str / torch.device map_location), or None."""
     if isinstance(map_location, (str, torch.device)):
@@ -110,7 +126,7 @@ def _cuda_target(torch, map_location):
 # ---- the helpers the C core calls in torch mode ------------------------------------------
 
 
-def _helpers(torch, restore, weights_only, strict, cuda):
+def _helpers(torch, map_location, restore, weights_only, strict, cuda):
     """The dict of torch-mode helpers for one load (see L->torch in src/module.h).
 
     ``cuda`` (a torch.device or None): storages go to that device through pinned staging
@@ -122,6 +138,8 @@ def _helpers(torch, restore, weights_only, strict, cuda):
     UntypedStorage = torch.UntypedStorage
     set_metadata = torch._C._set_tensor_metadata
     cpu = torch.device("cpu")
+    itemsizes = tuple(d.itemsize if d is not None else 1 for d in views)
+    cpu_fast = _cpu_fast(map_location)
 
     def untyped(s):
         if s.is_meta:
@@ -147,14 +165,24 @@ def _helpers(torch, restore, weights_only, strict, cuda):
     def tensor(s, dt, offset, size, stride, conj, neg):
         entry = storages.get(s)
         if entry is None:
+            if cuda is None and cpu_fast(s.location) and s.nbytes and not s.nbytes % itemsizes[dt]:
+                # the common first use: one call makes the storage and the tensor over it; the
+                # storage is taken from the tensor if another tensor shares it
+                t = frombuffer(s, dtype=views[dt]).as_strided_(size, stride, offset)
+                storages[s] = t
+                if conj or neg:
+                    set_metadata(t, _metadata(conj, neg))
+                return t
             entry = storages[s] = untyped(s)
+        elif type(entry) is not tuple:
+            entry = storages[s] = (entry.untyped_storage(), True)
         us, on_cpu = entry
         if on_cpu:
             t = set_(empty(0, dtype=views[dt]), us, offset, size, stride)
         else:
             t = set_(empty(0, dtype=views[dt], device=us.device), us, offset, size, stride)
         if conj or neg:
-            set_metadata(t, {"conj": conj, "neg": neg} if conj and neg else {"conj": True} if conj else {"neg": True})
+            set_metadata(t, _metadata(conj, neg))
         return t
 
     def requires_grad(t, flag):
@@ -198,12 +226,12 @@ def _helpers(torch, restore, weights_only, strict, cuda):
             raise TypeError(f"tensor data is a {type(inner).__name__}")
         _state_ok(state)
         new_type = torch.nn.Parameter if is_param else torch.Tensor
-        return torch._utils._rebuild_from_type_v2(lambda: inner, new_type, (), state)
+        return torch._tensor._rebuild_from_type_v2(lambda: inner, new_type, (), state)
 
     def subclass(type_, data, state):
         if isinstance(type_, type) and issubclass(type_, torch.Tensor) and isinstance(data, torch.Tensor):
             _state_ok(state)
-            return torch._utils._rebuild_from_type_v2(lambda: data, type_, (), state)
+            return torch._tensor._rebuild_from_type_v2(lambda: data, type_, (), state)
         if strict:
             raise _NeedsTorch("a tensor subclass that needs its real class")
         from ._rebuild import subclass as np_subclass
@@ -238,9 +266,10 @@ def _helpers(torch, restore, weights_only, strict, cuda):
         return torch._utils._rebuild_sparse_tensor(layouts[layout], data)
 
     def sparse_csr(layout, data):
+        # torch 1.x's _rebuild_sparse_csr_tensor: (crow, col, values, size), as torch 2.x's CSR
         if layout != "torch.sparse_csr":
             raise TypeError(f"_rebuild_sparse_csr_tensor with layout {layout!r}")
-        return torch._utils._rebuild_sparse_csr_tensor(layouts[layout], data)
+        return torch._utils._rebuild_sparse_tensor(layouts[layout], data)
 
     def nested(buffer, sizes, strides, offsets):
         for x in (buffer, sizes, strides, offsets):
@@ -254,6 +283,20 @@ def _helpers(torch, restore, weights_only, strict, cuda):
         t = torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
         target = torch.from_numpy(np.empty(0, dtype=descr)).dtype
         return t.to(dtype=target)
+
+    def finish(obj, nstorages):
+        """Storages the file holds outside tensors (torch gives them as TypedStorage)."""
+        if nstorages <= len(storages):
+            return obj
+        return _replace_storages(obj, lambda s: typed(s))
+
+    def typed(s):
+        entry = storages.get(s)
+        if entry is None:
+            entry = storages[s] = untyped(s)
+        elif type(entry) is not tuple:
+            entry = storages[s] = (entry.untyped_storage(), True)
+        return torch.storage.TypedStorage(wrap_storage=entry[0], dtype=_storage_dtype(torch, s), _internal=True)
 
     def torchscript():
         if weights_only:
@@ -279,6 +322,7 @@ def _helpers(torch, restore, weights_only, strict, cuda):
         "nested": nested,
         "device_tensor": device_tensor,
         "torchscript": torchscript,
+        "finish": finish,
     }
     if strict:
         def opaque_global(qualname):
@@ -286,6 +330,44 @@ def _helpers(torch, restore, weights_only, strict, cuda):
 
         h["opaque_global"] = opaque_global
     return h, staged
+
+
+def _storage_dtype(torch, s):
+    """The torch dtype of a torchfree.Storage (its dtype attribute: a numpy dtype or "torch.x")."""
+    d = s.dtype
+    name = d[6:] if isinstance(d, str) else d.name
+    dt = getattr(torch, name, None) if name in _core.DTYPE_NAMES else None
+    if not isinstance(dt, torch.dtype):
+        raise TypeError(f"storage of dtype {d!r}")
+    return dt
+
+
+def _replace_storages(obj, convert, depth=0):
+    """obj with every torchfree.Storage in dicts, lists and tuples replaced by convert(storage)."""
+    if isinstance(obj, torchfree_Storage()):
+        return convert(obj)
+    if depth > 200:
+        return obj
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            r = _replace_storages(v, convert, depth + 1)
+            if r is not v:
+                obj[k] = r
+        return obj
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            r = _replace_storages(v, convert, depth + 1)
+            if r is not v:
+                obj[i] = r
+        return obj
+    if type(obj) is tuple:
+        items = [_replace_storages(v, convert, depth + 1) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else tuple(items)
+    return obj
+
+
+def torchfree_Storage():
+    return _core.Storage
 
 
 # ---- pinned staging to a GPU ---------------------------------------------------------------
@@ -389,7 +471,7 @@ def _load(f, map_location, pickle_module, weights_only, mmap, pickle_load_args, 
         weights_only = True
     cuda = _cuda_target(torch, map_location)
     restore = _restorer(torch, map_location)
-    helpers, staged = _helpers(torch, restore, weights_only, strict, cuda)
+    helpers, staged = _helpers(torch, map_location, restore, weights_only, strict, cuda)
     meta = isinstance(map_location, (str, torch.device)) and str(map_location) == "meta"
     opts = options("meta" if meta else None, weights_only, None, pickle_load_args.get("encoding", "utf-8"), None)
     src = Source(f, mmap)
