@@ -726,3 +726,23 @@ def test_install_uninstall_nest(torch):
     assert torch.load is orig
     tft.uninstall()  # extra uninstall is harmless
     assert torch.load is orig
+
+
+def test_no_object_leak(torch, case_files):
+    """Repeated torch-mode loads of every kind leave no Python objects behind."""
+    import gc
+
+    import torchfree.torch as tft
+
+    paths = [case_files[n] for n in ("params", "quantized", "sparse", "objects", "meta", "math_bits",
+                                     "params_legacy")]
+    for p in paths:
+        tft.load(p)
+    gc.collect()
+    n0 = len(gc.get_objects())
+    for _ in range(30):
+        for p in paths:
+            tft.load(p)
+            tft.load(p, mmap=False) if not str(p).endswith("_legacy.pt") else None
+    gc.collect()
+    assert len(gc.get_objects()) - n0 < 50
