@@ -746,3 +746,18 @@ def test_no_object_leak(torch, case_files):
             tft.load(p, mmap=False) if not str(p).endswith("_legacy.pt") else None
     gc.collect()
     assert len(gc.get_objects()) - n0 < 50
+
+
+def test_weights_only_false_gives_inert_placeholders(torch, tmp_path):
+    """Outside patched(), weights_only=False never imports the class: an inert Opaque, with the
+    tensors around it as torch tensors."""
+    import torchfree.torch as tft
+
+    path = tmp_path / "c.pt"
+    torch.save({"c": _Custom(torch.ones(2)), "t": torch.arange(3)}, path)
+    got = tft.load(path, weights_only=False)
+    assert isinstance(got["c"], torchfree.Opaque) and got["c"].name == "_Custom"
+    assert isinstance(got["c"].state["v"], torch.Tensor) and torch.equal(got["c"].state["v"], torch.ones(2))
+    assert torch.equal(got["t"], torch.arange(3))
+    with pytest.raises(torchfree.UnsafeGlobalError):
+        tft.load(path)
