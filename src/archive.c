@@ -92,23 +92,27 @@ void loader_close(Loader *L) {
     Py_CLEAR(L->encoding);
     Py_CLEAR(L->globals_seen);
     Py_CLEAR(L->pyfile);
+    Py_CLEAR(L->torch);
+    L->torch_tensor = L->torch_dtypes = NULL;
     L->src = NULL;
 }
 
 static char *open_kwlist[] = {"src", "size", "mode", "require_map", "map_kind", "map_location",
-                              "weights_only", "safe_globals", "encoding", "limits", NULL};
-#define OPEN_FORMAT "OK$ipiOpOOO"
+                              "weights_only", "safe_globals", "encoding", "limits", "torch", NULL};
+#define OPEN_FORMAT "OK$ipiOpOOOO"
 
 /* Parse the options and, for a zip, open it and read its version and byteorder
  * records. The Loader keeps its own references to the options. */
 int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname, int fmt) {
-    PyObject *src, *map_location, *safe_globals, *encoding, *limits;
+    PyObject *src, *map_location, *safe_globals, *encoding, *limits, *torch = Py_None;
     unsigned long long size;
     int mode, require_map, map_kind, weights_only;
     char format[64];
     snprintf(format, sizeof format, "%s:%s", OPEN_FORMAT, fname);
+    memset(L, 0, sizeof *L); /* loader_close() is safe on it whatever happens below */
+    L->fd = -1;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, open_kwlist, &src, &size, &mode, &require_map,
-                                     &map_kind, &map_location, &weights_only, &safe_globals, &encoding, &limits))
+                                     &map_kind, &map_location, &weights_only, &safe_globals, &encoding, &limits, &torch))
         return -1;
     memset(L, 0, sizeof *L);
     L->st = st;
@@ -130,6 +134,18 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
         return -1;
     }
     if (parse_limits(L, limits) < 0) return -1;
+    if (torch != Py_None) {
+        /* torch mode: every tensor is made by torch["tensor"], dtype values are torch["dtypes"] */
+        PyObject *tt = PyDict_Check(torch) ? PyDict_GetItemString(torch, "tensor") : NULL;
+        PyObject *td = PyDict_Check(torch) ? PyDict_GetItemString(torch, "dtypes") : NULL;
+        if (tt == NULL || !PyCallable_Check(tt) || td == NULL || !PyTuple_Check(td) || PyTuple_GET_SIZE(td) != DT_COUNT) {
+            PyErr_SetString(PyExc_TypeError, "torch must be a dict with 'tensor' and 'dtypes'");
+            return -1;
+        }
+        L->torch = Py_NewRef(torch);
+        L->torch_tensor = tt;
+        L->torch_dtypes = td;
+    }
     L->storages = PyDict_New();
     L->storage_list = PyList_New(0);
     L->pending = PyList_New(0);
@@ -296,11 +312,25 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
     Loader L;
     PyObject *obj = NULL;
     if (loader_open(&L, PyModule_GetState(module), args, kwargs, "load_zip", FMT_ZIP) == 0) {
-        obj = loader_unpickle(&L);
+        PyObject *ts = L.torch && L.torchscript ? PyDict_GetItemString(L.torch, "torchscript") : NULL;
+        if (ts != NULL) /* torch mode: torch.load's own answer to a TorchScript archive */
+            obj = PyObject_CallNoArgs(ts);
+        else
+            obj = loader_unpickle(&L);
         if (obj != NULL && (loader_constants(&L, obj) < 0 || storage_finish(&L) < 0)) Py_CLEAR(obj);
+        if (obj != NULL) Py_SETREF(obj, loader_torch_finish(&L, obj));
     }
     loader_close(&L);
     return obj;
+}
+
+PyObject *loader_torch_finish(Loader *L, PyObject *obj) {
+    PyObject *fin = L->torch ? PyDict_GetItemString(L->torch, "finish") : NULL;
+    if (fin == NULL) return Py_NewRef(obj);
+    PyObject *n = PyLong_FromSsize_t(PyList_GET_SIZE(L->storage_list));
+    PyObject *r = n ? PyObject_CallFunctionObjArgs(fin, obj, n, NULL) : NULL;
+    Py_XDECREF(n);
+    return r;
 }
 
 /* ---- Archive ------------------------------------------------------------------ */
@@ -341,6 +371,7 @@ static int Archive_traverse(ArchiveObject *a, visitproc visit, void *arg) {
     Py_VISIT(a->L.storage_list);
     Py_VISIT(a->L.pending);
     Py_VISIT(a->L.pyfile);
+    Py_VISIT(a->L.torch);
     Py_VISIT(Py_TYPE(a));
     return 0;
 }

@@ -703,6 +703,7 @@ PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs) {
         } else {
             obj = load_stream(&L);
         }
+        if (obj != NULL) Py_SETREF(obj, loader_torch_finish(&L, obj));
         if (obj != NULL && collect) {
             /* the storages with bytes of their own (not views and retyped aliases of them) */
             PyObject *roots = PyList_New(0), *g = PySequence_List(L.globals_seen);

@@ -23,7 +23,8 @@ PyObject *tf_helper(ModuleState *st, const char *name) {
 }
 
 PyObject *tf_call_helper(Loader *L, const char *name, PyObject *args) {
-    PyObject *f = tf_helper(L->st, name);
+    PyObject *f = L->torch != NULL ? PyDict_GetItemString(L->torch, name) : NULL; /* torch mode overrides */
+    if (f == NULL) f = tf_helper(L->st, name);
     PyObject *r = f && args ? PyObject_CallObject(f, args) : NULL;
     if (r == NULL && args != NULL && f != NULL && !PyErr_ExceptionMatches(L->st->CheckpointError) &&
         !PyErr_ExceptionMatches(PyExc_MemoryError) && !PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
@@ -258,6 +259,21 @@ static int core_exec(PyObject *m) {
                                   (unsigned long long)TF_LIMIT_TOTAL_BYTES);
     if (lim == NULL || PyModule_AddObject(m, "LIMITS", lim) < 0) {
         Py_XDECREF(lim);
+        goto done;
+    }
+    /* DTYPE_NAMES[i]: torch's name of dtype id i (torch mode maps ids to torch dtypes) */
+    PyObject *names = PyTuple_New(DT_COUNT);
+    if (names == NULL) goto done;
+    for (int i = 0; i < DT_COUNT; i++) {
+        PyObject *nm = PyUnicode_FromString(dtypes_table[i].name);
+        if (nm == NULL) {
+            Py_DECREF(names);
+            goto done;
+        }
+        PyTuple_SET_ITEM(names, i, nm);
+    }
+    if (PyModule_AddObject(m, "DTYPE_NAMES", names) < 0) {
+        Py_DECREF(names);
         goto done;
     }
     r = 0;

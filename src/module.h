@@ -106,6 +106,11 @@ typedef struct Loader {
     const char *storage_dir; /* folder of the storage records of the pickle being run: "data/"
                               * (NULL means that too) or "constants/" */
     PyObject *globals_seen; /* set of "module.name" of every GLOBAL, or NULL */
+    /* torch mode (torchfree.torch.load): a dict of helpers that make torch objects, which
+     * override the numpy ones by name; NULL for numpy results (owned) */
+    PyObject *torch;
+    PyObject *torch_tensor; /* torch["tensor"](storage, dtype_id, offset, size, stride, conj, neg) (borrowed) */
+    PyObject *torch_dtypes; /* torch["dtypes"]: tuple of DT_COUNT torch dtypes (or None) (borrowed) */
     /* state */
     PyObject *storage_list; /* every StorageObject, in first-use order (records point at theirs) */
     PyObject *storages;     /* dict key -> StorageObject, for keys without a record (meta) */
@@ -148,6 +153,9 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs);
  * (the other formats need a buffer source). */
 int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname, int fmt);
 void loader_close(Loader *L);
+/* Torch mode: torch["finish"](obj, number of storages) (bare storages become torch storages).
+ * New reference. */
+PyObject *loader_torch_finish(Loader *L, PyObject *obj);
 
 /* legacy.c */
 PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs);

@@ -44,7 +44,7 @@ static PyObject *helper_call(Loader *L, const char *name, PyObject *args) {
 /* The dtype value of a `torch <dtype>` GLOBAL back to its DtypeId. */
 static int dtype_from_value(Loader *L, PyObject *v) {
     for (int i = 0; i < DT_COUNT; i++)
-        if (L->st->dtype_value[i] == v) return i;
+        if (L->st->dtype_value[i] == v || (L->torch_dtypes && PyTuple_GET_ITEM(L->torch_dtypes, i) == v)) return i;
     if (PyUnicode_Check(v)) {
         Py_ssize_t n;
         const char *s = PyUnicode_AsUTF8AndSize(v, &n);
@@ -171,6 +171,21 @@ static int defer_fixup(Loader *L, PyObject *item) {
     return r;
 }
 
+/* Torch mode: torch["tensor"](storage, dtype id, offset, size, stride, conj, neg) makes the
+ * torch tensor (one torch storage per Storage; a meta Storage gives a meta tensor). Its
+ * errors are torch's (map_location, devices) and pass through unchanged. */
+static PyObject *torch_view(Loader *L, StorageObject *s, int dt, int64_t offset, int nd, const int64_t *size,
+                            const int64_t *stride, int conj, int neg) {
+    PyObject *argv[7] = {(PyObject *)s, PyLong_FromLong(dt), PyLong_FromLongLong((long long)offset),
+                         int_tuple(size, nd, 1), int_tuple(stride, nd, 1), PyBool_FromLong(conj),
+                         PyBool_FromLong(neg)};
+    PyObject *r = NULL;
+    if (argv[1] && argv[2] && argv[3] && argv[4] && argv[5] && argv[6])
+        r = PyObject_Vectorcall(L->torch_tensor, argv, 7, NULL);
+    for (int i = 1; i < 7; i++) Py_XDECREF(argv[i]);
+    return r;
+}
+
 /* An array over s with (offset, size, stride) in elements of dt, already
  * validated against s. Reads s first when it is still unread. */
 static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, int nd, const int64_t *size,
@@ -178,6 +193,7 @@ static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, 
     ModuleState *st = L->st;
     const DtypeInfo *info = &dtypes_table[dt];
     uint64_t itemsize = info->itemsize;
+    if (s->meta && L->torch) return torch_view(L, s, dt, offset, nd, size, stride, conj, neg);
     if (s->meta) {
         PyObject *shape = int_tuple(size, nd, 1);
         return shape ? make_meta(L, shape, dt) : NULL;
@@ -186,6 +202,7 @@ static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, 
         info->itemsize > 1)
         s->swap_unit = (info->flags & DTF_COMPLEX) ? info->itemsize / 2 : info->itemsize;
     if ((s->unread || !s->hooked) && storage_ready(L, s) < 0) return NULL;
+    if (L->torch) return torch_view(L, s, dt, offset, nd, size, stride, conj, neg);
     if (s->meta) { /* the map_location callable turned it into a meta storage */
         PyObject *shape = int_tuple(size, nd, 1);
         return shape ? make_meta(L, shape, dt) : NULL;
@@ -505,6 +522,19 @@ static PyObject *meta_of(Loader *L, PyObject *dtype, PyObject *size_o) {
     return shape ? make_meta(L, shape, dt) : NULL;
 }
 
+/* Torch mode: tensor t (stolen) with requires_grad set when flag is true (torch["requires_grad"]). */
+static PyObject *torch_requires_grad(Loader *L, PyObject *t, PyObject *flag) {
+    if (t == NULL || L->torch == NULL || flag == Py_False) return t;
+    PyObject *args = PyTuple_Pack(2, t, flag);
+    Py_DECREF(t);
+    PyObject *r = args ? tf_call_helper(L, "requires_grad", args) : NULL;
+    Py_XDECREF(args);
+    return r;
+}
+
+/* Torch mode: helper name(*args) (args borrowed). */
+static PyObject *torch_helper(Loader *L, const char *name, PyObject *args) { return tf_call_helper(L, name, args); }
+
 PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
@@ -512,7 +542,8 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     switch (g->id) {
     case G_REBUILD_TENSOR_V2:
         if (n < 6 || n > 7) return wrong_args(L, g, "6 or 7 arguments", args), NULL;
-        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, n == 7 ? ARG(6) : NULL, 0);
+        return torch_requires_grad(L, rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, n == 7 ? ARG(6) : NULL, 0),
+                                   ARG(4));
     case G_REBUILD_TENSOR:
         if (n != 4) return wrong_args(L, g, "4 arguments", args), NULL;
         return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, NULL, 0);
@@ -520,13 +551,15 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         if (n < 7 || n > 8) return wrong_args(L, g, "7 or 8 arguments", args), NULL;
         int dt = dtype_from_value(L, ARG(6));
         if (dt < 0) return NULL;
-        return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, n == 8 ? ARG(7) : NULL, 0);
+        return torch_requires_grad(L, rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, n == 8 ? ARG(7) : NULL, 0),
+                                   ARG(4));
     }
     case G_REBUILD_PARAMETER:
     case G_REBUILD_PARAMETER_WITH_STATE:
     case G_PARAMETER:
         /* a Parameter is its data (numpy arrays carry no requires_grad) */
         if (n < 1 || n > 4) return wrong_args(L, g, "(data, requires_grad, hooks[, state])", args), NULL;
+        if (L->torch) return torch_helper(L, g->id == G_PARAMETER ? "Parameter" : "parameter", args);
         return Py_NewRef(ARG(0));
     case G_REBUILD_FROM_TYPE:
     case G_REBUILD_FROM_TYPE_V2: {
@@ -537,8 +570,13 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         PyObject *inner = tensor_reduce(L, (GlobalRef *)func, fargs);
         if (inner == NULL) return NULL;
         if (Py_TYPE(type) == st->GlobalRefType &&
-            (((GlobalRef *)type)->id == G_TENSOR || ((GlobalRef *)type)->id == G_PARAMETER))
-            return inner; /* plain tensor or Parameter with Python attributes */
+            (((GlobalRef *)type)->id == G_TENSOR || ((GlobalRef *)type)->id == G_PARAMETER)) {
+            if (L->torch == NULL) return inner; /* plain tensor or Parameter with Python attributes */
+            PyObject *targs = Py_BuildValue("(iNO)", ((GlobalRef *)type)->id == G_PARAMETER, inner, ARG(3));
+            PyObject *r = targs ? torch_helper(L, "from_type", targs) : NULL;
+            Py_XDECREF(targs);
+            return r;
+        }
         PyObject *hargs = Py_BuildValue("(ONO)", type, inner, ARG(3));
         if (hargs == NULL) return NULL;
         PyObject *r = helper_call(L, "subclass", hargs);
@@ -547,6 +585,18 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     }
     case G_REBUILD_META_TENSOR_NO_STORAGE: {
         if (n != 4) return wrong_args(L, g, "(dtype, size, stride, requires_grad)", args), NULL;
+        if (L->torch) {
+            int dt = dtype_from_value(L, ARG(0));
+            int64_t size[NPY_MAXDIMS + 1], stride[NPY_MAXDIMS + 1];
+            int nd, nds;
+            if (dt < 0 || get_dims(L, ARG(1), "size", size, &nd) < 0 || get_dims(L, ARG(2), "stride", stride, &nds) < 0)
+                return NULL;
+            if (nds != nd) return tf_raise(L, st->FormatError, "tensor has %d sizes but %d strides", nd, nds), NULL;
+            PyObject *targs = Py_BuildValue("(iOOO)", dt, ARG(1), ARG(2), ARG(3));
+            PyObject *r = targs ? torch_helper(L, "meta_tensor", targs) : NULL;
+            Py_XDECREF(targs);
+            return r;
+        }
         return meta_of(L, ARG(0), ARG(1));
     }
     case G_ORDERED_DICT:
@@ -558,9 +608,17 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(ARG(0)); i++)
             if (!PyLong_Check(PySequence_Fast_ITEMS(ARG(0))[i]))
                 return tf_raise(L, st->UnpicklingError, "torch.Size of a non-int"), NULL;
+        if (L->torch) return torch_helper(L, "Size", args);
         return PySequence_Tuple(ARG(0));
-    case G_DEVICE:
-        return make_device(L, g, args);
+    case G_DEVICE: {
+        PyObject *d = make_device(L, g, args);
+        if (d == NULL || L->torch == NULL) return d;
+        PyObject *targs = PyTuple_Pack(1, d);
+        Py_DECREF(d);
+        PyObject *r = targs ? torch_helper(L, "device", targs) : NULL;
+        Py_XDECREF(targs);
+        return r;
+    }
     case G_GET_LAYOUT:
         if (n != 1 || !PyUnicode_Check(ARG(0))) return wrong_args(L, g, "one str", args), NULL;
         return Py_NewRef(ARG(0));
@@ -747,6 +805,7 @@ PyObject *tensor_build(Loader *L, PyObject *obj, PyObject *state) {
 }
 
 PyObject *tensor_global_value(Loader *L, const GlobalHit *hit, const char *canon) {
+    if (hit->id == G_DTYPE && L->torch_dtypes) return Py_NewRef(PyTuple_GET_ITEM(L->torch_dtypes, hit->arg));
     if (hit->id == G_DTYPE) return Py_NewRef(L->st->dtype_value[hit->arg]);
     if (hit->id == G_QSCHEME) return PyUnicode_FromString(canon);
     return NULL;

@@ -85,8 +85,9 @@ def tasks():
                 (f"load bytes {p.name}", lambda p=p: digest(torchfree.load(p.read_bytes()))),
                 (f"scan {p.name}", lambda p=p: torchfree.scan(p).to_json()),
                 (f"open {p.name}", lambda p=p: read_all(p)),
-                (f"open copy {p.name}", lambda p=p: read_all(p, mmap=False)),
-                (f"pickle_globals {p.name}", lambda p=p: _core.pickle_globals(data_pkl(p)))]
+                (f"open copy {p.name}", lambda p=p: read_all(p, mmap=False))]
+        if zipfile.is_zipfile(p):  # (legacy streams have no data.pkl)
+            out.append((f"pickle_globals {p.name}", lambda p=p: _core.pickle_globals(data_pkl(p))))
     for name in ERROR_FILES:
         out += [(f"error {name}", lambda n=name: error_of(torchfree.load, HOSTILE / n)),
                 (f"scan error {name}", lambda n=name: error_of(torchfree.scan, HOSTILE / n))]

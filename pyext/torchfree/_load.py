@@ -249,6 +249,7 @@ def options(map_location=None, weights_only=True, safe_globals=None, encoding="u
         safe_globals=_safe_globals(safe_globals),
         encoding=None if encoding == "bytes" else str(encoding),
         limits=_limits(limits),
+        torch=None,  # torchfree.torch sets its helpers here (torch objects instead of arrays)
     )
 
 
