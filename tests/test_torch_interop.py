@@ -318,7 +318,8 @@ def test_writable_and_independent_of_file(torch, tmp_path):
 def test_torchfree_import_does_not_import_torch():
     code = "import sys, torchfree; assert 'torch' not in sys.modules; import torchfree.torch; " \
            "assert 'torch' not in sys.modules; print('ok')"
-    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "pyext"))
+    # the torchfree this test process imported (an in-place build, or the installed package)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(torchfree.__file__)))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.stdout.strip() == "ok", r.stderr
 
