@@ -34,6 +34,7 @@ typedef struct {
     PyObject *helpers;               /* dict of Python helpers set by torchfree/__init__.py */
     PyObject *OpaqueType;            /* helpers["Opaque"], cached for the hot type checks */
     PyObject *MetaArrayType;         /* helpers["MetaArray"] */
+    PyObject *hooks_token; /* stands for the empty OrderedDict() of backward_hooks (unpickler.c) */
     PyObject *str_storage, *str_meta, *str_metadata_attr, *str_conj, *str_neg, *str_shape, *str_dtype;
 } ModuleState;
 
@@ -126,6 +127,8 @@ typedef struct Loader {
     PyObject **memo;
     Py_ssize_t memo_len, memo_cap;
     uint64_t op_offset;     /* offset of the opcode being run */
+    int hooks_fast;         /* REDUCE OrderedDict() as _rebuild_tensor_v2's hooks may push hooks_token */
+    int hooks_escaped;      /* a memo GET reached a hooks_token: vm_run runs the pickle again without */
 } Loader;
 
 /* module.c */

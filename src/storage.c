@@ -239,6 +239,14 @@ pyerr:;
 
 /* ---- persistent_load ---------------------------------------------------------- */
 
+/* a == b for two str objects, without PyUnicode_Compare's generality (a hot path: twice per tensor) */
+static int str_equal(PyObject *a, PyObject *b) {
+    if (a == b) return 1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    return n == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b) &&
+           memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * PyUnicode_KIND(a)) == 0;
+}
+
 static PyObject *as_str(PyObject *o) {
     if (PyUnicode_Check(o)) return Py_NewRef(o);
     if (PyBytes_Check(o)) return PyUnicode_DecodeASCII(PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o), "strict");
@@ -460,7 +468,7 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
         return NULL;
     }
     PyObject *tag = as_str(PyTuple_GET_ITEM(pid, 0));
-    int is_storage = tag != NULL && PyUnicode_Compare(tag, st->str_storage) == 0;
+    int is_storage = tag != NULL && str_equal(tag, st->str_storage);
     Py_XDECREF(tag);
     PyErr_Clear();
     if (!is_storage || PyTuple_GET_SIZE(pid) != 5) {
@@ -504,7 +512,7 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
     s = storage_new(L, key, target, (Py_ssize_t)nbytes, dtype);
     if (s == NULL) goto done;
     s->saved = Py_NewRef(saved);
-    if (PyUnicode_Compare(target, st->str_meta) == 0) {
+    if (str_equal(target, st->str_meta)) {
         s->meta = 1;
     } else {
         if (storage_locate(L, s, e, name) < 0) goto done;

@@ -147,7 +147,16 @@ static int vm_memo_get(Loader *L, uint64_t idx) {
     if (idx >= (uint64_t)L->memo_len || L->memo[idx] == NULL)
         return tf_raise(L, L->st->UnpicklingError, "memo slot %llu is not set",
                         (unsigned long long)idx);
-    return vm_push(L, Py_NewRef(L->memo[idx]));
+    PyObject *o = L->memo[idx];
+    if (TF_UNLIKELY(L->hooks_fast && (o == L->st->hooks_token ||
+                                      (PyTuple_CheckExact(o) && PyTuple_GET_SIZE(o) == 6 &&
+                                       PyTuple_GET_ITEM(o, 5) == L->st->hooks_token)))) {
+        /* the pickle uses a backward_hooks OrderedDict (or the arguments holding it) again:
+         * the stand-in would show; vm_run runs the pickle again with real OrderedDicts */
+        L->hooks_escaped = 1;
+        return tf_raise(L, L->st->UnpicklingError, "backward_hooks used again (internal: rerun)");
+    }
+    return vm_push(L, Py_NewRef(o));
 }
 
 /* After BUILD replaced a placeholder by a new object, point the memo slots
@@ -435,6 +444,36 @@ static PyObject *do_call(Loader *L, PyObject *callable, PyObject *args, PyObject
 }
 
 /* REDUCE (callable, args), NEWOBJ (cls, args) and NEWOBJ_EX (cls, args, kwargs). */
+/* Skip a memo put (BINPUT, LONG_BINPUT, MEMOIZE) at p, if one is there. */
+static const uint8_t *skip_put(const uint8_t *p, const uint8_t *end) {
+    if (p < end && *p == OP_MEMOIZE) return p + 1;
+    if (p + 1 < end && *p == OP_BINPUT) return p + 2;
+    if (p + 4 < end && *p == OP_LONG_BINPUT) return p + 5;
+    return p;
+}
+
+/* Is the OrderedDict() being made the backward_hooks argument of a _rebuild_tensor_v2 call,
+ * which ignores it? torch pickles every tensor as
+ *   GLOBAL _rebuild_tensor_v2, MARK, storage, offset, size, stride, requires_grad,
+ *   GLOBAL OrderedDict, EMPTY_TUPLE, REDUCE, [put], TUPLE, [put], REDUCE
+ * and making (and freeing) one OrderedDict per tensor is a tenth of a load. When the next
+ * opcodes are [put] TUPLE [put] REDUCE, five items lie above the last MARK and our own
+ * _rebuild_tensor_v2 lies below it, a shared stand-in object takes the OrderedDict's place.
+ * It can only be seen again through the memo: vm_memo_get notices that, and vm_run then
+ * runs the pickle again with real OrderedDicts (torch's pickles never do it). */
+static int hooks_arg_of_rebuild(Loader *L) {
+    const uint8_t *p = skip_put(L->pk, L->pk_end);
+    if (p >= L->pk_end || *p != OP_TUPLE) return 0;
+    p = skip_put(p + 1, L->pk_end);
+    if (p >= L->pk_end || *p != OP_REDUCE) return 0;
+    if (L->nmarks < 1) return 0;
+    Py_ssize_t start = L->marks[L->nmarks - 1];
+    Py_ssize_t below = L->nmarks >= 2 ? L->marks[L->nmarks - 2] : 0; /* the frame under the MARK */
+    if (L->sp - start != 5 || start - 1 < below) return 0;
+    PyObject *f = L->stack[start - 1];
+    return is_globalref(L, f) && ((GlobalRef *)f)->id == G_REBUILD_TENSOR_V2 && ((GlobalRef *)f)->obj == NULL;
+}
+
 static int op_reduce(Loader *L, int op) {
     PyObject *kwargs = NULL;
     if (op == OP_NEWOBJ_EX) {
@@ -456,7 +495,13 @@ static int op_reduce(Loader *L, int op) {
         Py_XDECREF(kwargs);
         return -1;
     }
-    PyObject *r = do_call(L, callable, args, kwargs, op != OP_REDUCE);
+    PyObject *r;
+    if (L->hooks_fast && op == OP_REDUCE && PyTuple_GET_SIZE(args) == 0 && is_globalref(L, callable) &&
+        ((GlobalRef *)callable)->id == G_ORDERED_DICT && ((GlobalRef *)callable)->obj == NULL &&
+        hooks_arg_of_rebuild(L))
+        r = Py_NewRef(L->st->hooks_token);
+    else
+        r = do_call(L, callable, args, kwargs, op != OP_REDUCE);
     Py_DECREF(callable);
     Py_DECREF(args);
     Py_XDECREF(kwargs);
@@ -1098,4 +1143,17 @@ PyObject *vm_run_at(Loader *L, const uint8_t *data, size_t len, size_t *used) {
     return L->stack[--L->sp];
 }
 
-PyObject *vm_run(Loader *L, const uint8_t *data, size_t len) { return vm_run_at(L, data, len, NULL); }
+PyObject *vm_run(Loader *L, const uint8_t *data, size_t len) {
+    L->hooks_fast = 1;
+    L->hooks_escaped = 0;
+    PyObject *r = vm_run_at(L, data, len, NULL);
+    if (r == NULL && L->hooks_escaped) {
+        /* see hooks_arg_of_rebuild: again, with a real OrderedDict for every backward_hooks */
+        PyErr_Clear();
+        vm_free(L);
+        L->hooks_fast = 0;
+        r = vm_run_at(L, data, len, NULL);
+    }
+    L->hooks_fast = 0;
+    return r;
+}
