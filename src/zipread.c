@@ -692,7 +692,12 @@ TfStatus zipread_locate(ZipReader *z, ZipEntry *e, TfErr *err) {
     /* The local name must be the central directory's name. */
     size_t have = first - ZR_LOCAL_SIZE, done = 0;
     const uint8_t *chunk = buf + ZR_LOCAL_SIZE;
-    for (;;) {
+    if (have == full) { /* the usual case, whole name at hand: "<prefix>/<name>" */
+        if ((z->prefix_len == 0 || memcmp(chunk, z->prefix, z->prefix_len) == 0) && chunk[z->prefix_len] == '/' &&
+            memcmp(chunk + z->prefix_len + 1, e->name, e->name_len) == 0)
+            done = have = full;
+    }
+    for (; done < full;) {
         for (size_t k = 0; k < have; k++)
             if ((char)chunk[k] != zr_full_name_byte(z, e, done + k))
                 return tf_fail(err, TF_ERR_FORMAT, hoff,
