@@ -239,8 +239,6 @@ static int core_exec(PyObject *m) {
         else if (!strcmp(np, "bool")) type = NPY_BOOL;
         if (type >= 0) st->descr[i] = PyArray_DescrFromType(type);
     }
-    st->hooks_token = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
-    if (st->hooks_token == NULL) goto done;
     st->str_storage = PyUnicode_InternFromString("storage");
     st->str_meta = PyUnicode_InternFromString("meta");
     st->str_metadata_attr = PyUnicode_InternFromString("_metadata");
@@ -280,7 +278,6 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->StorageType);
     Py_VISIT(st->TensorRefType);
     Py_VISIT(st->OrderedDict);
-    Py_VISIT(st->hooks_token);
     Py_VISIT(st->Counter);
     Py_VISIT(st->helpers);
     Py_VISIT(st->OpaqueType);
@@ -303,7 +300,6 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->StorageType);
     Py_CLEAR(st->TensorRefType);
     Py_CLEAR(st->OrderedDict);
-    Py_CLEAR(st->hooks_token);
     Py_CLEAR(st->Counter);
     Py_CLEAR(st->helpers);
     Py_CLEAR(st->OpaqueType);

@@ -460,27 +460,31 @@ static int storage_apply_hook(Loader *L, StorageObject *s, PyObject *res) {
 }
 
 PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
-    ModuleState *st = L->st;
     if (L->format != FMT_ZIP) return legacy_persistent_load(L, pid);
     if (!PyTuple_Check(pid) || PyTuple_GET_SIZE(pid) < 1) {
-        tf_raise(L, st->UnpicklingError, "persistent id is a %s, not a ('storage', ...) tuple",
+        tf_raise(L, L->st->UnpicklingError, "persistent id is a %s, not a ('storage', ...) tuple",
                  Py_TYPE(pid)->tp_name);
         return NULL;
     }
-    PyObject *tag = as_str(PyTuple_GET_ITEM(pid, 0));
+    return storage_persistent_items(L, &PyTuple_GET_ITEM(pid, 0), PyTuple_GET_SIZE(pid));
+}
+
+PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n) {
+    ModuleState *st = L->st;
+    PyObject *tag = as_str(pid[0]);
     int is_storage = tag != NULL && str_equal(tag, st->str_storage);
     Py_XDECREF(tag);
     PyErr_Clear();
-    if (!is_storage || PyTuple_GET_SIZE(pid) != 5) {
+    if (!is_storage || n != 5) {
         tf_raise(L, st->UnpicklingError,
                  "only persistent ids ('storage', type, key, location, numel) are allowed in a zip checkpoint");
         return NULL;
     }
-    int dtype = storage_type_dtype(L, PyTuple_GET_ITEM(pid, 1));
+    int dtype = storage_type_dtype(L, pid[1]);
     if (dtype < 0) return NULL;
-    PyObject *key = storage_key_str(PyTuple_GET_ITEM(pid, 2));
-    PyObject *saved = as_str(PyTuple_GET_ITEM(pid, 3));
-    PyObject *numel_o = PyTuple_GET_ITEM(pid, 4);
+    PyObject *key = storage_key_str(pid[2]);
+    PyObject *saved = as_str(pid[3]);
+    PyObject *numel_o = pid[4];
     PyObject *result = NULL, *target = NULL;
     StorageObject *s = NULL;
     if (key == NULL || saved == NULL || !PyLong_Check(numel_o)) {

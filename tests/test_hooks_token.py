@@ -104,3 +104,55 @@ def test_hooks_pattern_without_rebuild_is_a_real_ordereddict(tmp_path):
     got = torchfree.load(buf.getvalue())
     assert got == [(1, 2, 3, 4, 5, collections.OrderedDict())]
     assert type(got[0][5]) is collections.OrderedDict
+
+
+def _write_ckpt(torch, path, obj, storages):
+    """A zip checkpoint whose data.pkl comes from our own Pickler: persistent ids are whatever
+    persistent_id returns (the same tuple object for a storage seen again: a memo GET)."""
+    import io
+    import zipfile
+
+    ids = {}
+
+    class P(pickle.Pickler):
+        def persistent_id(self, o):
+            if isinstance(o, torch.storage.TypedStorage):
+                key = id(o._untyped_storage)
+                if key not in ids:
+                    ids[key] = ("storage", torch.FloatStorage, str(len(ids)), "cpu", o.size())
+                    storages.append(o)
+                return ids[key]
+            return None
+
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump(obj)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/version", "3\n")
+        for i, st in enumerate(storages):
+            z.writestr(f"archive/data/{i}", bytes(st._untyped_storage))
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_persistent_id_tuple_used_again(torch, tmp_path, mmap):
+    """The second tensor of a storage names it by a memo GET of the first id tuple."""
+    F = _fake_tensor_class(torch)
+    base = torch.arange(12, dtype=torch.float32)
+    st = torch.storage.TypedStorage(wrap_storage=base.untyped_storage(), dtype=torch.float32, _internal=True)
+    obj = collections.OrderedDict(
+        a=F((st, 0, (3, 4), (4, 1), False, collections.OrderedDict())),
+        b=F((st, 4, (4,), (1,), False, collections.OrderedDict())),
+        c=[F((st, 1, (2, 2), (1, 2), False, collections.OrderedDict()))])
+    path = tmp_path / "pid.pt"
+    _write_ckpt(torch, path, obj, [])
+    import zipfile
+    import pickletools
+
+    ops = [op.name for op, _, _ in pickletools.genops(zipfile.ZipFile(path).read("archive/data.pkl"))]
+    assert ops.count("BINPERSID") == 3 and ops.count("TUPLE") >= 4  # the id tuple is memoized once
+    want = torch.load(path, weights_only=True)
+    got = torchfree.load(path, mmap=mmap)
+    assert_same(got, want)
+    with torchfree.open(path) as ck:
+        for k in ck.keys():
+            assert_same(ck[k], _dotted(want, k))
