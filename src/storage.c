@@ -240,7 +240,7 @@ pyerr:;
 /* ---- persistent_load ---------------------------------------------------------- */
 
 /* a == b for two str objects, without PyUnicode_Compare's generality (a hot path: twice per tensor) */
-static int str_equal(PyObject *a, PyObject *b) {
+static inline int str_equal(PyObject *a, PyObject *b) {
     if (a == b) return 1;
     Py_ssize_t n = PyUnicode_GET_LENGTH(a);
     return n == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b) &&
@@ -473,8 +473,8 @@ PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n
     ModuleState *st = L->st;
     PyObject *tag = as_str(pid[0]);
     int is_storage = tag != NULL && str_equal(tag, st->str_storage);
+    if (tag == NULL) PyErr_Clear();
     Py_XDECREF(tag);
-    PyErr_Clear();
     if (!is_storage || n != 5) {
         tf_raise(L, st->UnpicklingError,
                  "only persistent ids ('storage', type, key, location, numel) are allowed in a zip checkpoint");

@@ -450,9 +450,13 @@ static const uint8_t *skip_put(const uint8_t *p, const uint8_t *end) {
 }
 
 /* The memo put at p (BINPUT, LONG_BINPUT or MEMOIZE; p == q: none) with an empty slot. */
-static int memo_put_empty(Loader *L, const uint8_t *p, const uint8_t *q) {
+static inline int memo_put_empty(Loader *L, const uint8_t *p, const uint8_t *q) {
     if (p == q) return 0;
     uint64_t idx = *p == OP_MEMOIZE ? (uint64_t)L->memo_len : *p == OP_BINPUT ? p[1] : tf_le32(p + 1);
+    if (TF_LIKELY(idx == (uint64_t)L->memo_len && L->memo_len < L->memo_cap)) {
+        L->memo[L->memo_len++] = NULL;
+        return 0;
+    }
     L->op_offset = (uint64_t)(p - L->pk_start);
     return vm_memo_put(L, idx, NULL);
 }

@@ -252,9 +252,9 @@ typedef struct {
 
 /* Point *out at directory bytes [p, p + need); the caller has checked that
  * they lie inside the directory and need <= cap. */
-static TfStatus zr_window_get(const ZipReader *z, ZrWindow *w, uint64_t cd_pos, size_t cdn, size_t p, size_t need,
-                              const uint8_t **out, TfErr *err) {
-    if (p < w->start || p - w->start > w->len || w->len - (p - w->start) < need) {
+static inline TfStatus zr_window_get(const ZipReader *z, ZrWindow *w, uint64_t cd_pos, size_t cdn, size_t p,
+                                     size_t need, const uint8_t **out, TfErr *err) {
+    if (TF_UNLIKELY(p < w->start || p - w->start > w->len || w->len - (p - w->start) < need)) {
         size_t len = cdn - p < w->cap ? cdn - p : w->cap;
         TfStatus st = zr_read(z, cd_pos + p, w->buf, len, err);
         if (st != TF_OK) return st;
