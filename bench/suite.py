@@ -324,7 +324,7 @@ class Row:
         self.scenario, self.fixture, self.tool, self.kind = scenario, fixture, tool, kind
         self.gbytes = gbytes  # bytes moved, for GB/s (None: not meaningful)
         self.times, self.rss_kb, self.note = [], [], note
-        self.fn = self.check = self.setup = None
+        self.fn = self.check = self.setup = self.child = None
 
     @property
     def ok(self):
@@ -355,6 +355,12 @@ def timed(fn, setup=None):
 
 
 def run_rows(rows, runs, warmup):
+    for r in rows:
+        if r.child is not None and r.fn is None and not r.note:
+            if EXCLUDE and any(x in r.tool for x in EXCLUDE):
+                r.note = "excluded (--exclude)"
+            else:
+                run_child_row(r, runs, warmup)
     live = [r for r in rows if r.fn is not None]
     budget = {}
     for r in live:
@@ -521,6 +527,60 @@ def _tg_leaves(o):
             yield from _tg_leaves(v)
 
 
+CHILD_TIMEOUT = 150  # seconds for all of one isolated row (--child-timeout)
+CHILD_FNS = {"tinygrad-lazy": lambda p: tg_lazy(p), "tinygrad-copy": lambda p: tg_materialize(p)}
+
+
+def child_main(argv):
+    """suite.py --child NAME PATH RUNS WARMUP: time one tool in this process, print JSON."""
+    name, path, runs, warmup, max_row_s = argv[0], argv[1], int(argv[2]), int(argv[3]), float(argv[4])
+    fn = CHILD_FNS[name]
+    out = {"times": [], "rss": []}
+    try:
+        for _ in range(warmup):
+            res, ms, kb = timed(lambda: fn(path))
+            del res
+            if ms > max_row_s * 1000:  # too slow to repeat: the warm-up call is the one run
+                out["times"], out["rss"], runs = [ms], [kb], 0
+                break
+        for _ in range(runs):
+            res, ms, kb = timed(lambda: fn(path))
+            del res
+            out["times"].append(ms)
+            out["rss"].append(kb)
+            print(json.dumps(out), flush=True)  # what is done so far, should a later run time out
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+    print(json.dumps(out), flush=True)
+
+
+def run_child_row(r, runs, warmup):
+    """A row timed in its own process with a time limit: a peer that takes minutes on a file
+    (tinygrad on 50,000 tensors) then reads '> N s' instead of holding up the whole run."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", r.child, r.child_path, str(runs), str(warmup),
+           str(MAX_ROW_S)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=child_env())
+        lines = p.stdout.strip().splitlines()
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        lines = out.strip().splitlines()
+        r.note = f"stopped after {CHILD_TIMEOUT:.0f} s (--child-timeout)"
+        if not lines:
+            r.note = f"no call finished in {CHILD_TIMEOUT:.0f} s (--child-timeout)"
+    if lines:
+        got = json.loads(lines[-1])
+        r.times, r.rss_kb = got["times"], got["rss"]
+        if got.get("error"):
+            r.note = "failed: " + got["error"]
+        elif r.times and len(r.times) < runs:
+            r.note = (r.note + "; " if r.note else "") + (
+                f"{len(r.times)} run{'s' if len(r.times) > 1 else ''} (slow: the suite caps a row at ~{MAX_ROW_S:.0f} s)")
+    elif not r.note:
+        r.note = f"failed: {p.stderr.strip()[-80:]}"
+    r.note = (r.note + "; " if r.note else "") + "own process"
+
+
 def limit_readinto(path, size):
     buf = np.empty(size, np.uint8)
     mv = memoryview(buf)
@@ -549,6 +609,7 @@ def scenario_load(fx, mode, rows_out):
 
     def add(tool, fn, *, kind="", gbytes=None, check=True, note="", err=None):
         r = Row(sc, fx, tool, kind=kind, gbytes=gbytes, note=note)
+        r.child_path = fx.path
         if err:
             r.note = err
         else:
@@ -567,7 +628,7 @@ def scenario_load(fx, mode, rows_out):
             lambda: torch.load(p, weights_only=True, mmap=True), err=TORCH_ERR)
         add("safetensors safe_open + get_tensor(all)", lambda: st_load_all_safe_open(fx.st_path), err=ST_ERR,
             note="copies each tensor out of its map", check=False)
-        add("tinygrad torch_load (lazy DISK tensors)", lambda: tg_lazy(p), err=TG_ERR, check=False)
+        add("tinygrad torch_load (lazy DISK tensors)", None, err=TG_ERR, check=False).child = "tinygrad-lazy"
         add("limit: mmap(MAP_POPULATE) of the file", lambda: limit_populate(p), kind="limit",
             gbytes=fx.size, check=False)
     else:
@@ -581,8 +642,8 @@ def scenario_load(fx, mode, rows_out):
                 gbytes=os.path.getsize(fx.st_path) if fx.st_path else None, check=False,
                 note="same tensors, own file" + (" (views stored contiguous)" if fx.name == "views" else ""))
             add("naive zipfile+pickle+numpy", lambda: naive_loader.load(p), gbytes=fx.size)
-        add("tinygrad torch_load + .to('CPU').realize()", lambda: tg_materialize(p), err=TG_ERR,
-            gbytes=fx.size, check=False)
+        add("tinygrad torch_load + .to('CPU').realize()", None, err=TG_ERR, gbytes=fx.size,
+            check=False).child = "tinygrad-copy"
         add("limit: readinto fresh memory", lambda: limit_readinto(p, fx.size), kind="limit", gbytes=fx.size,
             check=False)
     rows_out.extend(rows)
@@ -1013,6 +1074,8 @@ def parse_args(argv=None):
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma list of " + ",".join(SCENARIOS))
     ap.add_argument("--no-legacy", action="store_true", help="skip the legacy-format fixtures")
     ap.add_argument("--threads", action="store_true", help="also run bench_threads.py (GIL / 2-thread loads)")
+    ap.add_argument("--child-timeout", type=float, default=150,
+                    help="seconds for all runs of a tool timed in its own process (tinygrad; default 150)")
     ap.add_argument("--exclude", default="", help="skip tools whose name contains one of these (comma list)")
     ap.add_argument("--dir", help="fixture directory (default: a new temp dir, deleted at the end)")
     ap.add_argument("--keep", action="store_true", help="keep the fixture directory")
@@ -1023,8 +1086,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    global MAX_ROW_S, EXCLUDE
+    global MAX_ROW_S, EXCLUDE, CHILD_TIMEOUT
     MAX_ROW_S = args.max_row_s
+    CHILD_TIMEOUT = args.child_timeout
     EXCLUDE = tuple(x for x in args.exclude.split(",") if x)
     scen = set(args.scenarios.split(","))
     bad = scen - set(SCENARIOS)
@@ -1094,4 +1158,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        child_main(sys.argv[2:])
+        sys.exit(0)
     sys.exit(main())
