@@ -96,11 +96,11 @@ def machine_parallelism(seconds=1.5) -> float:
     return two / one
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=48)
     ap.add_argument("--loads", type=int, default=20)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     n = args.mib * (1 << 20) // 4 // 8
     rng = np.random.default_rng(0)
     # values that deflate a little (like real weights): random mantissas, few exponents

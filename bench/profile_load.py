@@ -6,9 +6,13 @@
     perf record -g -o /tmp/perf.data python bench/profile_load.py opt --iters 100
     perf report -i /tmp/perf.data --no-children --percent-limit 1
 
-Fixtures are written by bench_load.py's generators into --dir (default
-/tmp/torchfree-profile) and kept there for repeated use; delete them with
---clean.
+Fixtures are written by suite.py's generators (with torch.save when torch is
+installed, else torchfree.save) into --dir (default /tmp/torchfree-profile) and
+kept there for repeated use; delete them with --clean. For instruction counts:
+
+    valgrind --tool=callgrind --toggle-collect=mod_load_zip \
+        python bench/profile_load.py opt --iters 1     # 2 loads: the warm-up and one timed
+
 """
 
 import argparse
@@ -21,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_load as B  # noqa: E402
+import suite as S  # noqa: E402
 
 
 def main():
@@ -39,26 +43,31 @@ def main():
     if a.clean:
         shutil.rmtree(a.dir, ignore_errors=True)
         return 0
-    torch, err = B.import_torch()
+    torch = S.torch
     os.makedirs(a.dir, exist_ok=True)
     if a.fixture == "opt":
         nbytes = int((a.mb or 200) * 1e6)
         path = os.path.join(a.dir, f"opt_{a.tensors}_{nbytes}.pt")
-        B.build_fixture(torch, path, {"v": B.FIXTURE_VERSION, "n": a.tensors, "bytes": nbytes},
-                        lambda: B.make_opt_state(torch, a.tensors, nbytes))
+        make = lambda: S.make_optim(a.tensors, nbytes)  # noqa: E731
     else:
         nbytes = int((a.mb or 2000) * 1e6)
         path = os.path.join(a.dir, f"llm_{nbytes}.pt")
-        B.build_fixture(torch, path, {"v": B.FIXTURE_VERSION, "bytes": nbytes},
-                        lambda: B.make_llm_state(torch, nbytes))
-    B.warm_file(path)
+        make = lambda: S.make_flat(S.llm_layout(nbytes), 1)  # noqa: E731
+    if not os.path.exists(path):
+        obj = make()
+        if torch is not None:
+            torch.save(S.to_torch(obj), path + ".tmp")
+        else:
+            S.torchfree.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    S.warm(path)
     if a.tool == "torchfree":
-        tf, err = B.import_torchfree()
-        if tf is None:
-            print("torchfree not available:", err)
-            return 2
+        tf = S.torchfree
         fn = lambda: tf.load(path, mmap=bool(a.mmap))  # noqa: E731
     else:
+        if torch is None:
+            print("torch is not installed")
+            return 2
         fn = lambda: torch.load(path, weights_only=True, mmap=bool(a.mmap))  # noqa: E731
     fn()  # warm-up
     prof = cProfile.Profile() if a.cprofile else None

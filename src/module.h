@@ -131,6 +131,9 @@ typedef struct Loader {
     PyObject **memo;
     Py_ssize_t memo_len, memo_cap;
     uint64_t op_offset;     /* offset of the opcode being run */
+    int hooks_fast;         /* torch's tensor pattern may run fused (unpickler.c, rebuild_v2_fused) */
+    int hooks_fused;        /* it did: some memo slots were left empty */
+    int hooks_escaped;      /* a memo GET met an empty slot: vm_run runs the pickle again unfused */
 } Loader;
 
 /* module.c */
@@ -177,6 +180,8 @@ extern PyType_Spec StorageSpec;
 extern PyType_Spec GlobalRefSpec;
 /* Persistent id -> Storage (new reference). */
 PyObject *storage_persistent_load(Loader *L, PyObject *pid);
+/* The same for a zip checkpoint's id given as its n items (pid[0..n), n >= 1). New reference. */
+PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n);
 /* A fresh Storage made by L (no data yet). New reference. */
 StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype);
 /* The location tag map_location gives a storage saved at `saved` (new reference). */

@@ -239,6 +239,14 @@ pyerr:;
 
 /* ---- persistent_load ---------------------------------------------------------- */
 
+/* a == b for two str objects, without PyUnicode_Compare's generality (a hot path: twice per tensor) */
+static inline int str_equal(PyObject *a, PyObject *b) {
+    if (a == b) return 1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    return n == PyUnicode_GET_LENGTH(b) && PyUnicode_KIND(a) == PyUnicode_KIND(b) &&
+           memcmp(PyUnicode_DATA(a), PyUnicode_DATA(b), (size_t)n * PyUnicode_KIND(a)) == 0;
+}
+
 static PyObject *as_str(PyObject *o) {
     if (PyUnicode_Check(o)) return Py_NewRef(o);
     if (PyBytes_Check(o)) return PyUnicode_DecodeASCII(PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o), "strict");
@@ -452,27 +460,31 @@ static int storage_apply_hook(Loader *L, StorageObject *s, PyObject *res) {
 }
 
 PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
-    ModuleState *st = L->st;
     if (L->format != FMT_ZIP) return legacy_persistent_load(L, pid);
     if (!PyTuple_Check(pid) || PyTuple_GET_SIZE(pid) < 1) {
-        tf_raise(L, st->UnpicklingError, "persistent id is a %s, not a ('storage', ...) tuple",
+        tf_raise(L, L->st->UnpicklingError, "persistent id is a %s, not a ('storage', ...) tuple",
                  Py_TYPE(pid)->tp_name);
         return NULL;
     }
-    PyObject *tag = as_str(PyTuple_GET_ITEM(pid, 0));
-    int is_storage = tag != NULL && PyUnicode_Compare(tag, st->str_storage) == 0;
+    return storage_persistent_items(L, &PyTuple_GET_ITEM(pid, 0), PyTuple_GET_SIZE(pid));
+}
+
+PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n) {
+    ModuleState *st = L->st;
+    PyObject *tag = as_str(pid[0]);
+    int is_storage = tag != NULL && str_equal(tag, st->str_storage);
+    if (tag == NULL) PyErr_Clear();
     Py_XDECREF(tag);
-    PyErr_Clear();
-    if (!is_storage || PyTuple_GET_SIZE(pid) != 5) {
+    if (!is_storage || n != 5) {
         tf_raise(L, st->UnpicklingError,
                  "only persistent ids ('storage', type, key, location, numel) are allowed in a zip checkpoint");
         return NULL;
     }
-    int dtype = storage_type_dtype(L, PyTuple_GET_ITEM(pid, 1));
+    int dtype = storage_type_dtype(L, pid[1]);
     if (dtype < 0) return NULL;
-    PyObject *key = storage_key_str(PyTuple_GET_ITEM(pid, 2));
-    PyObject *saved = as_str(PyTuple_GET_ITEM(pid, 3));
-    PyObject *numel_o = PyTuple_GET_ITEM(pid, 4);
+    PyObject *key = storage_key_str(pid[2]);
+    PyObject *saved = as_str(pid[3]);
+    PyObject *numel_o = pid[4];
     PyObject *result = NULL, *target = NULL;
     StorageObject *s = NULL;
     if (key == NULL || saved == NULL || !PyLong_Check(numel_o)) {
@@ -504,7 +516,7 @@ PyObject *storage_persistent_load(Loader *L, PyObject *pid) {
     s = storage_new(L, key, target, (Py_ssize_t)nbytes, dtype);
     if (s == NULL) goto done;
     s->saved = Py_NewRef(saved);
-    if (PyUnicode_Compare(target, st->str_meta) == 0) {
+    if (str_equal(target, st->str_meta)) {
         s->meta = 1;
     } else {
         if (storage_locate(L, s, e, name) < 0) goto done;

@@ -110,10 +110,14 @@ static PyObject *vm_pop_tuple_n(Loader *L, Py_ssize_t n) {
     return vm_pop_tuple_from(L, L->sp - n);
 }
 
+/* memo[idx] = o (o may be NULL: a slot left empty, see rebuild_v2_fused) */
 static int vm_memo_put(Loader *L, uint64_t idx, PyObject *o) {
+    if (TF_LIKELY(idx == (uint64_t)L->memo_len && L->memo_len < L->memo_cap)) { /* the next slot */
+        L->memo[L->memo_len++] = Py_XNewRef(o);
+        return 0;
+    }
     if (idx < (uint64_t)L->memo_len) {
-        Py_INCREF(o);
-        Py_XSETREF(L->memo[idx], o);
+        Py_XSETREF(L->memo[idx], Py_XNewRef(o));
         return 0;
     }
     /* Python 2's cPickle numbers its memo from 1: a few unused slots are allowed (they stay
@@ -138,15 +142,17 @@ static int vm_memo_put(Loader *L, uint64_t idx, PyObject *o) {
         L->memo_cap = cap;
     }
     while ((uint64_t)L->memo_len < idx) L->memo[L->memo_len++] = NULL;
-    Py_INCREF(o);
-    L->memo[L->memo_len++] = o;
+    L->memo[L->memo_len++] = Py_XNewRef(o);
     return 0;
 }
 
 static int vm_memo_get(Loader *L, uint64_t idx) {
-    if (idx >= (uint64_t)L->memo_len || L->memo[idx] == NULL)
+    if (idx >= (uint64_t)L->memo_len || L->memo[idx] == NULL) {
+        /* a slot left empty by rebuild_v2_fused: vm_run runs the pickle again without fusing */
+        if (L->hooks_fused) L->hooks_escaped = 1;
         return tf_raise(L, L->st->UnpicklingError, "memo slot %llu is not set",
                         (unsigned long long)idx);
+    }
     return vm_push(L, Py_NewRef(L->memo[idx]));
 }
 
@@ -435,6 +441,80 @@ static PyObject *do_call(Loader *L, PyObject *callable, PyObject *args, PyObject
 }
 
 /* REDUCE (callable, args), NEWOBJ (cls, args) and NEWOBJ_EX (cls, args, kwargs). */
+/* Skip a memo put (BINPUT, LONG_BINPUT, MEMOIZE) at p, if one is there. */
+static const uint8_t *skip_put(const uint8_t *p, const uint8_t *end) {
+    if (p < end && *p == OP_MEMOIZE) return p + 1;
+    if (p + 1 < end && *p == OP_BINPUT) return p + 2;
+    if (p + 4 < end && *p == OP_LONG_BINPUT) return p + 5;
+    return p;
+}
+
+/* The memo put at p (BINPUT, LONG_BINPUT or MEMOIZE; p == q: none) with an empty slot. */
+static inline int memo_put_empty(Loader *L, const uint8_t *p, const uint8_t *q) {
+    if (p == q) return 0;
+    uint64_t idx = *p == OP_MEMOIZE ? (uint64_t)L->memo_len : *p == OP_BINPUT ? p[1] : tf_le32(p + 1);
+    if (TF_LIKELY(idx == (uint64_t)L->memo_len && L->memo_len < L->memo_cap)) {
+        L->memo[L->memo_len++] = NULL;
+        return 0;
+    }
+    L->op_offset = (uint64_t)(p - L->pk_start);
+    return vm_memo_put(L, idx, NULL);
+}
+
+/* torch pickles every tensor as
+ *   GLOBAL _rebuild_tensor_v2, MARK, storage, offset, size, stride, requires_grad,
+ *   GLOBAL OrderedDict, EMPTY_TUPLE, REDUCE, [put], TUPLE, [put], REDUCE
+ * and making (and freeing) an OrderedDict of backward_hooks that _rebuild_tensor_v2 ignores,
+ * then a 6-tuple of arguments, is a tenth of a load. At the REDUCE of OrderedDict(): when the
+ * next opcodes are [put] TUPLE [put] REDUCE, five items lie above the last MARK and our own
+ * _rebuild_tensor_v2 lies below it, the tensor is rebuilt from the five items at once and the
+ * two memo slots (the hooks dict, the tuple) are left empty. Only a memo GET could see them
+ * again (torch's pickles never do that): vm_memo_get notices an empty slot, and vm_run then runs
+ * the pickle again without fusing. 1: done, 0: not this pattern, -1: error. */
+static int rebuild_v2_fused(Loader *L) {
+    const uint8_t *end = L->pk_end, *p0 = L->pk;
+    const uint8_t *p1 = skip_put(p0, end);
+    if (p1 >= end || *p1 != OP_TUPLE) return 0;
+    const uint8_t *p2 = skip_put(p1 + 1, end);
+    if (p2 >= end || *p2 != OP_REDUCE) return 0;
+    if (L->nmarks < 1) return 0;
+    Py_ssize_t start = L->marks[L->nmarks - 1];
+    Py_ssize_t below = L->nmarks >= 2 ? L->marks[L->nmarks - 2] : 0; /* the frame under the MARK */
+    if (L->sp - start != 5 || start - 1 < below) return 0;
+    PyObject *f = L->stack[start - 1];
+    if (!is_globalref(L, f) || ((GlobalRef *)f)->id != G_REBUILD_TENSOR_V2 || ((GlobalRef *)f)->obj != NULL)
+        return 0;
+    if (memo_put_empty(L, p0, p1) < 0 || memo_put_empty(L, p1 + 1, p2) < 0) return -1;
+    L->hooks_fused = 1;
+    L->op_offset = (uint64_t)(p2 - L->pk_start);
+    PyObject **a = L->stack + start;
+    PyObject *r = tensor_strided(L, a[0], a[1], a[2], a[3], -1);
+    for (Py_ssize_t i = start - 1; i < L->sp; i++) Py_DECREF(L->stack[i]);
+    L->sp = start - 1;
+    L->nmarks--;
+    L->pk = p2 + 1;
+    return vm_push(L, r) < 0 ? -1 : 1;
+}
+
+/* At TUPLE: when [put] BINPERSID follows, a zip checkpoint's persistent id is looked up from the
+ * items above the MARK, without the tuple; its memo slot is left empty (see rebuild_v2_fused).
+ * 1: done, 0: not this pattern, -1: error. */
+static int persid_fused(Loader *L) {
+    const uint8_t *p0 = L->pk, *p1 = skip_put(p0, L->pk_end);
+    if (p1 >= L->pk_end || *p1 != OP_BINPERSID || L->format != FMT_ZIP || L->nmarks < 1) return 0;
+    Py_ssize_t start = L->marks[L->nmarks - 1];
+    if (L->sp - start < 1) return 0;
+    if (memo_put_empty(L, p0, p1) < 0) return -1;
+    L->hooks_fused = 1;
+    L->op_offset = (uint64_t)(p1 - L->pk_start);
+    PyObject *r = storage_persistent_items(L, L->stack + start, L->sp - start);
+    for (Py_ssize_t i = start; i < L->sp; i++) Py_DECREF(L->stack[i]);
+    L->sp = start;
+    L->nmarks--;
+    L->pk = p1 + 1;
+    return vm_push(L, r) < 0 ? -1 : 1;
+}
+
 static int op_reduce(Loader *L, int op) {
     PyObject *kwargs = NULL;
     if (op == OP_NEWOBJ_EX) {
@@ -455,6 +535,15 @@ static int op_reduce(Loader *L, int op) {
         Py_DECREF(args);
         Py_XDECREF(kwargs);
         return -1;
+    }
+    if (L->hooks_fast && op == OP_REDUCE && PyTuple_GET_SIZE(args) == 0 && is_globalref(L, callable) &&
+        ((GlobalRef *)callable)->id == G_ORDERED_DICT && ((GlobalRef *)callable)->obj == NULL) {
+        int done = rebuild_v2_fused(L);
+        if (done != 0) {
+            Py_DECREF(callable);
+            Py_DECREF(args);
+            return done < 0 ? -1 : 0;
+        }
     }
     PyObject *r = do_call(L, callable, args, kwargs, op != OP_REDUCE);
     Py_DECREF(callable);
@@ -908,6 +997,10 @@ VM_HOT int vm_step(Loader *L, int op, int *stop) {
     case OP_TUPLE3:
         return vm_push(L, vm_pop_tuple_n(L, op - OP_TUPLE1 + 1));
     case OP_TUPLE: {
+        if (L->hooks_fast) {
+            int done = persid_fused(L);
+            if (done != 0) return done < 0 ? -1 : 0;
+        }
         Py_ssize_t start = vm_pop_mark(L);
         return start < 0 ? -1 : vm_push(L, vm_pop_tuple_from(L, start));
     }
@@ -1098,4 +1191,18 @@ PyObject *vm_run_at(Loader *L, const uint8_t *data, size_t len, size_t *used) {
     return L->stack[--L->sp];
 }
 
-PyObject *vm_run(Loader *L, const uint8_t *data, size_t len) { return vm_run_at(L, data, len, NULL); }
+PyObject *vm_run(Loader *L, const uint8_t *data, size_t len) {
+    /* torch mode needs requires_grad from the arguments the fused path skips */
+    L->hooks_fast = L->torch == NULL;
+    L->hooks_fused = L->hooks_escaped = 0;
+    PyObject *r = vm_run_at(L, data, len, NULL);
+    if (r == NULL && L->hooks_escaped) {
+        /* see rebuild_v2_fused: again, with every OrderedDict and tuple made */
+        PyErr_Clear();
+        vm_free(L);
+        L->hooks_fast = 0;
+        r = vm_run_at(L, data, len, NULL);
+    }
+    L->hooks_fast = L->hooks_fused = 0;
+    return r;
+}

@@ -252,9 +252,9 @@ typedef struct {
 
 /* Point *out at directory bytes [p, p + need); the caller has checked that
  * they lie inside the directory and need <= cap. */
-static TfStatus zr_window_get(const ZipReader *z, ZrWindow *w, uint64_t cd_pos, size_t cdn, size_t p, size_t need,
-                              const uint8_t **out, TfErr *err) {
-    if (p < w->start || p - w->start > w->len || w->len - (p - w->start) < need) {
+static inline TfStatus zr_window_get(const ZipReader *z, ZrWindow *w, uint64_t cd_pos, size_t cdn, size_t p,
+                                     size_t need, const uint8_t **out, TfErr *err) {
+    if (TF_UNLIKELY(p < w->start || p - w->start > w->len || w->len - (p - w->start) < need)) {
         size_t len = cdn - p < w->cap ? cdn - p : w->cap;
         TfStatus st = zr_read(z, cd_pos + p, w->buf, len, err);
         if (st != TF_OK) return st;
@@ -692,7 +692,12 @@ TfStatus zipread_locate(ZipReader *z, ZipEntry *e, TfErr *err) {
     /* The local name must be the central directory's name. */
     size_t have = first - ZR_LOCAL_SIZE, done = 0;
     const uint8_t *chunk = buf + ZR_LOCAL_SIZE;
-    for (;;) {
+    if (have == full) { /* the usual case, whole name at hand: "<prefix>/<name>" */
+        if ((z->prefix_len == 0 || memcmp(chunk, z->prefix, z->prefix_len) == 0) && chunk[z->prefix_len] == '/' &&
+            memcmp(chunk + z->prefix_len + 1, e->name, e->name_len) == 0)
+            done = have = full;
+    }
+    for (; done < full;) {
         for (size_t k = 0; k < have; k++)
             if ((char)chunk[k] != zr_full_name_byte(z, e, done + k))
                 return tf_fail(err, TF_ERR_FORMAT, hoff,

@@ -19,23 +19,35 @@ from ._core import (
     UnsafeGlobalError,
 )
 from ._load import load
-from ._save import save
-from ._scan import Checkpoint, CheckpointInfo, TensorInfo, flatten, open, scan
 from ._types import MetaArray, NestedArray, Opaque, QuantizedArray, SparseArray
-from .statedict import (
-    IncompatibleKeys,
-    StateDictDiff,
-    StateDictError,
-    add_prefix,
-    compare_state_dicts,
-    load_state_dict,
-    optimizer_state_by_name,
-    optimizer_state_from_names,
-    rename_keys,
-    rename_map,
-    select_prefix,
-    strip_prefix,
-)
+
+# imported on first use (PEP 562), so that ``import torchfree`` costs little beyond numpy
+_LAZY = {
+    "save": "_save",
+    "Checkpoint": "_scan", "CheckpointInfo": "_scan", "TensorInfo": "_scan", "flatten": "_scan",
+    "open": "_scan", "scan": "_scan",
+    "IncompatibleKeys": "statedict", "StateDictDiff": "statedict", "StateDictError": "statedict",
+    "add_prefix": "statedict", "compare_state_dicts": "statedict", "load_state_dict": "statedict",
+    "optimizer_state_by_name": "statedict", "optimizer_state_from_names": "statedict",
+    "rename_keys": "statedict", "rename_map": "statedict", "select_prefix": "statedict",
+    "strip_prefix": "statedict",
+}
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'torchfree' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module("." + mod, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

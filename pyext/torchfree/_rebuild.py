@@ -8,8 +8,8 @@ complex32 and conj/neg tensors.
 
 from __future__ import annotations
 
-import argparse
 import re
+import sys
 
 import numpy as np
 
@@ -321,6 +321,8 @@ def np_scalar(dtype, data=None):
 
 
 def namespace(*args):
+    import argparse
+
     return argparse.Namespace()
 
 
@@ -353,7 +355,9 @@ def build(obj, state):
             raise _unpickling("numpy array bytes do not match its shape and dtype")
         arr = np.frombuffer(raw, dtype=dt).copy() if n else np.empty(0, dtype=dt)
         return arr.reshape(shape, order="F" if is_fortran else "C")
-    if isinstance(obj, argparse.Namespace):
+    ap = sys.modules.get("argparse")  # no Namespace exists unless argparse was imported
+
+    if ap is not None and isinstance(obj, ap.Namespace):
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise _unpickling("argparse.Namespace state is not a dict of names")
         obj.__dict__.update(state)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -55,17 +55,27 @@ def _children(obj):
 def _walk(obj, sep, leaf_types, prefix=""):
     stack = [(prefix, obj)]
     seen = set()
+    pop, push = stack.pop, stack.append
     while stack:
-        name, o = stack.pop()
+        name, o = pop()
         if isinstance(o, leaf_types):
             yield name, o
+            continue
+        # plain dicts and lists inline (most of a state_dict), the rest through _children
+        if isinstance(o, dict):
+            if not o or id(o) in seen:
+                continue
+            seen.add(id(o))
+            pre = name + sep if name else ""
+            for k, v in reversed(o.items()):
+                push((pre + (k if type(k) is str else str(k)), v))
             continue
         kids = _children(o)
         if not kids or id(o) in seen:
             continue
         seen.add(id(o))
         for k, v in reversed(kids):
-            stack.append((f"{name}{sep}{k}" if name else k, v))
+            push((f"{name}{sep}{k}" if name else k, v))
 
 
 def flatten(obj, sep: str = ".") -> "collections.OrderedDict[str, np.ndarray]":
@@ -127,14 +137,33 @@ class TensorInfo:
         return n
 
 
+def _fast_init(cls):
+    """cls(*values) for a frozen dataclass without its __init__ (object.__setattr__ per field):
+    scan makes one per tensor, storage and record."""
+    names = tuple(f.name for f in fields(cls))
+    new = object.__new__
+
+    def make(*values):
+        o = new(cls)
+        o.__dict__.update(zip(names, values))
+        return o
+
+    return make
+
+
+_TensorRef = _core.TensorRef
+
+
 def _tensor_info(name, leaf) -> TensorInfo:
-    if isinstance(leaf, _core.TensorRef):
+    if type(leaf) is _TensorRef:
         dt = leaf.dtype
         item = dt.itemsize if isinstance(dt, np.dtype) else leaf.itemsize
         shape = leaf.shape
-        n = math.prod(shape)
-        return TensorInfo(name, dt, shape, tuple(s * item for s in leaf.stride), leaf.stride, leaf.storage.key,
-                          leaf.storage_offset, n * item, leaf.storage.location, leaf.torch_dtype, leaf.conj, leaf.neg)
+        stride = leaf.stride
+        st = leaf.storage
+        return _new_tensor_info(name, dt, shape, tuple([s * item for s in stride]), stride, st.key,
+                                leaf.storage_offset, math.prod(shape) * item, st.location, leaf.torch_dtype,
+                                leaf.conj, leaf.neg)
     if isinstance(leaf, MetaArray):
         dt = leaf.dtype
         item = dt.itemsize if isinstance(dt, np.dtype) else 0
@@ -149,6 +178,11 @@ def _tensor_info(name, leaf) -> TensorInfo:
     return TensorInfo(name, leaf.dtype, leaf.shape, leaf.strides,
                       tuple(s // leaf.itemsize for s in leaf.strides) if leaf.itemsize else leaf.strides, None, 0,
                       leaf.nbytes, "pickle", _torch_name(leaf.dtype))
+
+
+_new_tensor_info = _fast_init(TensorInfo)
+_new_record_info = _fast_init(RecordInfo)
+_new_storage_info = _fast_init(StorageInfo)
 
 
 def _torch_name(dt) -> str:
@@ -303,9 +337,11 @@ def _is_torch_global(g: str) -> bool:
 
 def _info_from(archive, obj, path, storages) -> CheckpointInfo:
     tensors = [_tensor_info(name, leaf) for name, leaf in _walk(obj, ".", _LEAVES)]
-    recs = [RecordInfo(n, m != 0, c, u, o) for n, m, c, u, o in archive.records()]
-    prefix = archive.prefix
-    sinfo = [StorageInfo(s.key, s.dtype, s.nbytes, s.location, f"{prefix}/data/{s.key}") for s in storages]
+    rec = _new_record_info
+    recs = [rec(n, m != 0, c, u, o) for n, m, c, u, o in archive.records()]
+    prefix = archive.prefix + "/data/"
+    si = _new_storage_info
+    sinfo = [si(s.key, s.dtype, s.nbytes, s.location, f"{prefix}{s.key}") for s in storages]
     fmt = "torchscript" if archive.torchscript else "zip"
     return CheckpointInfo(path, fmt, archive.byteorder, recs, sinfo, tensors, archive.globals())
 
