@@ -16,6 +16,7 @@ throughout stalls the ticker for its whole length). Nothing here is asserted by 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import sys
 import tempfile
@@ -25,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pyext"))
+# an in-place build (setup.py build_ext --inplace) is used when there is one, else the installed package
+_PYEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyext")
+if not os.environ.get("TORCHFREE_BENCH_INSTALLED") and glob.glob(os.path.join(_PYEXT, "torchfree", "_core*.so")):
+    sys.path.insert(1, _PYEXT)
 import torchfree  # noqa: E402
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import glob
 import os
 import shutil
 import statistics
@@ -27,7 +28,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(1, os.path.join(os.path.dirname(HERE), "pyext"))
+# an in-place build (setup.py build_ext --inplace) is used when there is one, else the installed package
+_PYEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyext")
+if not os.environ.get("TORCHFREE_BENCH_INSTALLED") and glob.glob(os.path.join(_PYEXT, "torchfree", "_core*.so")):
+    sys.path.insert(1, _PYEXT)
 
 import torch  # noqa: E402
 

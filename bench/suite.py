@@ -34,6 +34,7 @@ import gc
 import json
 import math
 import mmap as mmap_mod
+import glob
 import os
 import platform
 import random
@@ -49,8 +50,10 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-if not os.environ.get("TORCHFREE_BENCH_INSTALLED"):
-    sys.path.insert(0, os.path.join(REPO, "pyext"))
+# an in-place build (setup.py build_ext --inplace) is used when there is one, else the installed package
+_PYEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyext")
+if not os.environ.get("TORCHFREE_BENCH_INSTALLED") and glob.glob(os.path.join(_PYEXT, "torchfree", "_core*.so")):
+    sys.path.insert(1, _PYEXT)
 
 import ml_dtypes  # noqa: E402
 

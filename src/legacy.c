@@ -21,6 +21,8 @@
 #include "module.h"
 
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 /* ---- small pickles ------------------------------------------------------------ */
 
@@ -304,7 +306,9 @@ static int finish_storages(Loader *L) {
     return 0;
 }
 
-/* Copy a blob into s (GIL released for big ones). */
+/* Copy a blob into s (GIL released for big ones). When the source is a mapping of the
+ * file (mode SRC_MAP), the pages copied from are dropped from this process afterwards, so a
+ * copy load holds the copies and not the file's pages too (they stay in the page cache). */
 static int copy_blob(Loader *L, StorageObject *s, uint64_t off) {
     if (s->readonly)
         return tf_raise(L, L->st->CheckpointError,
@@ -313,6 +317,12 @@ static int copy_blob(Loader *L, StorageObject *s, uint64_t off) {
     if (s->nbytes >= (1 << 20)) {
         Py_BEGIN_ALLOW_THREADS
         memcpy(s->data, L->src + off, (size_t)s->nbytes);
+        if (L->mode == SRC_MAP) {
+            uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+            uintptr_t lo = ((uintptr_t)(L->src + off) + page - 1) & ~(page - 1);
+            uintptr_t hi = ((uintptr_t)(L->src + off) + (uintptr_t)s->nbytes) & ~(page - 1);
+            if (hi > lo) (void)madvise((void *)lo, hi - lo, MADV_DONTNEED);
+        }
         Py_END_ALLOW_THREADS
     } else {
         memcpy(s->data, L->src + off, (size_t)s->nbytes);

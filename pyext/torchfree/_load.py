@@ -196,8 +196,9 @@ class Source:
                         "a legacy stream or tar archive, which is read into memory (mmap=None or False)"
                     )
                 # storages are copied out of a read-only mapping, which closes on return
+                # (mode MAP tells the core the buffer is a file mapping, whose pages it may drop)
                 self._mapping = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ)
-                self.src, self.mode, self.require_map = self._mapping, _SRC_COPY, False
+                self.src, self.mode, self.require_map = self._mapping, _SRC_MAP, False
                 return
             self.require_map = bool(mmap)
             if mmap is False:
