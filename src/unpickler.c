@@ -536,7 +536,7 @@ static int op_reduce(Loader *L, int op) {
         Py_XDECREF(kwargs);
         return -1;
     }
-    if (L->hooks_fast && op == OP_REDUCE && PyTuple_GET_SIZE(args) == 0 && is_globalref(L, callable) &&
+    if (L->hooks_fast && op == OP_REDUCE && PyTuple_CheckExact(args) && PyTuple_GET_SIZE(args) == 0 && is_globalref(L, callable) &&
         ((GlobalRef *)callable)->id == G_ORDERED_DICT && ((GlobalRef *)callable)->obj == NULL) {
         int done = rebuild_v2_fused(L);
         if (done != 0) {

@@ -223,6 +223,9 @@ def test_dangerous_globals_never_run(tmp_path, module, name):
     (P(b"\x82\x01"), torchfree.UnsafeGlobalError, "extension registry"),
     (b"\xff", torchfree.UnpicklingError, "invalid pickle opcode 255"),
     (P(b"]", b"}", b"a", b"(", b"]", b"u"), torchfree.UnpicklingError, "SETITEMS with an odd|SETITEM"),
+    # REDUCE of OrderedDict with arguments that are not a tuple (the fused tensor path must look
+    # at the arguments' type first: found by the ASan mutation loop)
+    (b"ccollections\nOrderedDict\nNR", torchfree.UnpicklingError, "not a tuple"),
 ])
 def test_bad_pickles(body, exc, match):
     with pytest.raises(exc, match=match) as ei:
