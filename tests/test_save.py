@@ -1098,17 +1098,21 @@ def _same_tree(a, b):
         assert a == b
 
 
-@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
-@hypothesis.settings(max_examples=100, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large])
+def _property(fn):
+    """100 hypothesis examples, without deadline or size health checks."""
+    fn = hypothesis.settings(max_examples=100, deadline=None,
+                             suppress_health_check=[hypothesis.HealthCheck.too_slow,
+                                                    hypothesis.HealthCheck.data_too_large])(fn)
+    return pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")(fn)
+
+
+@_property
 @hypothesis.given(objects(legacy=False))
 def test_property_zip_roundtrip(obj):
     _check_roundtrip(obj, "zip")
 
 
-@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
-@hypothesis.settings(max_examples=100, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large])
+@_property
 @hypothesis.given(objects(legacy=True))
 def test_property_legacy_roundtrip(obj):
     _check_roundtrip(obj, "legacy")
@@ -1143,9 +1147,7 @@ def _leaf_pairs(a, b, out):
 
 
 @pytest.mark.needs_torch
-@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
-@hypothesis.settings(max_examples=100, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow, hypothesis.HealthCheck.data_too_large])
+@_property
 @hypothesis.given(objects(legacy=True))
 def test_property_legacy_roundtrip_torch(obj):
     import torch
