@@ -10,14 +10,17 @@
  * cannot be located before it runs: each storage gets its buffer when its
  * persistent id is met (views of it are made at once, as for zip), and the
  * bytes are copied in after the key list. The few things that read bytes while
- * unpickling (complex32 upcasts, conj/neg copies) note a fixup, redone then.
+ * unpickling (complex32 upcasts, conj/neg copies) note a fixup, redone then;
+ * rebuilds that compute with their parts' values (quantized, sparse, nested,
+ * device tensors) leave None, and the main pickle then runs a second time.
  *
  * Tar (spec §4): members "storages" (pickled (key, location, type) + blob per
  * storage, then a pickled list of views), "tensors" (pickled (key, storage key,
  * class) + raw ndim/sizes/strides/offset per tensor) and "pickle" (the object;
  * persistent ids are keys). Everything is read before the object pickle runs.
  *
- * Both are read from a buffer (a read-only mapping of the file, or bytes). */
+ * Both are read from a buffer (a read-only mapping of the file, or bytes); with
+ * lazy (scan) no storage byte is copied. */
 #include "module.h"
 
 #include <string.h>
