@@ -86,6 +86,7 @@ void loader_close(Loader *L) {
     Py_CLEAR(L->storage_list);
     Py_CLEAR(L->pending);
     Py_CLEAR(L->fixups);
+    Py_CLEAR(L->tar_tensors);
     Py_CLEAR(L->src_owner);
     Py_CLEAR(L->map_location);
     Py_CLEAR(L->safe_globals);

@@ -236,8 +236,7 @@ static PyObject *tar_pid(Loader *L, PyObject *pid) {
         PyErr_Clear();
         return tf_raise(L, L->st->UnpicklingError, "a tar checkpoint's persistent id must be a key (an int)"), NULL;
     }
-    PyObject *objs = PyDict_GetItemWithError(L->storages, L->st->str_storage); /* the tensors dict */
-    if (objs != NULL) r = PyDict_GetItemWithError(objs, key);
+    if (L->tar_tensors != NULL) r = PyDict_GetItemWithError(L->tar_tensors, key);
     if (r == NULL && !PyErr_Occurred()) r = PyDict_GetItemWithError(L->storages, key);
     if (r == NULL && !PyErr_Occurred())
         tf_raise(L, L->st->FormatError, "persistent id %U names no tensor or storage of the archive", key);
@@ -663,21 +662,14 @@ static int tar_tensors(Loader *L, const TarMember *m, PyObject *tensors) {
 static PyObject *load_tar(Loader *L) {
     TarMember m[3];
     char rec[96];
-    if (tar_members(L, m) < 0) return NULL;
-    PyObject *tensors = PyDict_New();
-    if (tensors == NULL) return NULL;
-    PyObject *obj = NULL;
-    /* the tensors dict sits in L->storages under the key "storage" (no storage key is a word) */
-    if (PyDict_SetItem(L->storages, L->st->str_storage, tensors) == 0 && tar_storages(L, &m[0]) == 0 &&
-        tar_tensors(L, &m[1], tensors) == 0) {
-        uint64_t off = m[2].off;
-        int gc_was_enabled = PyGC_Disable();
-        obj = run_pickle(L, &off, m[2].off + m[2].size, "main pickle", rec, sizeof rec);
-        if (gc_was_enabled) PyGC_Enable();
-        L->record = NULL;
-        if (obj != NULL && finish_storages(L) < 0) Py_CLEAR(obj);
-    }
-    Py_DECREF(tensors);
+    if (tar_members(L, m) < 0 || (L->tar_tensors = PyDict_New()) == NULL) return NULL;
+    if (tar_storages(L, &m[0]) < 0 || tar_tensors(L, &m[1], L->tar_tensors) < 0) return NULL;
+    uint64_t off = m[2].off;
+    int gc_was_enabled = PyGC_Disable();
+    PyObject *obj = run_pickle(L, &off, m[2].off + m[2].size, "main pickle", rec, sizeof rec);
+    if (gc_was_enabled) PyGC_Enable();
+    L->record = NULL;
+    if (obj != NULL && finish_storages(L) < 0) Py_CLEAR(obj);
     return obj;
 }
 

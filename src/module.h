@@ -122,6 +122,7 @@ typedef struct Loader {
     int legacy_be;          /* sys_info says a big-endian host wrote it (some dtypes stay big-endian) */
     PyObject *fixups;       /* list: copies made from storages before their bytes were read */
     int legacy_rerun;       /* a rebuild needed bytes not read yet: run the main pickle again after */
+    PyObject *tar_tensors;  /* tar: key -> tensor of the "tensors" member (persistent ids name them) */
     /* pickle VM */
     const uint8_t *pk, *pk_end, *pk_start;
     PyObject **stack;
