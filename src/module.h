@@ -71,6 +71,19 @@ typedef struct {
     const struct Loader *loader; /* the load that made it: only it may read the record */
 } StorageObject;
 
+/* torchfree._core.TensorRef: a validated tensor of a lazy archive, not read yet
+ * (tensor.c makes them; scaninfo.c reads them for scan()). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *storage; /* StorageObject */
+    int dtype;         /* DtypeId */
+    int nd;
+    int conj, neg;
+    int64_t offset;
+    int64_t size[NPY_MAXDIMS + 1];
+    int64_t stride[NPY_MAXDIMS + 1];
+} TensorRef;
+
 enum { SRC_MAP = 0, SRC_COPY = 1, SRC_FD = 2, SRC_PYFILE = 3 };
 /* container formats: zip (torch >= 1.6 and TorchScript), the legacy magic-number
  * stream (0.1.10-1.5), the tar format (<= 0.1.9) */

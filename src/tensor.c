@@ -85,16 +85,7 @@ static PyObject *make_meta(Loader *L, PyObject *shape, int dt) {
 
 /* ---- TensorRef: a validated tensor of a lazy archive, not read yet ---------- */
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *storage; /* StorageObject */
-    int dtype;         /* DtypeId */
-    int nd;
-    int conj, neg;
-    int64_t offset;
-    int64_t size[NPY_MAXDIMS + 1];
-    int64_t stride[NPY_MAXDIMS + 1];
-} TensorRef;
+/* TensorRef (the struct) is in module.h: scan reads it. */
 
 static void TensorRef_dealloc(TensorRef *self) {
     PyTypeObject *tp = Py_TYPE(self);
