@@ -148,7 +148,8 @@ static PyType_Slot TensorRef_slots[] = {
 
 PyType_Spec TensorRefSpec = {
     .name = "torchfree._core.TensorRef",
-    .basicsize = sizeof(TensorRef),
+    .basicsize = offsetof(TensorRef, dims),
+    .itemsize = sizeof(int64_t),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
     .slots = TensorRef_slots,
 };
@@ -360,8 +361,10 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
         neg = n != NULL && PyObject_IsTrue(n) == 1;
     }
     if (L->lazy && !quantized) {
-        TensorRef *t = PyObject_New(TensorRef, st->TensorRefType);
+        TensorRef *t = PyObject_NewVar(TensorRef, st->TensorRefType, 2 * (Py_ssize_t)nd);
         if (t == NULL) return NULL;
+        t->size = t->dims;
+        t->stride = t->dims + nd;
         t->storage = Py_NewRef(storage);
         t->dtype = dt;
         t->nd = nd;
