@@ -20,6 +20,7 @@ SOURCES = [
     "src/storage.c",
     "src/tensor.c",
     "src/archive.c",
+    "src/scaninfo.c",
     "src/legacy.c",
     "src/pickler.c",
     "src/zipwrite.c",

@@ -447,6 +447,11 @@ static PyObject *Archive_records(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     return list;
 }
 
+static PyObject *Archive_record_table(PyObject *self, PyObject *Py_UNUSED(ignored)) {
+    ArchiveObject *a = archive_check(self);
+    return a ? records_pack(&a->L.zip) : NULL;
+}
+
 static PyObject *Archive_storages(PyObject *self, PyObject *Py_UNUSED(ignored)) {
     ArchiveObject *a = archive_check(self);
     return a ? PyList_GetSlice(a->L.storage_list, 0, PY_SSIZE_T_MAX) : NULL;
@@ -486,6 +491,8 @@ static PyMethodDef Archive_methods[] = {
      "read_storage($self, storage, /)\n--\n\nRead a lazy Storage's bytes; returns it."},
     {"records", Archive_records, METH_NOARGS,
      "records($self, /)\n--\n\n[(name, method, compressed size, size, header offset)] of the zip."},
+    {"record_table", Archive_record_table, METH_NOARGS,
+     "record_table($self, /)\n--\n\nrecords() packed as bytes, for _core.record_infos (internal)."},
     {"storages", Archive_storages, METH_NOARGS,
      "storages($self, /)\n--\n\nThe Storage of every record the pickle named, in first-use order."},
     {"globals", Archive_globals, METH_NOARGS,

@@ -163,6 +163,14 @@ static PyMethodDef core_methods[] = {
      " (internal: use torchfree.load)."},
     {"_set_helpers", mod_set_helpers, METH_VARARGS, set_helpers_doc},
     {"save", (PyCFunction)(void (*)(void))mod_save, METH_VARARGS | METH_KEYWORDS, mod_save_doc},
+    {"walk", (PyCFunction)(void (*)(void))mod_walk, METH_VARARGS | METH_KEYWORDS,
+     "walk($module, /, obj, mode, sep, children, refs=False, info_type=None, other=None, max_depth=10000)\n--\n\n"
+     "The tensors of obj by dotted name (internal: see torchfree.flatten and scan)."},
+    {"storage_infos", mod_storage_infos, METH_VARARGS,
+     "storage_infos($module, storages, record_prefix, type, /)\n--\n\nStorageInfo of each Storage (internal)."},
+    {"record_infos", mod_record_infos, METH_VARARGS,
+     "record_infos($module, packed, type, /)\n--\n\nRecordInfo of each record of Archive.record_table() "
+     "(internal)."},
     {"pickle_globals", (PyCFunction)(void (*)(void))mod_pickle_globals, METH_VARARGS | METH_KEYWORDS, PICKLE_GLOBALS_DOC},
     {NULL, NULL, 0, NULL},
 };
@@ -203,13 +211,16 @@ static int core_exec(PyObject *m) {
     st->GlobalRefType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &GlobalRefSpec, NULL);
     st->StorageType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &StorageSpec, NULL);
     st->TensorRefType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &TensorRefSpec, NULL);
+    st->TensorInfoType = (PyTypeObject *)PyType_FromModuleAndSpec(m, &TensorInfoSpec, NULL);
     PyObject *archive_type = PyType_FromModuleAndSpec(m, &ArchiveSpec, NULL);
-    if (st->GlobalRefType == NULL || st->StorageType == NULL || st->TensorRefType == NULL || archive_type == NULL) {
+    if (st->GlobalRefType == NULL || st->StorageType == NULL || st->TensorRefType == NULL || st->TensorInfoType == NULL ||
+        archive_type == NULL) {
         Py_XDECREF(archive_type);
         goto done;
     }
     if (PyModule_AddObjectRef(m, "Storage", (PyObject *)st->StorageType) < 0 ||
         PyModule_AddObjectRef(m, "TensorRef", (PyObject *)st->TensorRefType) < 0 ||
+        PyModule_AddObjectRef(m, "TensorInfoBase", (PyObject *)st->TensorInfoType) < 0 ||
         PyModule_AddObject(m, "Archive", archive_type) < 0) {
         Py_XDECREF(archive_type);
         goto done;
@@ -293,6 +304,7 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->GlobalRefType);
     Py_VISIT(st->StorageType);
     Py_VISIT(st->TensorRefType);
+    Py_VISIT(st->TensorInfoType);
     Py_VISIT(st->OrderedDict);
     Py_VISIT(st->Counter);
     Py_VISIT(st->helpers);
@@ -315,6 +327,7 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->GlobalRefType);
     Py_CLEAR(st->StorageType);
     Py_CLEAR(st->TensorRefType);
+    Py_CLEAR(st->TensorInfoType);
     Py_CLEAR(st->OrderedDict);
     Py_CLEAR(st->Counter);
     Py_CLEAR(st->helpers);

@@ -28,6 +28,7 @@ typedef struct {
     PyTypeObject *GlobalRefType;
     PyTypeObject *StorageType;
     PyTypeObject *TensorRefType;
+    PyTypeObject *TensorInfoType;    /* base of torchfree.TensorInfo (scaninfo.c) */
     PyObject *OrderedDict, *Counter; /* collections types, looked up once in exec */
     PyArray_Descr *descr[DT_COUNT];  /* arrays of this torch dtype (NULL: none) */
     PyObject *dtype_value[DT_COUNT]; /* what a `torch <dtype>` GLOBAL becomes */
@@ -233,5 +234,16 @@ PyObject *tensor_global_value(Loader *L, const GlobalHit *hit, const char *canon
 /* A dense tensor over storage: torch's (offset, size, stride) in elements of dt (-1: the
  * storage's dtype), checked against the storage. New reference. */
 PyObject *tensor_strided(Loader *L, PyObject *storage, PyObject *offset, PyObject *size, PyObject *stride, int dt);
+
+/* scaninfo.c */
+extern PyType_Spec TensorInfoSpec;
+/* walk(obj, mode, sep, children, refs=False, info_type=None, other=None, max_depth=...):
+ * the tensors of obj by dotted name: mode 0 a list of (name, leaf), 1 a dict, 2 a list of
+ * info_type (TensorRefs made in C, other leaves by other(name, leaf)). */
+PyObject *mod_walk(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *mod_storage_infos(PyObject *module, PyObject *args);
+PyObject *mod_record_infos(PyObject *module, PyObject *args);
+/* The zip directory packed as bytes for mod_record_infos (new reference). */
+PyObject *records_pack(const ZipReader *z);
 
 #endif

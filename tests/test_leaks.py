@@ -164,6 +164,36 @@ def test_scan_and_open_do_not_leak(files):
     check_no_growth(work, ROUNDS // 2)
 
 
+def test_walk_and_info_objects_do_not_leak(files):
+    import pickle
+
+    from torchfree._scan import TensorInfo
+
+    good = files["good"]
+    a = np.zeros(3, dtype="f4")
+    cyc = [a]
+    cyc.append(cyc)
+    opaque = torchfree.Opaque("m", "C", args=(a,), state=({"x": a}, None))
+    obj = {"c": cyc, "o": opaque, 7: (a, {"m": torchfree.MetaArray((2,), np.dtype("f2"))}), ("k", 1): cyc}
+    deep = inner = []
+    for _ in range(_core.LIMITS["marks"] + 2):
+        inner.append([])
+        inner = inner[0]
+
+    def work():
+        torchfree.flatten(obj)
+        expect(torchfree.LimitError, torchfree.flatten, deep)
+        info = torchfree.scan(good)
+        for t in info.tensors:
+            t.shape, t.strides, t.stride, t.nbytes, t.numel, t.storage_offset
+        info.records, info.storages, info.to_dict()
+        t = info.tensors[0]
+        assert pickle.loads(pickle.dumps(t)) == t and TensorInfo(*t._astuple()) == t
+        expect(TypeError, TensorInfo, "x")
+
+    check_no_growth(work, ROUNDS // 4)
+
+
 def test_torchscript_does_not_leak():
     from test_torchscript import handbuilt_archive
 

@@ -13,8 +13,9 @@ import collections
 import json
 import math
 import os
+import operator
 import weakref
-from dataclasses import dataclass, field, fields
+from collections import namedtuple
 
 import numpy as np
 
@@ -23,8 +24,6 @@ from ._load import Source, options
 from ._types import MetaArray, Opaque
 
 __all__ = ["flatten", "scan", "open", "Checkpoint", "CheckpointInfo", "TensorInfo", "StorageInfo", "RecordInfo"]
-
-_LEAVES = (np.ndarray, _core.TensorRef, MetaArray)
 
 
 # ---- flatten ---------------------------------------------------------------------------
@@ -52,30 +51,19 @@ def _children(obj):
     return None
 
 
-def _walk(obj, sep, leaf_types, prefix=""):
-    stack = [(prefix, obj)]
-    seen = set()
-    pop, push = stack.pop, stack.append
-    while stack:
-        name, o = pop()
-        if isinstance(o, leaf_types):
-            yield name, o
-            continue
-        # plain dicts and lists inline (most of a state_dict), the rest through _children
-        if isinstance(o, dict):
-            if not o or id(o) in seen:
-                continue
-            seen.add(id(o))
-            pre = name + sep if name else ""
-            for k, v in reversed(o.items()):
-                push((pre + (k if type(k) is str else str(k)), v))
-            continue
-        kids = _children(o)
-        if not kids or id(o) in seen:
-            continue
-        seen.add(id(o))
-        for k, v in reversed(kids):
-            push((f"{name}{sep}{k}" if name else k, v))
+def _max_depth(opts) -> int:
+    """How deep the walk may go: the loader's ``marks`` limit (container nesting)."""
+    lim = opts.get("limits") if opts else None
+    return int(lim[3]) if lim else _core.LIMITS["marks"]
+
+
+_PAIRS, _INDEX, _INFOS = 0, 1, 2
+
+
+def _walk(obj, sep=".", refs=False, max_depth=None):
+    """[(dotted name, leaf)] of every array (and TensorRef when refs) under obj, depth first, a
+    shared container once; C (_core.walk), with Opaque children from _children."""
+    return _core.walk(obj, _PAIRS, sep, _children, refs, max_depth=max_depth or _core.LIMITS["marks"])
 
 
 def flatten(obj, sep: str = ".") -> "collections.OrderedDict[str, np.ndarray]":
@@ -84,86 +72,66 @@ def flatten(obj, sep: str = ".") -> "collections.OrderedDict[str, np.ndarray]":
     ``{"model_state_dict.fc1.weight": array, "optimizer_state_dict.state.0.momentum_buffer": ...}``.
     A bare array flattens to ``{"": array}``. The names are the ones ``scan`` and ``open`` use.
     """
-    return collections.OrderedDict(_walk(obj, sep, (np.ndarray, MetaArray)))
+    return collections.OrderedDict(_walk(obj, sep))
 
 
 # ---- scan --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RecordInfo:
-    """One record of the container (zip entry)."""
+class RecordInfo(namedtuple("RecordInfo", "name compressed compressed_size size offset")):
+    """One record of the container (zip entry): name, compressed, compressed_size, size, offset."""
 
-    name: str
-    compressed: bool
-    compressed_size: int
-    size: int
-    offset: int
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class StorageInfo:
-    """One storage record, listed once however many tensors view it."""
+class StorageInfo(namedtuple("StorageInfo", "key dtype nbytes location record")):
+    """One storage record, listed once however many tensors view it: key, dtype, nbytes, location,
+    record."""
 
-    key: str
-    dtype: object
-    nbytes: int
-    location: str
-    record: str
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor, as ``load`` would return it, without its bytes."""
+class TensorInfo(_core.TensorInfoBase):
+    """One tensor, as ``load`` would return it, without its bytes.
 
-    name: str
-    dtype: object  # numpy dtype of the array load returns (or "torch.<name>")
-    shape: tuple
-    strides: tuple  # in bytes, as the array's .strides
-    stride: tuple  # in elements, as torch's .stride()
-    storage_key: object  # None for arrays pickled inline (numpy objects)
-    storage_offset: int  # in elements
-    nbytes: int  # bytes of the tensor's own elements
-    location: str
-    torch_dtype: str
-    conj: bool = False  # torch 2.x lazy bits: load applies them to a copy
-    neg: bool = False
+    ``name``, ``dtype`` (numpy dtype of the array load returns, or ``"torch.<name>"``), ``shape``,
+    ``strides`` (bytes, as the array's), ``stride`` (elements, as torch's ``.stride()``),
+    ``storage_key`` (None for arrays pickled inline), ``storage_offset`` (elements), ``nbytes``
+    (the tensor's own elements), ``location``, ``torch_dtype``, ``conj``/``neg`` (torch's lazy
+    bits: load applies them to a copy), and ``numel``. Scan makes these in C; the tuples are
+    built on first access.
+    """
 
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+    __slots__ = ()
+    _fields = ("name", "dtype", "shape", "strides", "stride", "storage_key", "storage_offset", "nbytes",
+               "location", "torch_dtype", "conj", "neg")
 
+    def _astuple(self) -> tuple:
+        return _ti_fields(self)
 
-def _fast_init(cls):
-    """cls(*values) for a frozen dataclass without its __init__ (object.__setattr__ per field):
-    scan makes one per tensor, storage and record."""
-    names = tuple(f.name for f in fields(cls))
-    new = object.__new__
+    def _asdict(self) -> dict:
+        return dict(zip(self._fields, self._astuple()))
 
-    def make(*values):
-        o = new(cls)
-        o.__dict__.update(zip(names, values))
-        return o
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._astuple() == other._astuple()
 
-    return make
+    def __hash__(self):
+        return hash(self._astuple())
+
+    def __reduce__(self):
+        return type(self), self._astuple()
+
+    def __repr__(self) -> str:
+        return "TensorInfo(" + ", ".join(f"{k}={v!r}" for k, v in zip(self._fields, self._astuple())) + ")"
 
 
-_TensorRef = _core.TensorRef
+_ti_fields = operator.attrgetter(*TensorInfo._fields)
 
 
 def _tensor_info(name, leaf) -> TensorInfo:
-    if type(leaf) is _TensorRef:
-        dt = leaf.dtype
-        item = dt.itemsize if isinstance(dt, np.dtype) else leaf.itemsize
-        shape = leaf.shape
-        stride = leaf.stride
-        st = leaf.storage
-        return _new_tensor_info(name, dt, shape, tuple([s * item for s in stride]), stride, st.key,
-                                leaf.storage_offset, math.prod(shape) * item, st.location, leaf.torch_dtype,
-                                leaf.conj, leaf.neg)
+    """TensorInfo of a leaf that is not a TensorRef (the C walk makes those)."""
     if isinstance(leaf, MetaArray):
         dt = leaf.dtype
         item = dt.itemsize if isinstance(dt, np.dtype) else 0
@@ -180,9 +148,9 @@ def _tensor_info(name, leaf) -> TensorInfo:
                       leaf.nbytes, "pickle", _torch_name(leaf.dtype))
 
 
-_new_tensor_info = _fast_init(TensorInfo)
-_new_record_info = _fast_init(RecordInfo)
-_new_storage_info = _fast_init(StorageInfo)
+def _tensor_infos(obj, max_depth=None) -> list:
+    return _core.walk(obj, _INFOS, ".", _children, True, TensorInfo, _tensor_info,
+                      max_depth or _core.LIMITS["marks"])
 
 
 def _torch_name(dt) -> str:
@@ -199,17 +167,54 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-@dataclass
-class CheckpointInfo:
-    """What ``scan`` found: container, records, storages, tensors and globals."""
+class _Later:
+    """A list made on first access: fn(*args)."""
 
-    path: object
-    format: str
-    byteorder: str
-    records: list = field(default_factory=list)
-    storages: list = field(default_factory=list)
-    tensors: list = field(default_factory=list)
-    globals: list = field(default_factory=list)
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+
+def _lazy_list(attr):
+    def get(self):
+        v = getattr(self, attr)
+        if type(v) is _Later:
+            v = v.fn(*v.args)
+            setattr(self, attr, v)
+        return v
+
+    def set(self, value):
+        setattr(self, attr, value)
+
+    return property(get, set)
+
+
+class CheckpointInfo:
+    """What ``scan`` found: container, records, storages, tensors and globals.
+
+    ``records`` and ``storages`` are listed on first access.
+    """
+
+    def __init__(self, path, format, byteorder, records=None, storages=None, tensors=None, globals=None):
+        self.path = path
+        self.format = format
+        self.byteorder = byteorder
+        self._records = [] if records is None else records
+        self._storages = [] if storages is None else storages
+        self.tensors = [] if tensors is None else tensors
+        self.globals = [] if globals is None else globals
+
+    records = _lazy_list("_records")
+    storages = _lazy_list("_storages")
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k)
+                   for k in ("path", "format", "byteorder", "records", "storages", "tensors", "globals"))
+
+    __hash__ = None
 
     @property
     def total_bytes(self) -> int:
@@ -249,8 +254,8 @@ class CheckpointInfo:
             "param_count": self.param_count,
             "dtype_totals": self.dtype_totals,
             "globals": list(self.globals),
-            "records": [vars(r) for r in self.records],
-            "storages": [dict(vars(s), dtype=dt(s.dtype)) for s in self.storages],
+            "records": [r._asdict() for r in self.records],
+            "storages": [dict(s._asdict(), dtype=dt(s.dtype)) for s in self.storages],
             "tensors": [
                 {
                     "name": t.name,
@@ -335,13 +340,10 @@ def _is_torch_global(g: str) -> bool:
     return g.startswith(("torch.", "collections.OrderedDict", "_codecs.", "builtins."))
 
 
-def _info_from(archive, obj, path, storages) -> CheckpointInfo:
-    tensors = [_tensor_info(name, leaf) for name, leaf in _walk(obj, ".", _LEAVES)]
-    rec = _new_record_info
-    recs = [rec(n, m != 0, c, u, o) for n, m, c, u, o in archive.records()]
-    prefix = archive.prefix + "/data/"
-    si = _new_storage_info
-    sinfo = [si(s.key, s.dtype, s.nbytes, s.location, f"{prefix}{s.key}") for s in storages]
+def _info_from(archive, obj, path, storages, max_depth=None) -> CheckpointInfo:
+    tensors = _tensor_infos(obj, max_depth)
+    recs = _Later(_core.record_infos, archive.record_table(), RecordInfo)
+    sinfo = _Later(_core.storage_infos, storages, archive.prefix + "/data/", StorageInfo)
     fmt = "torchscript" if archive.torchscript else "zip"
     return CheckpointInfo(path, fmt, archive.byteorder, recs, sinfo, tensors, archive.globals())
 
@@ -350,8 +352,8 @@ def _legacy_scan(src, opts):
     """scan() of a legacy stream or tar: the pickles run, no storage byte is copied."""
     obj, storages, globs, fmt = _core.load_legacy(*src.args(), **src.kwargs(), **opts, lazy=True,
                                                   collect_globals=True)
-    tensors = [_tensor_info(name, leaf) for name, leaf in _walk(obj, ".", _LEAVES)]
-    sinfo = [StorageInfo(s.key, s.dtype, s.nbytes, s.location, f"storage {s.key}") for s in storages]
+    tensors = _tensor_infos(obj, _max_depth(opts))
+    sinfo = _Later(_core.storage_infos, list(storages), "storage ", StorageInfo)
     return CheckpointInfo(src.path, fmt, "little", [], sinfo, tensors, globs)
 
 
@@ -402,7 +404,7 @@ def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:
         archive = _core.Archive(*src.args(), **src.kwargs(), **opts)
         try:
             obj = archive.unpickle(lazy=True, collect_globals=True)
-            return _info_from(archive, obj, src.path, archive.storages())
+            return _info_from(archive, obj, src.path, archive.storages(), _max_depth(opts))
         finally:
             archive.close()
     finally:
@@ -437,7 +439,9 @@ class Checkpoint:
         except BaseException:
             self._src.close()
             raise
-        self._index = collections.OrderedDict(_walk(self._obj, ".", _LEAVES))
+        self._max_depth = _max_depth(opts)
+        # name -> leaf (TensorRef, or an array pickled inline), made in C
+        self._index = _core.walk(self._obj, _INDEX, ".", _children, True, max_depth=self._max_depth)
         # arrays already handed out, while the caller keeps them: asking twice gives the same
         # array (and reads nothing), yet memory is not held once the caller drops them
         self._cache = weakref.WeakValueDictionary()
@@ -485,7 +489,7 @@ class Checkpoint:
             if isinstance(self._archive, _LoadedArchive):
                 self._info = self._archive.info()
             else:
-                self._info = _info_from(self._archive, self._obj, path, self._archive.storages())
+                self._info = _info_from(self._archive, self._obj, path, self._archive.storages(), self._max_depth)
         return self._info
 
     @property

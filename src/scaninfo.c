@@ -1,0 +1,617 @@
+/* scaninfo.c - the per-tensor work of scan(), open() and flatten() in C.
+ *
+ * walk(): the dotted names of every tensor in the object a pickle gave, in
+ * the order of a depth-first walk (dict order, list order; an Opaque's
+ * children come from a Python callback, _scan._children). A container met
+ * twice (shared, or a cycle) is walked once; a tensor met twice is reported
+ * under each name. The walk keeps its own stack (no C recursion), and stops
+ * with LimitError at a nesting depth past the loader's `marks` limit, or when
+ * the names it builds (every tensor's and container's, which is also the
+ * memory they can take) pass WALK_NAME_CHARS in all.
+ *
+ * TensorInfo: what scan() reports of one tensor. Made from a TensorRef it
+ * copies the few numbers it needs and builds its shape and stride tuples on
+ * first access; made from Python (TensorInfo(name, dtype, ...)) it holds the
+ * values given. torchfree.TensorInfo (_scan.py) subclasses it. */
+#include "module.h"
+
+/* chars of all names one walk builds (a name per tensor and container): 256 Mi, far above a
+ * million tensors with 100-character names; a pickle of long keys nested deep is refused */
+#define WALK_NAME_CHARS ((Py_ssize_t)1 << 28)
+
+/* ---- TensorInfo ----------------------------------------------------------------- */
+
+enum {
+    TI_NAME, TI_DTYPE, TI_SHAPE, TI_STRIDES, TI_STRIDE, TI_KEY, TI_OFFSET, TI_NBYTES, TI_LOCATION,
+    TI_TORCH_DTYPE, TI_CONJ, TI_NEG, TI_N
+};
+
+static char *ti_fields[] = {"name", "dtype", "shape", "strides", "stride", "storage_key", "storage_offset",
+                            "nbytes", "location", "torch_dtype", "conj", "neg", NULL};
+
+typedef struct {
+    PyObject_VAR_HEAD     /* ob_size: 2 * nd numbers in dims (0 when made from Python) */
+    PyObject *v[TI_N];    /* the fields; NULL: made from dims on first access */
+    int64_t offset;       /* storage offset, elements */
+    int64_t item;         /* bytes per element of the array load returns */
+    int nd;
+    int64_t dims[1];      /* size[nd], then stride[nd] (elements) */
+} TensorInfoObject;
+
+static int TensorInfo_traverse(TensorInfoObject *self, visitproc visit, void *arg) {
+    for (int i = 0; i < TI_N; i++) Py_VISIT(self->v[i]);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int TensorInfo_clear(TensorInfoObject *self) {
+    for (int i = 0; i < TI_N; i++) Py_CLEAR(self->v[i]);
+    return 0;
+}
+
+static void TensorInfo_dealloc(TensorInfoObject *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    TensorInfo_clear(self);
+    tp->tp_free(self);
+    Py_DECREF(tp);
+}
+
+static PyObject *TensorInfo_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    PyObject *a[TI_N] = {NULL};
+    a[TI_CONJ] = Py_False;
+    a[TI_NEG] = Py_False;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOO|OO:TensorInfo", ti_fields, &a[0], &a[1], &a[2],
+                                     &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11]))
+        return NULL;
+    TensorInfoObject *self = (TensorInfoObject *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    for (int i = 0; i < TI_N; i++) self->v[i] = Py_NewRef(a[i]);
+    return (PyObject *)self;
+}
+
+/* a * b as a Python int, exact however big */
+static PyObject *mul_obj(int64_t a, int64_t b) {
+    int64_t r;
+    if (!__builtin_mul_overflow(a, b, &r)) return PyLong_FromLongLong((long long)r);
+    PyObject *x = PyLong_FromLongLong((long long)a), *y = PyLong_FromLongLong((long long)b);
+    PyObject *p = x && y ? PyNumber_Multiply(x, y) : NULL;
+    Py_XDECREF(x);
+    Py_XDECREF(y);
+    return p;
+}
+
+static PyObject *dims_tuple(const int64_t *d, int n, int64_t scale) {
+    PyObject *t = PyTuple_New(n);
+    if (t == NULL) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *x = mul_obj(d[i], scale);
+        if (x == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, x);
+    }
+    return t;
+}
+
+/* product of the shape times the element size (exact) */
+static PyObject *numel_times(TensorInfoObject *self, int64_t item) {
+    int64_t n = item;
+    int i = 0;
+    for (; i < self->nd; i++)
+        if (__builtin_mul_overflow(n, self->dims[i], &n)) break;
+    if (i == self->nd) return PyLong_FromLongLong((long long)n);
+    PyObject *acc = PyLong_FromLongLong((long long)item);
+    for (int j = 0; acc != NULL && j < self->nd; j++) {
+        PyObject *x = PyLong_FromLongLong((long long)self->dims[j]);
+        PyObject *p = x ? PyNumber_Multiply(acc, x) : NULL;
+        Py_XDECREF(x);
+        Py_SETREF(acc, p);
+    }
+    return acc;
+}
+
+static PyObject *TensorInfo_field(TensorInfoObject *self, void *closure) {
+    int i = (int)(intptr_t)closure;
+    if (self->v[i] == NULL) {
+        PyObject *x = NULL;
+        switch (i) {
+        case TI_SHAPE: x = dims_tuple(self->dims, self->nd, 1); break;
+        case TI_STRIDE: x = dims_tuple(self->dims + self->nd, self->nd, 1); break;
+        case TI_STRIDES: x = dims_tuple(self->dims + self->nd, self->nd, self->item); break;
+        case TI_OFFSET: x = PyLong_FromLongLong((long long)self->offset); break;
+        case TI_NBYTES: x = numel_times(self, self->item); break;
+        default: PyErr_SetString(PyExc_SystemError, "TensorInfo field missing"); break;
+        }
+        if (x == NULL) return NULL;
+        self->v[i] = x;
+    }
+    return Py_NewRef(self->v[i]);
+}
+
+static PyObject *TensorInfo_numel(TensorInfoObject *self, void *closure) {
+    if (self->v[TI_SHAPE] == NULL) return numel_times(self, 1);
+    /* made from Python: the product of whatever shape was given */
+    PyObject *shape = PySequence_Fast(self->v[TI_SHAPE], "TensorInfo.shape must be a sequence");
+    if (shape == NULL) return NULL;
+    PyObject *acc = PyLong_FromLong(1);
+    for (Py_ssize_t j = 0; acc != NULL && j < PySequence_Fast_GET_SIZE(shape); j++)
+        Py_SETREF(acc, PyNumber_Multiply(acc, PySequence_Fast_GET_ITEM(shape, j)));
+    Py_DECREF(shape);
+    return acc;
+}
+
+static PyGetSetDef TensorInfo_getset[] = {
+    {"name", (getter)TensorInfo_field, NULL, "dotted name (flatten's)", (void *)(intptr_t)TI_NAME},
+    {"dtype", (getter)TensorInfo_field, NULL, "numpy dtype of the array load returns (or 'torch.<name>')",
+     (void *)(intptr_t)TI_DTYPE},
+    {"shape", (getter)TensorInfo_field, NULL, "shape", (void *)(intptr_t)TI_SHAPE},
+    {"strides", (getter)TensorInfo_field, NULL, "strides in bytes, as the array's .strides",
+     (void *)(intptr_t)TI_STRIDES},
+    {"stride", (getter)TensorInfo_field, NULL, "strides in elements, as torch's .stride()",
+     (void *)(intptr_t)TI_STRIDE},
+    {"storage_key", (getter)TensorInfo_field, NULL, "key of the storage it views (None for arrays pickled inline)",
+     (void *)(intptr_t)TI_KEY},
+    {"storage_offset", (getter)TensorInfo_field, NULL, "offset in the storage, in elements",
+     (void *)(intptr_t)TI_OFFSET},
+    {"nbytes", (getter)TensorInfo_field, NULL, "bytes of the tensor's own elements", (void *)(intptr_t)TI_NBYTES},
+    {"location", (getter)TensorInfo_field, NULL, "location tag of its storage", (void *)(intptr_t)TI_LOCATION},
+    {"torch_dtype", (getter)TensorInfo_field, NULL, "torch's name of the dtype", (void *)(intptr_t)TI_TORCH_DTYPE},
+    {"conj", (getter)TensorInfo_field, NULL, "torch's lazy conj bit (load applies it to a copy)",
+     (void *)(intptr_t)TI_CONJ},
+    {"neg", (getter)TensorInfo_field, NULL, "torch's lazy neg bit (load applies it to a copy)",
+     (void *)(intptr_t)TI_NEG},
+    {"numel", (getter)TensorInfo_numel, NULL, "number of elements", NULL},
+    {NULL},
+};
+
+static PyType_Slot TensorInfo_slots[] = {
+    {Py_tp_new, TensorInfo_new},
+    {Py_tp_dealloc, TensorInfo_dealloc},
+    {Py_tp_traverse, TensorInfo_traverse},
+    {Py_tp_clear, TensorInfo_clear},
+    {Py_tp_getset, TensorInfo_getset},
+    {Py_tp_doc, "Base of torchfree.TensorInfo (internal)."},
+    {0, NULL},
+};
+
+PyType_Spec TensorInfoSpec = {
+    .name = "torchfree._core.TensorInfoBase",
+    .basicsize = offsetof(TensorInfoObject, dims),
+    .itemsize = sizeof(int64_t),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = TensorInfo_slots,
+};
+
+/* ---- walk ------------------------------------------------------------------------ */
+
+/* A set of object addresses (the containers already walked): open addressing. */
+typedef struct {
+    uintptr_t *slot;
+    size_t cap, n;
+} PtrSet;
+
+static size_t ptr_hash(uintptr_t p) {
+    uint64_t x = (uint64_t)p >> 4;
+    x *= UINT64_C(0x9E3779B97F4A7C15);
+    return (size_t)(x ^ (x >> 29));
+}
+
+/* 1 added, 0 already there, -1 no memory */
+static int ptrset_add(PtrSet *s, const void *obj) {
+    uintptr_t p = (uintptr_t)obj;
+    if (2 * (s->n + 1) > s->cap) {
+        size_t cap = s->cap ? 2 * s->cap : 64;
+        uintptr_t *ns = PyMem_Calloc(cap, sizeof(uintptr_t));
+        if (ns == NULL) return -1;
+        for (size_t i = 0; i < s->cap; i++) {
+            uintptr_t q = s->slot[i];
+            if (q == 0) continue;
+            size_t j = ptr_hash(q) & (cap - 1);
+            while (ns[j] != 0) j = (j + 1) & (cap - 1);
+            ns[j] = q;
+        }
+        PyMem_Free(s->slot);
+        s->slot = ns;
+        s->cap = cap;
+    }
+    size_t j = ptr_hash(p) & (s->cap - 1);
+    while (s->slot[j] != 0) {
+        if (s->slot[j] == p) return 0;
+        j = (j + 1) & (s->cap - 1);
+    }
+    s->slot[j] = p;
+    s->n++;
+    return 1;
+}
+
+typedef struct {
+    PyObject *obj;      /* owned */
+    PyObject *parent;   /* name of the container it is in (owned); NULL for the root */
+    PyObject *key;      /* its key as given (owned), or NULL: index */
+    Py_ssize_t index;
+    Py_ssize_t depth;
+} WalkItem;
+
+enum { WALK_PAIRS = 0, WALK_INDEX = 1, WALK_INFOS = 2 };
+
+typedef struct {
+    ModuleState *st;
+    int mode;
+    int refs;           /* TensorRefs are tensors (lazy archives) */
+    PyObject *sep;
+    PyObject *children; /* callable: Opaque -> [(str, child)] or None */
+    PyObject *info_type;
+    PyObject *other;    /* callable (name, leaf) -> TensorInfo for arrays and MetaArrays */
+    Py_ssize_t max_depth;
+    PyObject *out;      /* list or dict */
+    PyObject *keep;     /* list: what the children callback returned */
+    PyObject *torch_names[DT_COUNT];
+    WalkItem *stack;
+    Py_ssize_t sp, cap;
+    PtrSet seen;
+    Py_ssize_t name_chars;
+} Walk;
+
+static int walk_push(Walk *w, PyObject *obj, PyObject *parent, PyObject *key, Py_ssize_t index, Py_ssize_t depth) {
+    if (w->sp == w->cap) {
+        Py_ssize_t cap = w->cap ? 2 * w->cap : 64;
+        WalkItem *ns = PyMem_Realloc(w->stack, (size_t)cap * sizeof(WalkItem));
+        if (ns == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        w->stack = ns;
+        w->cap = cap;
+    }
+    WalkItem *it = &w->stack[w->sp++];
+    it->obj = Py_NewRef(obj);
+    it->parent = Py_XNewRef(parent);
+    it->key = Py_XNewRef(key);
+    it->index = index;
+    it->depth = depth;
+    return 0;
+}
+
+static void item_clear(WalkItem *it) {
+    Py_DECREF(it->obj);
+    Py_XDECREF(it->parent);
+    Py_XDECREF(it->key);
+}
+
+/* The dotted name of an item (new reference). */
+static PyObject *item_name(Walk *w, WalkItem *it) {
+    PyObject *k;
+    if (it->key == NULL)
+        k = PyUnicode_FromFormat("%zd", it->index);
+    else if (PyUnicode_CheckExact(it->key))
+        k = Py_NewRef(it->key);
+    else
+        k = PyObject_Str(it->key);
+    if (k == NULL || it->parent == NULL || PyUnicode_GET_LENGTH(it->parent) == 0) return k;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(it->parent) + PyUnicode_GET_LENGTH(w->sep) + PyUnicode_GET_LENGTH(k);
+    if (w->name_chars + n > WALK_NAME_CHARS) {
+        Py_DECREF(k);
+        PyErr_Format(w->st->LimitError, "the names of the tensors under '%.200U' exceed %zd characters in all",
+                     it->parent, WALK_NAME_CHARS);
+        return NULL;
+    }
+    w->name_chars += n;
+    PyObject *parts[3] = {it->parent, w->sep, k};
+    PyObject *name;
+    if (PyUnicode_IS_ASCII(it->parent) && PyUnicode_IS_ASCII(w->sep) && PyUnicode_IS_ASCII(k)) {
+        name = PyUnicode_New(n, 127);
+        if (name != NULL) {
+            char *d = (char *)PyUnicode_DATA(name);
+            for (int j = 0; j < 3; j++) {
+                memcpy(d, PyUnicode_DATA(parts[j]), (size_t)PyUnicode_GET_LENGTH(parts[j]));
+                d += PyUnicode_GET_LENGTH(parts[j]);
+            }
+        }
+    } else {
+        PyObject *a = PyUnicode_Concat(it->parent, w->sep);
+        name = a ? PyUnicode_Concat(a, k) : NULL;
+        Py_XDECREF(a);
+    }
+    Py_DECREF(k);
+    return name;
+}
+
+static PyObject *ref_info(Walk *w, PyObject *name, TensorRef *r) {
+    ModuleState *st = w->st;
+    StorageObject *s = (StorageObject *)r->storage;
+    int dt = r->dtype, adt = dt == DT_COMPLEX32 ? DT_COMPLEX64 : dt;
+    PyTypeObject *tp = (PyTypeObject *)w->info_type;
+    TensorInfoObject *t = (TensorInfoObject *)tp->tp_alloc(tp, 2 * (Py_ssize_t)r->nd);
+    if (t == NULL) return NULL;
+    if (w->torch_names[dt] == NULL && (w->torch_names[dt] = PyUnicode_FromString(dtypes_table[dt].name)) == NULL) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    PyArray_Descr *d = st->descr[adt];
+    t->v[TI_NAME] = Py_NewRef(name);
+    t->v[TI_DTYPE] = Py_NewRef(d ? (PyObject *)d : st->dtype_value[adt]);
+    t->v[TI_KEY] = Py_NewRef(s->key);
+    t->v[TI_LOCATION] = Py_NewRef(s->location);
+    t->v[TI_TORCH_DTYPE] = Py_NewRef(w->torch_names[dt]);
+    t->v[TI_CONJ] = Py_NewRef(r->conj ? Py_True : Py_False);
+    t->v[TI_NEG] = Py_NewRef(r->neg ? Py_True : Py_False);
+    t->item = d ? (int64_t)PyDataType_ELSIZE(d) : (int64_t)dtypes_table[dt].itemsize;
+    t->offset = r->offset;
+    t->nd = r->nd;
+    memcpy(t->dims, r->size, (size_t)r->nd * sizeof(int64_t));
+    memcpy(t->dims + r->nd, r->stride, (size_t)r->nd * sizeof(int64_t));
+    /* it holds strings, a dtype and ints: never part of a cycle, so the collector need not
+     * look at it (as CPython does for tuples of atoms) */
+    PyObject_GC_UnTrack(t);
+    return (PyObject *)t;
+}
+
+static int walk_leaf(Walk *w, PyObject *name, PyObject *leaf) {
+    if (w->mode == WALK_INDEX) return PyDict_SetItem(w->out, name, leaf);
+    PyObject *x;
+    if (w->mode == WALK_PAIRS)
+        x = PyTuple_Pack(2, name, leaf);
+    else if (Py_TYPE(leaf) == w->st->TensorRefType)
+        x = ref_info(w, name, (TensorRef *)leaf);
+    else
+        x = PyObject_CallFunctionObjArgs(w->other, name, leaf, NULL);
+    if (x == NULL) return -1;
+    int r = PyList_Append(w->out, x);
+    Py_DECREF(x);
+    return r;
+}
+
+enum { K_SKIP, K_LEAF, K_DICT, K_SEQ, K_OPAQUE };
+
+static int kind_of(Walk *w, PyObject *o) {
+    PyTypeObject *tp = Py_TYPE(o);
+    ModuleState *st = w->st;
+    if (tp == &PyDict_Type) return PyDict_GET_SIZE(o) ? K_DICT : K_SKIP;
+    if (tp == st->TensorRefType) return w->refs ? K_LEAF : K_SKIP;
+    if (tp == &PyList_Type || tp == &PyTuple_Type) return PySequence_Fast_GET_SIZE(o) ? K_SEQ : K_SKIP;
+    if (tp == &PyUnicode_Type || tp == &PyLong_Type || tp == &PyFloat_Type || o == Py_None || tp == &PyBool_Type)
+        return K_SKIP;
+    if (PyArray_Check(o) || PyObject_TypeCheck(o, (PyTypeObject *)st->MetaArrayType)) return K_LEAF;
+    if (PyDict_Check(o)) return PyDict_GET_SIZE(o) ? K_DICT : K_SKIP;
+    if (PyList_Check(o) || PyTuple_Check(o)) return PySequence_Fast_GET_SIZE(o) ? K_SEQ : K_SKIP;
+    if (PyObject_TypeCheck(o, (PyTypeObject *)st->OpaqueType)) return K_OPAQUE;
+    return K_SKIP;
+}
+
+static int walk_container(Walk *w, WalkItem *it, PyObject *name, int kind) {
+    PyObject *o = it->obj;
+    Py_ssize_t depth = it->depth + 1;
+    if (depth > w->max_depth) {
+        PyErr_Format(w->st->LimitError, "containers nested deeper than %zd levels (at '%.200U')", w->max_depth, name);
+        return -1;
+    }
+    if (kind == K_SEQ) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+        PyObject **items = PySequence_Fast_ITEMS(o);
+        for (Py_ssize_t i = n - 1; i >= 0; i--)
+            if (walk_push(w, items[i], name, NULL, i, depth) < 0) return -1;
+        return 0;
+    }
+    if (kind == K_DICT && PyDict_CheckExact(o)) {
+        /* pushed in order, then the pushed run reversed: popped in dict order */
+        Py_ssize_t pos = 0, sp0 = w->sp;
+        PyObject *k, *v;
+        while (PyDict_Next(o, &pos, &k, &v))
+            if (walk_push(w, v, name, k, 0, depth) < 0) return -1;
+        for (Py_ssize_t a = sp0, b = w->sp - 1; a < b; a++, b--) {
+            WalkItem t = w->stack[a];
+            w->stack[a] = w->stack[b];
+            w->stack[b] = t;
+        }
+        return 0;
+    }
+    PyObject *kids;
+    if (kind == K_DICT)
+        kids = PyMapping_Items(o); /* OrderedDict and other subclasses: their own order */
+    else
+        kids = PyObject_CallOneArg(w->children, o);
+    if (kids == NULL) return -1;
+    if (kids == Py_None) {
+        Py_DECREF(kids);
+        return 0;
+    }
+    if (!PyList_CheckExact(kids)) {
+        Py_DECREF(kids);
+        PyErr_SetString(PyExc_TypeError, "children() must return a list of (name, child) pairs");
+        return -1;
+    }
+    int r = 0;
+    for (Py_ssize_t i = PyList_GET_SIZE(kids) - 1; i >= 0 && r == 0; i--) {
+        PyObject *kv = PyList_GET_ITEM(kids, i);
+        if (!PyTuple_CheckExact(kv) || PyTuple_GET_SIZE(kv) != 2) {
+            PyErr_SetString(PyExc_TypeError, "children() must return a list of (name, child) pairs");
+            r = -1;
+            break;
+        }
+        r = walk_push(w, PyTuple_GET_ITEM(kv, 1), name, PyTuple_GET_ITEM(kv, 0), 0, depth);
+    }
+    /* Opaque children may be made by the callback: kept until the walk ends, so that no
+     * address in `seen` is reused */
+    if (r == 0 && kind == K_OPAQUE) r = PyList_Append(w->keep, kids);
+    Py_DECREF(kids);
+    return r;
+}
+
+static int walk_run(Walk *w, PyObject *root, PyObject *prefix) {
+    if (walk_push(w, root, NULL, prefix, 0, 0) < 0) return -1;
+    while (w->sp > 0) {
+        WalkItem it = w->stack[--w->sp];
+        int kind = kind_of(w, it.obj), r = 0;
+        if (kind != K_SKIP) {
+            int fresh = kind == K_LEAF ? 1 : ptrset_add(&w->seen, it.obj);
+            if (fresh < 0) {
+                PyErr_NoMemory();
+                r = -1;
+            } else if (fresh) {
+                PyObject *name = item_name(w, &it);
+                if (name == NULL)
+                    r = -1;
+                else
+                    r = kind == K_LEAF ? walk_leaf(w, name, it.obj) : walk_container(w, &it, name, kind);
+                Py_XDECREF(name);
+            }
+        }
+        item_clear(&it);
+        if (r < 0) return -1;
+    }
+    return 0;
+}
+
+static void walk_free(Walk *w) {
+    while (w->sp > 0) item_clear(&w->stack[--w->sp]);
+    PyMem_Free(w->stack);
+    PyMem_Free(w->seen.slot);
+    Py_XDECREF(w->keep);
+    for (int i = 0; i < DT_COUNT; i++) Py_XDECREF(w->torch_names[i]);
+}
+
+PyObject *mod_walk(PyObject *module, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"obj", "mode", "sep", "children", "refs", "info_type", "other", "max_depth", NULL};
+    Walk w;
+    memset(&w, 0, sizeof w);
+    PyObject *obj, *info_type = NULL, *other = NULL;
+    Py_ssize_t max_depth = (Py_ssize_t)TF_LIMIT_MARKS;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiUO|pOOn:walk", kwlist, &obj, &w.mode, &w.sep, &w.children,
+                                     &w.refs, &info_type, &other, &max_depth))
+        return NULL;
+    w.st = PyModule_GetState(module);
+    w.max_depth = max_depth;
+    if (w.st->OpaqueType == NULL || w.st->MetaArrayType == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "torchfree helpers are not registered");
+        return NULL;
+    }
+    if (w.mode == WALK_INFOS) {
+        if (info_type == NULL || !PyType_Check(info_type) ||
+            !PyType_IsSubtype((PyTypeObject *)info_type, w.st->TensorInfoType) || other == NULL) {
+            PyErr_SetString(PyExc_TypeError, "walk(mode=2) needs a TensorInfo subclass and other");
+            return NULL;
+        }
+        w.info_type = info_type;
+        w.other = other;
+    } else if (w.mode != WALK_PAIRS && w.mode != WALK_INDEX) {
+        PyErr_SetString(PyExc_ValueError, "walk: unknown mode");
+        return NULL;
+    }
+    w.out = w.mode == WALK_INDEX ? PyDict_New() : PyList_New(0);
+    w.keep = PyList_New(0);
+    PyObject *prefix = PyUnicode_FromStringAndSize("", 0);
+    /* the walk makes no cycles: no collection pass over what it builds */
+    int gc_was_enabled = PyGC_Disable();
+    int r = w.out && w.keep && prefix ? walk_run(&w, obj, prefix) : -1;
+    if (gc_was_enabled) PyGC_Enable();
+    Py_XDECREF(prefix);
+    walk_free(&w);
+    if (r < 0) Py_CLEAR(w.out);
+    return w.out;
+}
+
+/* ---- records and storages --------------------------------------------------------- */
+
+/* info_type(*values) for a tuple subclass (a namedtuple), filled here. Steals the values. */
+static PyObject *tuple_of(PyTypeObject *tp, PyObject **v, Py_ssize_t n) {
+    PyObject *t = NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (v[i] == NULL) goto fail;
+    t = tp->tp_alloc(tp, n);
+    if (t == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(t, i, v[i]);
+    return t;
+fail:
+    for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(v[i]);
+    return NULL;
+}
+
+static int check_tuple_type(PyObject *tp) {
+    if (!PyType_Check(tp) || !PyType_IsSubtype((PyTypeObject *)tp, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "expected a tuple subclass");
+        return -1;
+    }
+    return 0;
+}
+
+/* storage_infos(storages, record_prefix, type): [type(key, dtype, nbytes, location, prefix + key)] */
+PyObject *mod_storage_infos(PyObject *module, PyObject *args) {
+    PyObject *list, *prefix, *tp;
+    if (!PyArg_ParseTuple(args, "O!UO:storage_infos", &PyList_Type, &list, &prefix, &tp) || check_tuple_type(tp) < 0)
+        return NULL;
+    ModuleState *st = PyModule_GetState(module);
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    PyObject *out = PyList_New(n);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PyList_GET_ITEM(list, i);
+        if (Py_TYPE(o) != st->StorageType) {
+            PyErr_SetString(PyExc_TypeError, "expected torchfree.Storage objects");
+            Py_DECREF(out);
+            return NULL;
+        }
+        StorageObject *s = (StorageObject *)o;
+        int dt = s->dtype;
+        PyObject *v[5] = {Py_NewRef(s->key),
+                          Py_NewRef(st->descr[dt] ? (PyObject *)st->descr[dt] : st->dtype_value[dt]),
+                          PyLong_FromSsize_t(s->nbytes), Py_NewRef(s->location), PyUnicode_Concat(prefix, s->key)};
+        PyObject *t = tuple_of((PyTypeObject *)tp, v, 5);
+        if (t == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, t);
+    }
+    return out;
+}
+
+/* The zip directory, packed (Archive.record_table) so that scan() can list the records
+ * after the archive is closed, and only if asked: per entry 4 little u64 (method, compressed
+ * size, size, offset), a u64 name length, the name. */
+PyObject *records_pack(const ZipReader *z) {
+    size_t total = 0;
+    for (size_t i = 0; i < z->n_entries; i++) total += 40 + z->entries[i].name_len;
+    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (b == NULL) return NULL;
+    char *d = PyBytes_AS_STRING(b);
+    for (size_t i = 0; i < z->n_entries; i++) {
+        const ZipEntry *e = &z->entries[i];
+        uint64_t h[5] = {e->method, e->csize, e->usize, e->header_offset - z->base, e->name_len};
+        memcpy(d, h, sizeof h);
+        memcpy(d + sizeof h, e->name, e->name_len);
+        d += sizeof h + e->name_len;
+    }
+    return b;
+}
+
+/* record_infos(packed, type): [type(name, compressed, compressed_size, size, offset)] */
+PyObject *mod_record_infos(PyObject *module, PyObject *args) {
+    Py_buffer b;
+    PyObject *tp;
+    if (!PyArg_ParseTuple(args, "y*O:record_infos", &b, &tp)) return NULL;
+    PyObject *out = check_tuple_type(tp) < 0 ? NULL : PyList_New(0);
+    const char *p = b.buf, *end = p + b.len;
+    while (out != NULL && p < end) {
+        uint64_t h[5];
+        if ((size_t)(end - p) < sizeof h) goto bad;
+        memcpy(h, p, sizeof h);
+        p += sizeof h;
+        if (h[4] > (uint64_t)(end - p)) goto bad;
+        PyObject *v[5] = {PyUnicode_DecodeUTF8(p, (Py_ssize_t)h[4], "replace"), PyBool_FromLong(h[0] != 0),
+                          PyLong_FromUnsignedLongLong(h[1]), PyLong_FromUnsignedLongLong(h[2]),
+                          PyLong_FromUnsignedLongLong(h[3])};
+        p += h[4];
+        PyObject *t = tuple_of((PyTypeObject *)tp, v, 5);
+        if (t == NULL || PyList_Append(out, t) < 0) Py_CLEAR(out);
+        Py_XDECREF(t);
+    }
+    PyBuffer_Release(&b);
+    return out;
+bad:
+    PyBuffer_Release(&b);
+    Py_DECREF(out);
+    PyErr_SetString(PyExc_ValueError, "record_infos: not a packed record table");
+    return NULL;
+}
