@@ -671,11 +671,12 @@ def scenario_scan(fx, rows_out):
         return []
     p = fx.path
     rows = []
-    r = Row("scan", fx, "torchfree.scan", kind="torchfree")
-    r.fn = lambda: torchfree.scan(p)
+    # every row lists each tensor's name, shape and dtype, as the safetensors one must
+    r = Row("scan", fx, "torchfree.scan", kind="torchfree", note="lists names, shapes, dtypes")
+    r.fn = lambda: [(t.name, t.shape, t.dtype) for t in torchfree.scan(p).tensors]
     rows.append(r)
-    r = Row("scan", fx, "naive zipfile+pickle, no data")
-    r.fn = lambda: naive_loader.scan(p)
+    r = Row("scan", fx, "naive zipfile+pickle, no data", note="lists names, shapes, dtypes")
+    r.fn = lambda: [(k, m.shape, m.dtype) for k, m in naive_loader.scan(p)[0].items()]
     rows.append(r)
     r = Row("scan", fx, "safetensors safe_open: keys, shapes, dtypes")
     if st_numpy is None:
@@ -711,9 +712,11 @@ def scenario_open(fx, rows_out):
         rows.append(r)
 
     def tf_open(mm):
+        # mmap=False: ck[name] is already an array in fresh memory, read from the file (as
+        # safetensors' get_tensor returns one); no second copy
         def f():
             with torchfree.open(p, mmap=mm) as ck:
-                return np.array(ck[name]) if not mm else ck[name]
+                return ck[name]
         return f
 
     add("torchfree.open(mmap=False)[name]", tf_open(False), kind="torchfree")

@@ -232,9 +232,14 @@ typedef struct {
     PyObject *key;      /* its key as given (owned), or NULL: index */
     Py_ssize_t index;
     Py_ssize_t depth;
+    Py_ssize_t plen;    /* find mode: length of the parent's name when it is where the target's
+                         * path runs through (target starts with it and a separator, or it is
+                         * ""), else -1 */
 } WalkItem;
 
-enum { WALK_PAIRS = 0, WALK_INDEX = 1, WALK_INFOS = 2 };
+/* PAIRS: [(name, leaf)]; INDEX: {name: leaf}; INFOS: [TensorInfo]; FIND: the leaf named
+ * target (the last one so named, as INDEX would keep), building no name */
+enum { WALK_PAIRS = 0, WALK_INDEX = 1, WALK_INFOS = 2, WALK_FIND = 3 };
 
 typedef struct {
     ModuleState *st;
@@ -252,9 +257,12 @@ typedef struct {
     Py_ssize_t sp, cap;
     PtrSet seen;
     Py_ssize_t name_chars;
+    PyObject *target;   /* find mode: the name looked for */
+    PyObject *found;    /* borrowed from the walked object (kept alive by it) */
 } Walk;
 
-static int walk_push(Walk *w, PyObject *obj, PyObject *parent, PyObject *key, Py_ssize_t index, Py_ssize_t depth) {
+static int walk_push(Walk *w, PyObject *obj, PyObject *parent, PyObject *key, Py_ssize_t index, Py_ssize_t depth,
+                     Py_ssize_t plen) {
     if (w->sp == w->cap) {
         Py_ssize_t cap = w->cap ? 2 * w->cap : 64;
         WalkItem *ns = PyMem_Realloc(w->stack, (size_t)cap * sizeof(WalkItem));
@@ -271,6 +279,7 @@ static int walk_push(Walk *w, PyObject *obj, PyObject *parent, PyObject *key, Py
     it->key = Py_XNewRef(key);
     it->index = index;
     it->depth = depth;
+    it->plen = plen;
     return 0;
 }
 
@@ -280,15 +289,16 @@ static void item_clear(WalkItem *it) {
     Py_XDECREF(it->key);
 }
 
+/* An item's key as a str (new reference). */
+static PyObject *item_key(WalkItem *it) {
+    if (it->key == NULL) return PyUnicode_FromFormat("%zd", it->index);
+    if (PyUnicode_CheckExact(it->key)) return Py_NewRef(it->key);
+    return PyObject_Str(it->key);
+}
+
 /* The dotted name of an item (new reference). */
 static PyObject *item_name(Walk *w, WalkItem *it) {
-    PyObject *k;
-    if (it->key == NULL)
-        k = PyUnicode_FromFormat("%zd", it->index);
-    else if (PyUnicode_CheckExact(it->key))
-        k = Py_NewRef(it->key);
-    else
-        k = PyObject_Str(it->key);
+    PyObject *k = item_key(it);
     if (k == NULL || it->parent == NULL || PyUnicode_GET_LENGTH(it->parent) == 0) return k;
     Py_ssize_t n = PyUnicode_GET_LENGTH(it->parent) + PyUnicode_GET_LENGTH(w->sep) + PyUnicode_GET_LENGTH(k);
     if (w->name_chars + n > WALK_NAME_CHARS) {
@@ -322,9 +332,11 @@ static PyObject *ref_info(Walk *w, PyObject *name, TensorRef *r) {
     ModuleState *st = w->st;
     StorageObject *s = (StorageObject *)r->storage;
     int dt = r->dtype, adt = dt == DT_COMPLEX32 ? DT_COMPLEX64 : dt;
-    PyTypeObject *tp = (PyTypeObject *)w->info_type;
-    TensorInfoObject *t = (TensorInfoObject *)tp->tp_alloc(tp, 2 * (Py_ssize_t)r->nd);
+    /* allocated untracked: it holds strings, a dtype and ints, never part of a cycle, so the
+     * collector need not look at it (as CPython does for tuples of atoms) */
+    TensorInfoObject *t = PyObject_GC_NewVar(TensorInfoObject, (PyTypeObject *)w->info_type, 2 * (Py_ssize_t)r->nd);
     if (t == NULL) return NULL;
+    memset(t->v, 0, sizeof t->v);
     if (w->torch_names[dt] == NULL && (w->torch_names[dt] = PyUnicode_FromString(dtypes_table[dt].name)) == NULL) {
         Py_DECREF(t);
         return NULL;
@@ -342,9 +354,6 @@ static PyObject *ref_info(Walk *w, PyObject *name, TensorRef *r) {
     t->nd = r->nd;
     memcpy(t->dims, r->size, (size_t)r->nd * sizeof(int64_t));
     memcpy(t->dims + r->nd, r->stride, (size_t)r->nd * sizeof(int64_t));
-    /* it holds strings, a dtype and ints: never part of a cycle, so the collector need not
-     * look at it (as CPython does for tuples of atoms) */
-    PyObject_GC_UnTrack(t);
     return (PyObject *)t;
 }
 
@@ -380,18 +389,22 @@ static int kind_of(Walk *w, PyObject *o) {
     return K_SKIP;
 }
 
-static int walk_container(Walk *w, WalkItem *it, PyObject *name, int kind) {
+static int walk_container(Walk *w, WalkItem *it, PyObject *name, Py_ssize_t plen, int kind) {
     PyObject *o = it->obj;
     Py_ssize_t depth = it->depth + 1;
     if (depth > w->max_depth) {
-        PyErr_Format(w->st->LimitError, "containers nested deeper than %zd levels (at '%.200U')", w->max_depth, name);
+        if (name != NULL)
+            PyErr_Format(w->st->LimitError, "containers nested deeper than %zd levels (at '%.200U')", w->max_depth,
+                         name);
+        else
+            PyErr_Format(w->st->LimitError, "containers nested deeper than %zd levels", w->max_depth);
         return -1;
     }
     if (kind == K_SEQ) {
         Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
         PyObject **items = PySequence_Fast_ITEMS(o);
         for (Py_ssize_t i = n - 1; i >= 0; i--)
-            if (walk_push(w, items[i], name, NULL, i, depth) < 0) return -1;
+            if (walk_push(w, items[i], name, NULL, i, depth, plen) < 0) return -1;
         return 0;
     }
     if (kind == K_DICT && PyDict_CheckExact(o)) {
@@ -399,7 +412,7 @@ static int walk_container(Walk *w, WalkItem *it, PyObject *name, int kind) {
         Py_ssize_t pos = 0, sp0 = w->sp;
         PyObject *k, *v;
         while (PyDict_Next(o, &pos, &k, &v))
-            if (walk_push(w, v, name, k, 0, depth) < 0) return -1;
+            if (walk_push(w, v, name, k, 0, depth, plen) < 0) return -1;
         for (Py_ssize_t a = sp0, b = w->sp - 1; a < b; a++, b--) {
             WalkItem t = w->stack[a];
             w->stack[a] = w->stack[b];
@@ -430,7 +443,7 @@ static int walk_container(Walk *w, WalkItem *it, PyObject *name, int kind) {
             r = -1;
             break;
         }
-        r = walk_push(w, PyTuple_GET_ITEM(kv, 1), name, PyTuple_GET_ITEM(kv, 0), 0, depth);
+        r = walk_push(w, PyTuple_GET_ITEM(kv, 1), name, PyTuple_GET_ITEM(kv, 0), 0, depth, plen);
     }
     /* Opaque children may be made by the callback: kept until the walk ends, so that no
      * address in `seen` is reused */
@@ -439,8 +452,38 @@ static int walk_container(Walk *w, WalkItem *it, PyObject *name, int kind) {
     return r;
 }
 
+/* Find mode: whether the item lies on the target's path. Sets *len to the length of its name
+ * when it does (the name is then target[:len]), -1 when not. */
+static int find_step(Walk *w, WalkItem *it, Py_ssize_t *len) {
+    *len = -1;
+    if (it->plen < 0) return 0;
+    PyObject *k = item_key(it);
+    if (k == NULL) return -1;
+    Py_ssize_t o = it->plen == 0 ? 0 : it->plen + PyUnicode_GET_LENGTH(w->sep);
+    Py_ssize_t end = o + PyUnicode_GET_LENGTH(k), tl = PyUnicode_GET_LENGTH(w->target);
+    if (end <= tl) {
+        Py_ssize_t m = PyUnicode_Tailmatch(w->target, k, o, end, -1);
+        if (m < 0) {
+            Py_DECREF(k);
+            return -1;
+        }
+        if (m) *len = end;
+    }
+    Py_DECREF(k);
+    return 0;
+}
+
+/* Find mode: the plen its children get (a container named target[:len]). */
+static Py_ssize_t find_children_plen(Walk *w, Py_ssize_t len) {
+    Py_ssize_t tl = PyUnicode_GET_LENGTH(w->target);
+    if (len < 0) return -1;
+    if (len == 0) return 0;
+    if (len >= tl) return -1;
+    return PyUnicode_Tailmatch(w->target, w->sep, len, tl, -1) == 1 ? len : -1;
+}
+
 static int walk_run(Walk *w, PyObject *root, PyObject *prefix) {
-    if (walk_push(w, root, NULL, prefix, 0, 0) < 0) return -1;
+    if (walk_push(w, root, NULL, prefix, 0, 0, 0) < 0) return -1;
     while (w->sp > 0) {
         WalkItem it = w->stack[--w->sp];
         int kind = kind_of(w, it.obj), r = 0;
@@ -449,12 +492,19 @@ static int walk_run(Walk *w, PyObject *root, PyObject *prefix) {
             if (fresh < 0) {
                 PyErr_NoMemory();
                 r = -1;
+            } else if (fresh && w->mode == WALK_FIND) {
+                Py_ssize_t len;
+                r = find_step(w, &it, &len);
+                if (r == 0 && kind == K_LEAF && len >= 0 && len == PyUnicode_GET_LENGTH(w->target))
+                    w->found = it.obj;
+                else if (r == 0 && kind != K_LEAF)
+                    r = walk_container(w, &it, NULL, find_children_plen(w, len), kind);
             } else if (fresh) {
                 PyObject *name = item_name(w, &it);
                 if (name == NULL)
                     r = -1;
                 else
-                    r = kind == K_LEAF ? walk_leaf(w, name, it.obj) : walk_container(w, &it, name, kind);
+                    r = kind == K_LEAF ? walk_leaf(w, name, it.obj) : walk_container(w, &it, name, -1, kind);
                 Py_XDECREF(name);
             }
         }
@@ -473,13 +523,14 @@ static void walk_free(Walk *w) {
 }
 
 PyObject *mod_walk(PyObject *module, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"obj", "mode", "sep", "children", "refs", "info_type", "other", "max_depth", NULL};
+    static char *kwlist[] = {"obj", "mode", "sep", "children", "refs", "info_type", "other", "max_depth", "target",
+                             NULL};
     Walk w;
     memset(&w, 0, sizeof w);
     PyObject *obj, *info_type = NULL, *other = NULL;
     Py_ssize_t max_depth = (Py_ssize_t)TF_LIMIT_MARKS;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiUO|pOOn:walk", kwlist, &obj, &w.mode, &w.sep, &w.children,
-                                     &w.refs, &info_type, &other, &max_depth))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OiUO|pOOnU:walk", kwlist, &obj, &w.mode, &w.sep, &w.children,
+                                     &w.refs, &info_type, &other, &max_depth, &w.target))
         return NULL;
     w.st = PyModule_GetState(module);
     w.max_depth = max_depth;
@@ -495,7 +546,10 @@ PyObject *mod_walk(PyObject *module, PyObject *args, PyObject *kwargs) {
         }
         w.info_type = info_type;
         w.other = other;
-    } else if (w.mode != WALK_PAIRS && w.mode != WALK_INDEX) {
+    } else if (w.mode == WALK_FIND && w.target == NULL) {
+        PyErr_SetString(PyExc_TypeError, "walk(mode=3) needs a target");
+        return NULL;
+    } else if (w.mode != WALK_PAIRS && w.mode != WALK_INDEX && w.mode != WALK_FIND) {
         PyErr_SetString(PyExc_ValueError, "walk: unknown mode");
         return NULL;
     }
@@ -509,6 +563,10 @@ PyObject *mod_walk(PyObject *module, PyObject *args, PyObject *kwargs) {
     Py_XDECREF(prefix);
     walk_free(&w);
     if (r < 0) Py_CLEAR(w.out);
+    if (r == 0 && w.mode == WALK_FIND) {
+        Py_SETREF(w.out, Py_XNewRef(w.found));
+        if (w.out == NULL) PyErr_SetObject(PyExc_KeyError, w.target);
+    }
     return w.out;
 }
 

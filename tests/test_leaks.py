@@ -167,6 +167,7 @@ def test_scan_and_open_do_not_leak(files):
 def test_walk_and_info_objects_do_not_leak(files):
     import pickle
 
+    from torchfree import _scan
     from torchfree._scan import TensorInfo
 
     good = files["good"]
@@ -176,13 +177,18 @@ def test_walk_and_info_objects_do_not_leak(files):
     opaque = torchfree.Opaque("m", "C", args=(a,), state=({"x": a}, None))
     obj = {"c": cyc, "o": opaque, 7: (a, {"m": torchfree.MetaArray((2,), np.dtype("f2"))}), ("k", 1): cyc}
     deep = inner = []
-    for _ in range(_core.LIMITS["marks"] + 2):
+    for _ in range(60):
         inner.append([])
         inner = inner[0]
 
     def work():
         torchfree.flatten(obj)
-        expect(torchfree.LimitError, torchfree.flatten, deep)
+        expect(torchfree.LimitError, _scan._walk, deep, max_depth=50)
+        with torchfree.open(good) as ck:
+            names = list(ck.keys())
+        with torchfree.open(good) as ck:
+            ck[names[-1]]
+            expect(KeyError, ck.__getitem__, names[-1] + ".nope")
         info = torchfree.scan(good)
         for t in info.tensors:
             t.shape, t.strides, t.stride, t.nbytes, t.numel, t.storage_offset

@@ -107,6 +107,29 @@ def test_walk_matches_python_semantics(seed):
     assert all(flat[k] is want[k] for k in want)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_find_matches_index(seed):
+    """open()[name] finds one tensor without building names: the same leaf the index has (the last
+    of duplicate names), KeyError for names the index lacks, prefixes included."""
+    rng = random.Random(1000 + seed)
+    obj = random_tree(rng)
+    if isinstance(obj, dict):
+        obj[1] = np.zeros(1)  # "1" twice when the tree has a "1" key too
+        obj["1"] = {"x": np.ones(1)}
+    idx = _core.walk(obj, _scan._INDEX, ".", _scan._children, False)
+    probes = list(idx) + [n + "." for n in idx] + [n[:-1] for n in idx if n] + ["", ".", "nope", "1.x.y", "1"]
+    for name in probes:
+        try:
+            got = _core.walk(obj, _scan._FIND, ".", _scan._children, False, target=name)
+        except KeyError:
+            assert name not in idx, name
+        else:
+            assert got is idx[name], name
+    idx2 = _core.walk(obj, _scan._INDEX, "/", _scan._children, False)
+    for name in idx2:
+        assert _core.walk(obj, _scan._FIND, "/", _scan._children, False, target=name) is idx2[name]
+
+
 def test_walk_cases():
     a = np.zeros(2)
     shared = {"w": a}
@@ -188,8 +211,12 @@ def test_deep_pickle_scan_raises_limit_error():
     assert isinstance(obj, list)
     with pytest.raises(torchfree.LimitError):
         torchfree.scan(data)
-    with pytest.raises(torchfree.LimitError):
-        torchfree.open(data)
+    # open() walks on first use: a look-up or the names
+    with torchfree.open(data) as ck:
+        with pytest.raises(torchfree.LimitError):
+            ck["0"]
+        with pytest.raises(torchfree.LimitError):
+            list(ck.keys())
     with pytest.raises(torchfree.LimitError):
         torchfree.flatten(obj)
     # a lower marks limit lowers the depth the walk accepts

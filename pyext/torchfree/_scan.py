@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import gc
 import json
 import math
 import os
@@ -57,7 +58,7 @@ def _max_depth(opts) -> int:
     return int(lim[3]) if lim else _core.LIMITS["marks"]
 
 
-_PAIRS, _INDEX, _INFOS = 0, 1, 2
+_PAIRS, _INDEX, _INFOS, _FIND = 0, 1, 2, 3
 
 
 def _walk(obj, sep=".", refs=False, max_depth=None):
@@ -159,6 +160,19 @@ def _torch_name(dt) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def _memo(fn):
+    """fn with its results kept for the call at hand; a (type, value) key calls fn(value)."""
+    cache: dict = {}
+
+    def get(key):
+        v = cache.get(key)
+        if v is None:
+            v = cache[key] = fn(key[1] if type(key) is tuple else key)
+        return v
+
+    return get
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -229,9 +243,14 @@ class CheckpointInfo:
     @property
     def dtype_totals(self) -> dict:
         """{dtype name: bytes of tensors of that dtype}."""
-        out: dict = collections.Counter()
+        by_dtype: dict = {}
         for t in self.tensors:
-            out[_torch_name(t.dtype)] += t.nbytes
+            d = t.dtype
+            k = (type(d), d)
+            by_dtype[k] = by_dtype.get(k, 0) + t.nbytes
+        out: dict = collections.Counter()
+        for (_, d), n in by_dtype.items():
+            out[_torch_name(d)] += n
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def __getitem__(self, name) -> TensorInfo:
@@ -282,18 +301,22 @@ class CheckpointInfo:
                 f"{len(self.storages)} storages, {_human(self.total_bytes)}, {self.param_count:,} elements")
 
     def __str__(self) -> str:
-        rows = [("name", "dtype", "shape", "storage", "offset", "size", "location")]
-        for t in self.tensors:
-            rows.append((t.name or "<root>", _torch_name(t.dtype), "x".join(map(str, t.shape)) or "()",
-                         "-" if t.storage_key is None else str(t.storage_key), str(t.storage_offset),
-                         _human(t.nbytes), t.location))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [self._header(), ""]
-        for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if j in (0, 1, 3, 6) else c.rjust(w)
-                                   for j, (c, w) in enumerate(zip(r, widths))).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        ts = self.tensors
+        dn, human = _memo(_torch_name), _memo(_human)
+        cols = [
+            ["name"] + [t.name or "<root>" for t in ts],
+            ["dtype"] + [dn((type(d := t.dtype), d)) for t in ts],
+            ["shape"] + ["x".join(map(str, t.shape)) or "()" for t in ts],
+            ["storage"] + ["-" if (k := t.storage_key) is None else str(k) for t in ts],
+            ["offset"] + [str(t.storage_offset) for t in ts],
+            ["size"] + [human(t.nbytes) for t in ts],
+            ["location"] + [t.location for t in ts],
+        ]
+        widths = [max(map(len, c)) for c in cols]
+        fmt = "  ".join(f"{{:{'<' if j in (0, 1, 3, 6) else '>'}{w}}}" for j, w in enumerate(widths)).format
+        rows = [fmt(*r).rstrip() for r in zip(*cols)]
+        rows.insert(1, "  ".join("-" * w for w in widths))
+        lines = [self._header(), "", *rows]
         totals = ", ".join(f"{k} {_human(v)}" for k, v in self.dtype_totals.items())
         lines += ["", f"by dtype: {totals or '-'}"]
         odd = [g for g in self.globals if not _is_torch_global(g)]
@@ -396,6 +419,17 @@ def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:
         return _ShardIndex(f).scan(map_location=map_location, limits=limits)
     if callable(map_location) and not isinstance(map_location, (str, dict)):
         map_location = None
+    # the pickle's containers come and go within this call: no collection pass over them
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _scan(f, map_location, limits)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _scan(f, map_location, limits) -> CheckpointInfo:
     src = Source(f, False, lazy=True)
     try:
         opts = options(map_location, weights_only=False, limits=limits)
@@ -440,12 +474,27 @@ class Checkpoint:
             self._src.close()
             raise
         self._max_depth = _max_depth(opts)
-        # name -> leaf (TensorRef, or an array pickled inline), made in C
-        self._index = _core.walk(self._obj, _INDEX, ".", _children, True, max_depth=self._max_depth)
+        # name -> leaf (TensorRef, or an array pickled inline), made in C when first needed: one
+        # tensor asked for by name is found by a walk that builds no name
+        self._names = None
+        self._finds = 0
         # arrays already handed out, while the caller keeps them: asking twice gives the same
         # array (and reads nothing), yet memory is not held once the caller drops them
         self._cache = weakref.WeakValueDictionary()
         self._info = None
+
+    @property
+    def _index(self) -> dict:
+        if self._names is None:
+            self._names = _core.walk(self._obj, _INDEX, ".", _children, True, max_depth=self._max_depth)
+        return self._names
+
+    def _leaf(self, name):
+        """The TensorRef (or array) named name; KeyError when none is."""
+        if self._names is None and type(name) is str and self._finds < 8:
+            self._finds += 1  # past a few look-ups, the whole index is cheaper
+            return _core.walk(self._obj, _FIND, ".", _children, True, max_depth=self._max_depth, target=name)
+        return self._index[name]
 
     # mapping protocol
     def keys(self):
@@ -458,14 +507,18 @@ class Checkpoint:
         return len(self._index)
 
     def __contains__(self, name) -> bool:
-        return name in self._index
+        try:
+            self._leaf(name)
+        except KeyError:
+            return False
+        return True
 
     def __getitem__(self, name):
         self._check_open()
         arr = self._cache.get(name)
         if arr is not None:
             return arr
-        leaf = self._index[name]
+        leaf = self._leaf(name)
         if isinstance(leaf, _core.TensorRef):
             arr = self._archive.materialize(leaf)
         else:
@@ -475,7 +528,10 @@ class Checkpoint:
         return arr
 
     def get(self, name, default=None):
-        return self[name] if name in self._index else default
+        try:
+            return self[name]
+        except KeyError:
+            return default
 
     def items(self):
         for k in self._index:
@@ -605,7 +661,11 @@ class ShardedCheckpoint:
         return len(self._index.weight_map)
 
     def __contains__(self, name) -> bool:
-        return name in self._index.weight_map
+        try:
+            self._leaf(name)
+        except KeyError:
+            return False
+        return True.weight_map
 
     def __getitem__(self, name):
         return self._shard(self._index.weight_map[name])[name]
