@@ -35,6 +35,7 @@ typedef struct {
     int64_t offset;       /* storage offset, elements */
     int64_t item;         /* bytes per element of the array load returns */
     int nd;
+    int compact;          /* made from a TensorRef: dims hold its sizes and strides */
     int64_t dims[1];      /* size[nd], then stride[nd] (elements) */
 } TensorInfoObject;
 
@@ -131,7 +132,7 @@ static PyObject *TensorInfo_field(TensorInfoObject *self, void *closure) {
 }
 
 static PyObject *TensorInfo_numel(TensorInfoObject *self, void *closure) {
-    if (self->v[TI_SHAPE] == NULL) return numel_times(self, 1);
+    if (self->compact) return numel_times(self, 1);
     /* made from Python: the product of whatever shape was given */
     PyObject *shape = PySequence_Fast(self->v[TI_SHAPE], "TensorInfo.shape must be a sequence");
     if (shape == NULL) return NULL;
@@ -349,9 +350,12 @@ static PyObject *ref_info(Walk *w, PyObject *name, TensorRef *r) {
     t->v[TI_TORCH_DTYPE] = Py_NewRef(w->torch_names[dt]);
     t->v[TI_CONJ] = Py_NewRef(r->conj ? Py_True : Py_False);
     t->v[TI_NEG] = Py_NewRef(r->neg ? Py_True : Py_False);
+    t->v[TI_SHAPE] = Py_XNewRef(r->size_obj); /* the pickle's own tuples, when it had them */
+    t->v[TI_STRIDE] = Py_XNewRef(r->stride_obj);
     t->item = d ? (int64_t)PyDataType_ELSIZE(d) : (int64_t)dtypes_table[dt].itemsize;
     t->offset = r->offset;
     t->nd = r->nd;
+    t->compact = 1;
     memcpy(t->dims, r->size, (size_t)r->nd * sizeof(int64_t));
     memcpy(t->dims + r->nd, r->stride, (size_t)r->nd * sizeof(int64_t));
     return (PyObject *)t;
