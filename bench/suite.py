@@ -840,8 +840,19 @@ def scenario_save(fx, d, rows_out, args):
     return rows
 
 
+_COMPILED = []
+
+
 def child_env():
     env = dict(os.environ)
+    if not os.environ.get("TORCHFREE_BENCH_INSTALLED") and not _COMPILED:
+        # an installed torchfree has its bytecode compiled, as numpy and safetensors do; the in-place
+        # one may have none (PYTHONDONTWRITEBYTECODE): compiled once here, so that the measured
+        # processes do not compile torchfree's modules at each start
+        import compileall
+
+        compileall.compile_dir(os.path.join(REPO, "pyext", "torchfree"), quiet=1)
+        _COMPILED.append(True)
     if not os.environ.get("TORCHFREE_BENCH_INSTALLED"):
         env["PYTHONPATH"] = os.path.join(REPO, "pyext") + (os.pathsep + env["PYTHONPATH"]
                                                            if env.get("PYTHONPATH") else "")

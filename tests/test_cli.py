@@ -514,3 +514,19 @@ def test_sharded_bin_index_with_stale_weight_map(tmp_path, torch):
     out = tmp_path / "all.npz"
     run("convert", idx, out, check=0)
     assert np.load(out).files == ["x.w", "x.b", "y.w"]
+
+
+@pytest.mark.parametrize("argv", [["info", "x.pt"], ["info", "--json", "x.pt"], ["info", "x.pt", "--json"]])
+def test_quick_info_args_match_argparse(argv):
+    """`info [--json] FILE` skips building the parser: the same arguments argparse would give."""
+    from torchfree import cli
+
+    assert vars(cli._quick_args(argv)) == vars(cli._parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [["info", "-x.pt"], ["info"], ["info", "a", "b"], ["info", "--json", "--json", "a"],
+                                  ["--traceback", "info", "a"], ["diff", "a", "b"], ["info", ""], ["info", "--help"]])
+def test_other_args_go_to_argparse(argv):
+    from torchfree import cli
+
+    assert cli._quick_args(argv) is None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import collections
 import gc
-import json
 import math
 import os
 import operator
@@ -293,6 +292,8 @@ class CheckpointInfo:
         }
 
     def to_json(self, **kw) -> str:
+        import json  # here: `torchfree info` without --json does not need it
+
         return json.dumps(self.to_dict(), **kw)
 
     def _header(self) -> str:
@@ -606,6 +607,8 @@ class _ShardIndex:
     def __init__(self, path):
         self.path = os.fspath(path)
         with _builtin_open(self.path) as fh:
+            import json
+
             data = json.load(fh)
         wm = data.get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
