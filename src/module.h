@@ -83,8 +83,6 @@ typedef struct {
     int64_t offset;
     int64_t *size;     /* dims: nd sizes */
     int64_t *stride;   /* dims + nd: nd strides (elements) */
-    PyObject *size_obj, *stride_obj; /* the pickle's tuples of them (exact tuples of ints), or NULL:
-                                      * scan reports them without making new ones */
     int64_t dims[1];   /* sized to 2 * nd at allocation: a scan of 50k tensors makes 50k of these */
 } TensorRef;
 

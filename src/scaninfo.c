@@ -350,8 +350,6 @@ static PyObject *ref_info(Walk *w, PyObject *name, TensorRef *r) {
     t->v[TI_TORCH_DTYPE] = Py_NewRef(w->torch_names[dt]);
     t->v[TI_CONJ] = Py_NewRef(r->conj ? Py_True : Py_False);
     t->v[TI_NEG] = Py_NewRef(r->neg ? Py_True : Py_False);
-    t->v[TI_SHAPE] = Py_XNewRef(r->size_obj); /* the pickle's own tuples, when it had them */
-    t->v[TI_STRIDE] = Py_XNewRef(r->stride_obj);
     t->item = d ? (int64_t)PyDataType_ELSIZE(d) : (int64_t)dtypes_table[dt].itemsize;
     t->offset = r->offset;
     t->nd = r->nd;

@@ -90,8 +90,6 @@ static PyObject *make_meta(Loader *L, PyObject *shape, int dt) {
 static void TensorRef_dealloc(TensorRef *self) {
     PyTypeObject *tp = Py_TYPE(self);
     Py_XDECREF(self->storage);
-    Py_XDECREF(self->size_obj);
-    Py_XDECREF(self->stride_obj);
     tp->tp_free(self);
     Py_DECREF(tp);
 }
@@ -298,14 +296,6 @@ PyObject *tensor_materialize(Loader *L, PyObject *ref) {
                      t->neg);
 }
 
-/* o (new reference) when it is a tuple of exact ints (checked as dims already), else NULL. */
-static PyObject *exact_dims(PyObject *o) {
-    if (!PyTuple_CheckExact(o)) return NULL;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(o); i++)
-        if (!PyLong_CheckExact(PyTuple_GET_ITEM(o, i))) return NULL;
-    return Py_NewRef(o);
-}
-
 /* The heart of every dense rebuild: torch's (offset, size, stride) in
  * elements of dtype dt, checked to lie inside `storage`, then a numpy view
  * (or, in a lazy archive, a TensorRef to make one later). */
@@ -375,8 +365,6 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
         if (t == NULL) return NULL;
         t->size = t->dims;
         t->stride = t->dims + nd;
-        t->size_obj = exact_dims(size_o);
-        t->stride_obj = exact_dims(stride_o);
         t->storage = Py_NewRef(storage);
         t->dtype = dt;
         t->nd = nd;
