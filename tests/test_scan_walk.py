@@ -342,3 +342,27 @@ def test_scan_against_torch(torch, tmp_path):
     with torchfree.open(p) as ck:
         assert list(ck.keys()) == list(flat)
         np.testing.assert_array_equal(ck["model.wt"], flat["model.wt"].numpy())
+
+
+def test_path_sources_close_their_descriptor(tmp_path):
+    import gc
+    import os
+
+    p = tmp_path / "a.pt"
+    torchfree.save({"w": np.arange(3, dtype="f4")}, p)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        torchfree.scan(p)
+        with torchfree.open(p, mmap=False) as ck:
+            ck["w"]
+        ck = torchfree.open(p, mmap=False)  # never closed: the descriptor goes with the object
+        np.testing.assert_array_equal(ck["w"], np.arange(3, dtype="f4"))
+        del ck
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    with pytest.raises(IsADirectoryError):
+        torchfree.scan(tmp_path)
+    with pytest.raises(IsADirectoryError):
+        torchfree.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        torchfree.open(tmp_path / "missing.pt")
