@@ -289,6 +289,8 @@ def test_scan_info_objects_from_c(tmp_path):
     assert info.storages[0].record.endswith("/data/" + x.storage_key)
     d = info.to_dict()
     assert d["records"][0]["name"] == info.records[0].name and d["storages"][1]["dtype"] == "int64"
+    fresh = torchfree.scan(p)  # records and storages not listed yet
+    assert pickle.loads(pickle.dumps(fresh)) == fresh == copy.deepcopy(torchfree.scan(p))
     info.records = info.records + [RecordInfo("extra", False, 0, 0, 0)]
     assert info.records[-1].name == "extra"
 

@@ -221,6 +221,10 @@ class CheckpointInfo:
     records = _lazy_list("_records")
     storages = _lazy_list("_storages")
 
+    def __getstate__(self):
+        self.records, self.storages  # noqa: B018 - lists made now: what they are made from stays here
+        return self.__dict__
+
     def __eq__(self, other):
         if type(other) is not type(self):
             return NotImplemented
