@@ -459,6 +459,35 @@ static int walk_container(Walk *w, WalkItem *it, PyObject *name, Py_ssize_t plen
 static int find_step(Walk *w, WalkItem *it, Py_ssize_t *len) {
     *len = -1;
     if (it->plen < 0) return 0;
+    if (PyUnicode_IS_ASCII(w->target)) {
+        /* the common keys compared in place, making no str: ASCII str keys, ints, list indices */
+        Py_ssize_t o = it->plen == 0 ? 0 : it->plen + PyUnicode_GET_LENGTH(w->sep);
+        Py_ssize_t tl = PyUnicode_GET_LENGTH(w->target);
+        const char *t = (const char *)PyUnicode_1BYTE_DATA(w->target);
+        char buf[32];
+        const char *kd = NULL;
+        Py_ssize_t kn = -1;
+        if (it->key == NULL) {
+            kn = snprintf(buf, sizeof buf, "%zd", it->index);
+            kd = buf;
+        } else if (PyUnicode_CheckExact(it->key)) {
+            if (!PyUnicode_IS_ASCII(it->key)) return 0; /* cannot be part of an ASCII name */
+            kd = (const char *)PyUnicode_1BYTE_DATA(it->key);
+            kn = PyUnicode_GET_LENGTH(it->key);
+        } else if (PyLong_CheckExact(it->key)) {
+            int overflow = 0;
+            long long v = PyLong_AsLongLongAndOverflow(it->key, &overflow);
+            if (v == -1 && PyErr_Occurred()) return -1;
+            if (!overflow) { /* a bigger int goes the general way */
+                kn = snprintf(buf, sizeof buf, "%lld", v);
+                kd = buf;
+            }
+        }
+        if (kd != NULL) {
+            if (o + kn <= tl && memcmp(t + o, kd, (size_t)kn) == 0) *len = o + kn;
+            return 0;
+        }
+    }
     PyObject *k = item_key(it);
     if (k == NULL) return -1;
     Py_ssize_t o = it->plen == 0 ? 0 : it->plen + PyUnicode_GET_LENGTH(w->sep);

@@ -130,6 +130,18 @@ def test_find_matches_index(seed):
         assert _core.walk(obj, _scan._FIND, "/", _scan._children, False, target=name) is idx2[name]
 
 
+def test_find_key_kinds():
+    a, b, c, d, e = (np.full(1, float(i)) for i in range(5))
+    obj = {10**30: {"w": a}, -5: b, "é": {"x": c}, True: d, (1, 2): [e], 7: {"y": a}}
+    idx = _core.walk(obj, _scan._INDEX, ".", _scan._children, False)
+    assert list(idx) == [f"{10**30}.w", "-5", "é.x", "True", "(1, 2).0", "7.y"]
+    for name, leaf in idx.items():
+        assert _core.walk(obj, _scan._FIND, ".", _scan._children, False, target=name) is leaf
+    for miss in ("7", "7.", "7.y.", "-", "é", "True.x", "(1, 2)"):
+        with pytest.raises(KeyError):
+            _core.walk(obj, _scan._FIND, ".", _scan._children, False, target=miss)
+
+
 def test_walk_cases():
     a = np.zeros(2)
     shared = {"w": a}
