@@ -447,9 +447,9 @@ static int walk_container(Walk *w, WalkItem *it, PyObject *name, Py_ssize_t plen
         }
         r = walk_push(w, PyTuple_GET_ITEM(kv, 1), name, PyTuple_GET_ITEM(kv, 0), 0, depth, plen);
     }
-    /* Opaque children may be made by the callback: kept until the walk ends, so that no
-     * address in `seen` is reused */
-    if (r == 0 && kind == K_OPAQUE) r = PyList_Append(w->keep, kids);
+    /* Opaque children may be made by the callback (and a mapping's items() by its class): kept
+     * until the walk ends, so that no address in `seen` is reused */
+    if (r == 0) r = PyList_Append(w->keep, kids);
     Py_DECREF(kids);
     return r;
 }

@@ -159,6 +159,20 @@ def test_walk_cases():
     assert _scan._walk(5) == [] and _scan._walk({}) == []
 
 
+class _FreshItems(dict):
+    """A mapping whose items() makes new containers at each call."""
+
+    def items(self):
+        return [("a", {"w": self["arr"]}), ("b", [self["arr"]])]
+
+
+def test_walk_fresh_children_are_not_taken_for_seen_ones():
+    arr = np.zeros(1)
+    obj = {f"k{i}": _FreshItems(arr=arr) for i in range(200)}
+    names = list(torchfree.flatten(obj))
+    assert names == [n for i in range(200) for n in (f"k{i}.a.w", f"k{i}.b.0")]
+
+
 def test_walk_opaque_children():
     a, b, c = np.zeros(1), np.ones(1), np.full(1, 2.0)
     o = torchfree.Opaque("m", "C", args=(a,), state=({"d": b}, {"s": c}))
