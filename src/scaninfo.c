@@ -113,8 +113,7 @@ static PyObject *numel_times(TensorInfoObject *self, int64_t item) {
     return acc;
 }
 
-static PyObject *TensorInfo_field(TensorInfoObject *self, void *closure) {
-    int i = (int)(intptr_t)closure;
+static PyObject *field_get(TensorInfoObject *self, int i) {
     if (self->v[i] == NULL) {
         PyObject *x = NULL;
         switch (i) {
@@ -129,6 +128,18 @@ static PyObject *TensorInfo_field(TensorInfoObject *self, void *closure) {
         self->v[i] = x;
     }
     return Py_NewRef(self->v[i]);
+}
+
+static PyObject *TensorInfo_field(TensorInfoObject *self, void *closure) {
+    PyObject *r;
+#ifdef Py_GIL_DISABLED /* a field made on first access is made once */
+    Py_BEGIN_CRITICAL_SECTION(self);
+#endif
+    r = field_get(self, (int)(intptr_t)closure);
+#ifdef Py_GIL_DISABLED
+    Py_END_CRITICAL_SECTION();
+#endif
+    return r;
 }
 
 static PyObject *TensorInfo_numel(TensorInfoObject *self, void *closure) {
