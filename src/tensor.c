@@ -522,14 +522,22 @@ static PyObject *meta_of(Loader *L, PyObject *dtype, PyObject *size_o) {
     return shape ? make_meta(L, shape, dt) : NULL;
 }
 
-/* Torch mode: tensor t (stolen) with requires_grad set when flag is true (torch["requires_grad"]). */
-static PyObject *torch_requires_grad(Loader *L, PyObject *t, PyObject *flag) {
-    if (t == NULL || L->torch == NULL || flag == Py_False) return t;
-    PyObject *args = PyTuple_Pack(2, t, flag);
-    Py_DECREF(t);
-    PyObject *r = args ? tf_call_helper(L, "requires_grad", args) : NULL;
-    Py_XDECREF(args);
-    return r;
+/* Torch mode: tensor t (stolen) with requires_grad set when flag is true (torch["requires_grad"]),
+ * and, as torch's _rebuild_tensor_v2/v3 do, hooks (the pickled backward_hooks) as its
+ * _backward_hooks: torch's files always hold an empty OrderedDict there, which is set (each
+ * tensor has its own, as in torch). A dict that is not empty would hold objects from the file
+ * that autograd would call: it is left out, as is anything that is not a dict. */
+static PyObject *torch_finish(Loader *L, PyObject *t, PyObject *flag, PyObject *hooks) {
+    if (t == NULL || L->torch == NULL) return t;
+    if (flag != Py_False) {
+        PyObject *args = PyTuple_Pack(2, t, flag);
+        Py_SETREF(t, args ? tf_call_helper(L, "requires_grad", args) : NULL);
+        Py_XDECREF(args);
+        if (t == NULL) return NULL;
+    }
+    if (PyDict_Check(hooks) && PyDict_GET_SIZE(hooks) == 0 && PyObject_SetAttrString(t, "_backward_hooks", hooks) < 0)
+        Py_CLEAR(t);
+    return t;
 }
 
 /* Torch mode: helper name(*args) (args borrowed). */
@@ -542,8 +550,8 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     switch (g->id) {
     case G_REBUILD_TENSOR_V2:
         if (n < 6 || n > 7) return wrong_args(L, g, "6 or 7 arguments", args), NULL;
-        return torch_requires_grad(L, rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, n == 7 ? ARG(6) : NULL, 0),
-                                   ARG(4));
+        return torch_finish(L, rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, n == 7 ? ARG(6) : NULL, 0),
+                            ARG(4), ARG(5));
     case G_REBUILD_TENSOR:
         if (n != 4) return wrong_args(L, g, "4 arguments", args), NULL;
         return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, NULL, 0);
@@ -551,8 +559,8 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         if (n < 7 || n > 8) return wrong_args(L, g, "7 or 8 arguments", args), NULL;
         int dt = dtype_from_value(L, ARG(6));
         if (dt < 0) return NULL;
-        return torch_requires_grad(L, rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, n == 8 ? ARG(7) : NULL, 0),
-                                   ARG(4));
+        return torch_finish(L, rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, n == 8 ? ARG(7) : NULL, 0),
+                            ARG(4), ARG(5));
     }
     case G_REBUILD_PARAMETER:
     case G_REBUILD_PARAMETER_WITH_STATE:
