@@ -713,7 +713,7 @@ def scenario_open(fx, rows_out):
     def tf_open(mm):
         def f():
             with torchfree.open(p, mmap=mm) as ck:
-                return np.array(ck[name]) if not mm else ck[name]
+                return ck[name]  # mmap=False: its own storage read from the file; else a view of the map
         return f
 
     add("torchfree.open(mmap=False)[name]", tf_open(False), kind="torchfree")
