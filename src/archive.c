@@ -184,6 +184,7 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
         L->src_writable = !view->readonly;
         if (fmt != FMT_ZIP) return 0;
         rc = zipread_open(&L->zip, mem_read_at, L, L->size, &L->lim, &err);
+        L->zip.mem = L->src;
     }
     if (rc != TF_OK) return tf_raise_err(L, &err);
     /* torch.jit.save archives are told by their constants.pkl record, as torch.load does */

@@ -183,6 +183,9 @@ extern PyType_Spec GlobalRefSpec;
 PyObject *storage_persistent_load(Loader *L, PyObject *pid);
 /* The same for a zip checkpoint's id given as its n items (pid[0..n), n >= 1). New reference. */
 PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n);
+/* The same from its parts: dtype (a DtypeId), key and saved location (str, borrowed), numel
+ * (-1: out of range). New reference. */
+PyObject *storage_get(Loader *L, int dtype, PyObject *key, PyObject *saved, long long numel);
 /* A fresh Storage made by L (no data yet). New reference. */
 StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype);
 /* The location tag map_location gives a storage saved at `saved` (new reference). */
@@ -219,5 +222,8 @@ PyObject *tensor_global_value(Loader *L, const GlobalHit *hit, const char *canon
 /* A dense tensor over storage: torch's (offset, size, stride) in elements of dt (-1: the
  * storage's dtype), checked against the storage. New reference. */
 PyObject *tensor_strided(Loader *L, PyObject *storage, PyObject *offset, PyObject *size, PyObject *stride, int dt);
+/* The same with the storage's dtype and C integers (>= 0; nd <= the ndim limit and NPY_MAXDIMS). */
+PyObject *tensor_strided_dims(Loader *L, PyObject *storage, int64_t offset, int nd, const int64_t *size,
+                              const int64_t *stride);
 
 #endif

@@ -675,15 +675,22 @@ TfStatus zipread_locate(ZipReader *z, ZipEntry *e, TfErr *err) {
         return tf_fail(err, TF_ERR_FORMAT, hoff,
                        "central directory entry %zu ('%.*s'): local header at offset %llu lies outside the file",
                        idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)hoff);
-    /* One read for the header and, usually, the whole name. */
-    size_t first = ZR_LOCAL_SIZE + (full < sizeof buf - ZR_LOCAL_SIZE ? full : sizeof buf - ZR_LOCAL_SIZE);
-    if ((st = zr_read(z, hoff, buf, first, err)) != TF_OK) return st;
-    if (!zr_sig(buf, ZR_SIG_LOCAL))
+    /* One read for the header and, usually, the whole name (all of it in place from memory). */
+    const uint8_t *h = buf;
+    size_t first;
+    if (z->mem != NULL) {
+        h = z->mem + hoff;
+        first = ZR_LOCAL_SIZE + full;
+    } else {
+        first = ZR_LOCAL_SIZE + (full < sizeof buf - ZR_LOCAL_SIZE ? full : sizeof buf - ZR_LOCAL_SIZE);
+        if ((st = zr_read(z, hoff, buf, first, err)) != TF_OK) return st;
+    }
+    if (!zr_sig(h, ZR_SIG_LOCAL))
         return tf_fail(err, TF_ERR_FORMAT, hoff,
                        "central directory entry %zu ('%.*s'): no local header signature at offset %llu (found "
                        "0x%08x)",
-                       idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)hoff, (unsigned)tf_le32(buf));
-    size_t nl = tf_le16(buf + 26), xl = tf_le16(buf + 28);
+                       idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)hoff, (unsigned)tf_le32(h));
+    size_t nl = tf_le16(h + 26), xl = tf_le16(h + 28);
     if (nl != full)
         return tf_fail(err, TF_ERR_FORMAT, hoff,
                        "local header at offset %llu: name length %zu differs from the central directory entry "
@@ -691,7 +698,7 @@ TfStatus zipread_locate(ZipReader *z, ZipEntry *e, TfErr *err) {
                        (ull)hoff, nl, idx, ZR_NAME_SHOWN(e->name_len), e->name, full);
     /* The local name must be the central directory's name. */
     size_t have = first - ZR_LOCAL_SIZE, done = 0;
-    const uint8_t *chunk = buf + ZR_LOCAL_SIZE;
+    const uint8_t *chunk = h + ZR_LOCAL_SIZE;
     if (have == full) { /* the usual case, whole name at hand: "<prefix>/<name>" */
         if ((z->prefix_len == 0 || memcmp(chunk, z->prefix, z->prefix_len) == 0) && chunk[z->prefix_len] == '/' &&
             memcmp(chunk + z->prefix_len + 1, e->name, e->name_len) == 0)

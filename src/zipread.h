@@ -32,6 +32,8 @@ typedef struct {
 typedef struct {
     TfReadAt read_at;
     void *ctx;
+    const uint8_t *mem; /* the input itself when it is in memory (set by the caller after open;
+                           zipread_locate then reads local headers in place), or NULL */
     uint64_t size;      /* input size in bytes */
     uint64_t base;      /* absolute offset where the zip starts (bytes before it are ignored) */
     char *prefix;       /* top folder, NUL-terminated (taken from the first entry) */
