@@ -8,6 +8,7 @@
 #include "module.h"
 
 #include <pthread.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 /* read_at over the source buffer (ctx: the Loader). */
@@ -99,24 +100,26 @@ void loader_close(Loader *L) {
 }
 
 static char *open_kwlist[] = {"src", "size", "mode", "require_map", "map_kind", "map_location",
-                              "weights_only", "safe_globals", "encoding", "limits", "torch", NULL};
-#define OPEN_FORMAT "OK$ipiOpOOOO"
+                              "weights_only", "safe_globals", "encoding", "limits", "torch", "drop_pages", NULL};
+#define OPEN_FORMAT "OK$ipiOpOOOOp"
 
 /* Parse the options and, for a zip, open it and read its version and byteorder
  * records. The Loader keeps its own references to the options. */
 int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname, int fmt) {
     PyObject *src, *map_location, *safe_globals, *encoding, *limits, *torch = Py_None;
     unsigned long long size;
-    int mode, require_map, map_kind, weights_only;
+    int mode, require_map, map_kind, weights_only, drop_pages = 0;
     char format[64];
     snprintf(format, sizeof format, "%s:%s", OPEN_FORMAT, fname);
     memset(L, 0, sizeof *L); /* loader_close() is safe on it whatever happens below */
     L->fd = -1;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, open_kwlist, &src, &size, &mode, &require_map,
-                                     &map_kind, &map_location, &weights_only, &safe_globals, &encoding, &limits, &torch))
+                                     &map_kind, &map_location, &weights_only, &safe_globals, &encoding, &limits, &torch,
+                                     &drop_pages))
         return -1;
     memset(L, 0, sizeof *L);
     L->st = st;
+    L->drop_ok = drop_pages && fmt == FMT_ZIP; /* a request: loader_drop_start decides */
     L->mode = mode;
     L->require_map = require_map;
     L->ml_kind = map_kind;
@@ -192,6 +195,76 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
     return read_version_and_byteorder(L);
 }
 
+/* ---- dropping the pages of local headers already read -----------------------------------
+ *
+ * Reading each storage's local header through the mapping maps its page into this process,
+ * with the pages around it (the kernel's fault-around): on a file of many small tensors that
+ * is every page of the file, so an mmap load that should add only metadata to the RSS adds the
+ * file's size (page-cache pages, not private memory, but counted all the same). Source() maps
+ * the file privately for one load and says so (drop_pages); then, every DROP_BATCH headers,
+ * the pages between the headers read are dropped (MADV_DONTNEED), and the whole mapping when
+ * the load ends: arrays over them fault them back in from the page cache when used.
+ *
+ * Dropping a page of a private mapping is only harmless when the page is clean: a page that
+ * was written to (copy-on-write) would lose the writes. Nothing of ours writes to the mapping
+ * except the byte swap of a big-endian file, and no user code can see an array or storage
+ * before the load returns unless the load calls it: a map_location callable, safe_globals,
+ * torch mode. loader_drop_start turns dropping off in all those cases, for lazy archives
+ * (Archive, whose arrays outlive any one call) and for any buffer the caller did not map for
+ * this load alone. */
+
+#define DROP_BATCH 256u
+
+static uintptr_t page_size(void) {
+    static uintptr_t ps;
+    if (ps == 0) {
+        long v = sysconf(_SC_PAGESIZE);
+        ps = v > 0 ? (uintptr_t)v : 4096;
+    }
+    return ps;
+}
+
+/* Drop the whole pages of the mapping within file offsets [lo, hi). */
+static void drop_span(Loader *L, uint64_t lo, uint64_t hi) {
+    uintptr_t ps = page_size();
+    if (hi > L->size) hi = L->size;
+    if (lo >= hi) return;
+    uintptr_t a = ((uintptr_t)(L->src + lo) + ps - 1) & ~(ps - 1);
+    uintptr_t b = ((uintptr_t)(L->src + hi)) & ~(ps - 1);
+    if (b > a) (void)madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+static void loader_drop_start(Loader *L) {
+    L->drop_ok = L->drop_ok && L->format == FMT_ZIP && L->mode == SRC_MAP && L->src != NULL &&
+                 !L->big_endian && L->ml_kind != ML_CALL && L->safe_globals == NULL && L->torch == NULL &&
+                 !L->lazy;
+    L->drop_n = 0;
+    L->drop_end = 0;
+    L->drop_seen = 0;
+    L->drop_async = 0;
+}
+
+void loader_drop_note(Loader *L, const ZipEntry *e) {
+    uint64_t off = e->header_offset;
+    if (L->drop_n == 0 || off < L->drop_min) L->drop_min = off;
+    if (L->drop_n == 0 || off > L->drop_max) L->drop_max = off;
+    if (off > L->drop_seen) __atomic_store_n(&L->drop_seen, off, __ATOMIC_RELAXED);
+    if (L->drop_async || ++L->drop_n < DROP_BATCH) return;
+    /* from the end of the last span (or the lowest header, if below it) to the page of the highest
+     * header, which the next header may share */
+    uint64_t lo = L->drop_min < L->drop_end ? L->drop_min : L->drop_end;
+    uint64_t hi = L->drop_max & ~(uint64_t)(page_size() - 1);
+    drop_span(L, lo, hi);
+    if (hi > L->drop_end) L->drop_end = hi;
+    L->drop_n = 0;
+}
+
+/* The load is over: every page of the mapping goes. */
+static void loader_drop_all(Loader *L) {
+    if (L->drop_ok) drop_span(L, 0, L->size);
+    L->drop_ok = 0;
+}
+
 /* ---- prefaulting the local headers of a mapped archive ------------------------------
  *
  * Each storage's local zip header must be read (it fixes where the data starts), and in a
@@ -199,7 +272,12 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
  * optimizer checkpoint, a fifth of the load. While the VM builds objects on this thread, a
  * second thread touches those pages in directory order, so the faults are taken off the
  * critical path. It only reads the mapping, which stays alive (the Loader holds it) until
- * the thread is joined. */
+ * the thread is joined.
+ *
+ * When pages are dropped (drop_ok) the same thread drops them too, behind the highest header
+ * the loader has read (drop_seen), and touches pages at most PREFAULT_AHEAD bytes ahead of it:
+ * the cost of unmapping stays off the critical path, and what is resident at once stays small.
+ * It is joined before the load returns, so no page is dropped once user code holds the arrays. */
 
 typedef struct {
     const volatile uint8_t *base;
@@ -207,7 +285,24 @@ typedef struct {
     const ZipEntry *entries;
     size_t n;
     volatile int stop;
+    Loader *drop; /* the loader whose pages are dropped, or NULL */
+    uint64_t dropped; /* end of the span dropped so far */
 } Prefault;
+
+#define PREFAULT_AHEAD ((uint64_t)2 << 20)
+#define DROP_STEP ((uint64_t)1 << 20)
+#define DROP_BEHIND ((uint64_t)8 << 20) /* dropped even when not ahead, past this far behind */
+
+/* Drop up to DROP_STEP * 4 bytes behind the loader (the page of the last header it read stays).
+ * Returns 1 when it dropped something. */
+static int prefault_drop(Prefault *p, uint64_t seen) {
+    uint64_t hi = seen & ~(uint64_t)(page_size() - 1);
+    if (hi < p->dropped + DROP_STEP) return 0;
+    if (hi > p->dropped + 4 * DROP_STEP) hi = p->dropped + 4 * DROP_STEP;
+    drop_span(p->drop, p->dropped, hi);
+    p->dropped = hi;
+    return 1;
+}
 
 static void *prefault_run(void *arg) {
     Prefault *p = arg;
@@ -215,8 +310,30 @@ static void *prefault_run(void *arg) {
     for (size_t i = 0; i < p->n && !p->stop; i++) {
         uint64_t off = p->entries[i].header_offset;
         if (off >= p->size || off >> 12 == last_page) continue;
+        if (p->drop != NULL && __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED) > p->dropped + DROP_BEHIND)
+            prefault_drop(p, __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED)); /* too far behind */
+        if (p->drop != NULL) {
+            /* Touch only pages ahead of the loader (a page it has read may be gone already),
+             * at most PREFAULT_AHEAD bytes ahead (pages faulted too early would all be resident
+             * at once). Faulting comes first: pages are dropped only while far enough ahead. */
+            uint64_t seen;
+            while ((seen = __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED)) + PREFAULT_AHEAD < off &&
+                   !p->stop) {
+                if (!prefault_drop(p, seen)) {
+                    struct timespec ts = {0, 20000};
+                    nanosleep(&ts, NULL);
+                }
+            }
+            if (off <= seen) continue;
+        }
         last_page = off >> 12;
         (void)p->base[off];
+    }
+    while (p->drop != NULL && !p->stop) { /* every header touched: keep dropping until joined */
+        if (!prefault_drop(p, __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED))) {
+            struct timespec ts = {0, 50000};
+            nanosleep(&ts, NULL);
+        }
     }
     return NULL;
 }
@@ -230,13 +347,18 @@ static int prefault_start(Loader *L, Prefault *p, pthread_t *tid) {
     p->entries = L->zip.entries;
     p->n = L->zip.n_entries;
     p->stop = 0;
-    return pthread_create(tid, NULL, prefault_run, p) == 0;
+    p->drop = L->drop_ok ? L : NULL;
+    p->dropped = 0;
+    if (pthread_create(tid, NULL, prefault_run, p) != 0) return 0;
+    L->drop_async = p->drop != NULL; /* loader_drop_note leaves the dropping to the thread */
+    return 1;
 }
 
-static void prefault_stop(Prefault *p, pthread_t tid, int started) {
+static void prefault_stop(Loader *L, Prefault *p, pthread_t tid, int started) {
     if (!started) return;
     p->stop = 1;
     pthread_join(tid, NULL);
+    L->drop_async = 0;
 }
 
 /* Run the pickle `record` on the VM, its storages being the records under `dir`
@@ -282,7 +404,7 @@ static PyObject *loader_unpickle_record(Loader *L, const char *record, const cha
     pthread_t pf_tid;
     int pf_started = L->lazy ? 0 : prefault_start(L, &pf, &pf_tid);
     PyObject *obj = vm_run(L, pk, (size_t)pe->usize);
-    prefault_stop(&pf, pf_tid, pf_started);
+    prefault_stop(L, &pf, pf_tid, pf_started);
     if (gc_was_enabled) PyGC_Enable();
     L->pk_start = NULL; /* later errors are not at a pickle offset */
     vm_free(L);
@@ -314,6 +436,7 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
     Loader L;
     PyObject *obj = NULL;
     if (loader_open(&L, PyModule_GetState(module), args, kwargs, "load_zip", FMT_ZIP) == 0) {
+        loader_drop_start(&L);
         PyObject *ts = L.torch && L.torchscript ? PyDict_GetItemString(L.torch, "torchscript") : NULL;
         if (ts != NULL) /* torch mode: torch.load's own answer to a TorchScript archive */
             obj = PyObject_CallNoArgs(ts);
@@ -321,6 +444,7 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
             obj = loader_unpickle(&L);
         if (obj != NULL && (loader_constants(&L, obj) < 0 || storage_finish(&L) < 0)) Py_CLEAR(obj);
         if (obj != NULL) Py_SETREF(obj, loader_torch_finish(&L, obj));
+        loader_drop_all(&L);
     }
     loader_close(&L);
     return obj;
@@ -362,6 +486,7 @@ static PyObject *Archive_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
         Py_DECREF(a);
         return NULL;
     }
+    a->L.drop_ok = 0; /* its arrays outlive any one call */
     a->open = 1;
     return (PyObject *)a;
 }

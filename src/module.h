@@ -135,6 +135,13 @@ typedef struct Loader {
     int hooks_fast;         /* torch's tensor pattern may run fused (unpickler.c, rebuild_v2_fused) */
     int hooks_fused;        /* it did: some memo slots were left empty */
     int hooks_escaped;      /* a memo GET met an empty slot: vm_run runs the pickle again unfused */
+    /* one-shot mmap loads: the pages of local headers already read are dropped from this process
+     * as the load goes (archive.c, loader_drop_note), so that it adds only metadata to its RSS */
+    int drop_ok;            /* the mapping is ours and no page of it can be dirty (see loader_drop_start) */
+    int drop_async;         /* the prefault thread drops them (archive.c) */
+    unsigned drop_n;        /* headers read since the last drop */
+    uint64_t drop_min, drop_max, drop_end; /* their lowest and highest offsets; end of the dropped span */
+    volatile uint64_t drop_seen; /* highest header offset read so far (paces the prefault thread) */
 } Loader;
 
 /* module.c */
@@ -157,6 +164,8 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs);
  * (the other formats need a buffer source). */
 int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname, int fmt);
 void loader_close(Loader *L);
+/* A local header of the mapping was read (zipread_locate): its page may be dropped soon. */
+void loader_drop_note(Loader *L, const ZipEntry *e);
 /* Torch mode: torch["finish"](obj, number of storages) (bare storages become torch storages).
  * New reference. */
 PyObject *loader_torch_finish(Loader *L, PyObject *obj);

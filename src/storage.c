@@ -354,6 +354,7 @@ static inline int locate(Loader *L, ZipEntry *e) {
     if (TF_LIKELY(e->data_offset != UINT64_MAX)) return 0;
     TfErr err;
     if (zipread_locate(&L->zip, e, &err) != TF_OK) return tf_raise_err(L, &err);
+    if (L->drop_ok) loader_drop_note(L, e);
     return 0;
 }
 
