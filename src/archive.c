@@ -242,6 +242,7 @@ static void loader_drop_start(Loader *L) {
     L->drop_end = 0;
     L->drop_seen = 0;
     L->drop_async = 0;
+    (void)page_size(); /* set before the prefault thread may read it */
 }
 
 void loader_drop_note(Loader *L, const ZipEntry *e) {
@@ -348,7 +349,7 @@ static int prefault_start(Loader *L, Prefault *p, pthread_t *tid) {
     p->n = L->zip.n_entries;
     p->stop = 0;
     p->drop = L->drop_ok ? L : NULL;
-    p->dropped = 0;
+    p->dropped = L->drop_end;
     if (pthread_create(tid, NULL, prefault_run, p) != 0) return 0;
     L->drop_async = p->drop != NULL; /* loader_drop_note leaves the dropping to the thread */
     return 1;
@@ -400,6 +401,8 @@ static PyObject *loader_unpickle_record(Loader *L, const char *record, const cha
     /* the VM makes many containers and no cycles: a collection pass per few
      * hundred of them would cost more than the whole load */
     int gc_was_enabled = PyGC_Disable();
+    /* the pickle is read all along: pages are dropped from its end on (torch writes it first) */
+    if (L->drop_ok && pe->data_offset + pe->csize > L->drop_end) L->drop_end = pe->data_offset + pe->csize;
     Prefault pf;
     pthread_t pf_tid;
     int pf_started = L->lazy ? 0 : prefault_start(L, &pf, &pf_tid);
