@@ -100,8 +100,8 @@ void loader_close(Loader *L) {
 }
 
 static char *open_kwlist[] = {"src", "size", "mode", "require_map", "map_kind", "map_location",
-                              "weights_only", "safe_globals", "encoding", "limits", "torch", "drop_pages", NULL};
-#define OPEN_FORMAT "OK$ipiOpOOOOp"
+                              "weights_only", "safe_globals", "encoding", "limits", "torch", NULL};
+#define OPEN_FORMAT "OK$ipiOpOOOO"
 
 /* Parse the options and, for a zip, open it and read its version and byteorder
  * records. The Loader keeps its own references to the options. */
@@ -113,10 +113,20 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
     snprintf(format, sizeof format, "%s:%s", OPEN_FORMAT, fname);
     memset(L, 0, sizeof *L); /* loader_close() is safe on it whatever happens below */
     L->fd = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, open_kwlist, &src, &size, &mode, &require_map,
-                                     &map_kind, &map_location, &weights_only, &safe_globals, &encoding, &limits, &torch,
-                                     &drop_pages))
-        return -1;
+    /* drop_pages=bool, optional (the others are required): taken out before parsing */
+    PyObject *dp = kwargs != NULL ? PyDict_GetItemString(kwargs, "drop_pages") : NULL;
+    if (dp != NULL) {
+        if ((drop_pages = PyObject_IsTrue(dp)) < 0 || (kwargs = PyDict_Copy(kwargs)) == NULL) return -1;
+        if (PyDict_DelItemString(kwargs, "drop_pages") < 0) {
+            Py_DECREF(kwargs);
+            return -1;
+        }
+    }
+    int parsed = PyArg_ParseTupleAndKeywords(args, kwargs, format, open_kwlist, &src, &size, &mode, &require_map,
+                                             &map_kind, &map_location, &weights_only, &safe_globals, &encoding,
+                                             &limits, &torch);
+    if (dp != NULL) Py_DECREF(kwargs);
+    if (!parsed) return -1;
     memset(L, 0, sizeof *L);
     L->st = st;
     L->drop_ok = drop_pages && fmt == FMT_ZIP; /* a request: loader_drop_start decides */
@@ -181,6 +191,9 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
     } else {
         L->src_owner = PyMemoryView_FromObject(src);
         if (L->src_owner == NULL) return -1;
+        /* pages are only ever dropped from a file mapping (Source's own): never from memory
+         * that holds the only copy of its bytes */
+        if (strcmp(Py_TYPE(src)->tp_name, "mmap.mmap") != 0) L->drop_ok = 0;
         Py_buffer *view = PyMemoryView_GET_BUFFER(L->src_owner);
         L->src = view->buf;
         L->size = (uint64_t)view->len;

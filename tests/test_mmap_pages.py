@@ -142,3 +142,18 @@ def test_big_endian_mmap_load_keeps_its_swaps(many, tmp_path):
     p.write_bytes(big)
     _check(torchfree.load(str(p), mmap=True), obj)
     _check(torchfree.load(str(p)), obj)
+
+
+def test_drop_pages_only_for_file_mappings(many):
+    """The core's drop_pages option is optional, and ignored for a buffer that is not a file
+    mapping (dropping pages of ordinary memory would zero them)."""
+    from torchfree import _core, _load
+
+    path, obj = many
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    opts = _load.options()
+    for kw in ({}, {"drop_pages": True}):
+        got = _core.load_zip(data, len(data), mode=0, require_map=False, **kw, **opts)  # mode 0: zero-copy views
+        _check(got, obj)
+        assert np.shares_memory(got["t0"], np.frombuffer(data, np.uint8))
