@@ -214,9 +214,11 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
  * with the pages around it (the kernel's fault-around): on a file of many small tensors that
  * is every page of the file, so an mmap load that should add only metadata to the RSS adds the
  * file's size (page-cache pages, not private memory, but counted all the same). Source() maps
- * the file privately for one load and says so (drop_pages); then, every DROP_BATCH headers,
- * the pages between the headers read are dropped (MADV_DONTNEED), and the whole mapping when
- * the load ends: arrays over them fault them back in from the page cache when used.
+ * the file privately for one load and says so (drop_pages); then, in an archive of
+ * DROP_MIN_RECORDS records or more, the pages behind the last header read are dropped
+ * (MADV_DONTNEED) as the load goes, by the prefault thread below or, without one, by the
+ * loading thread every DROP_BATCH headers, and the whole mapping when the load ends: arrays
+ * over those pages fault them back in from the page cache when used.
  *
  * Dropping a page of a private mapping is only harmless when the page is clean: a page that
  * was written to (copy-on-write) would lose the writes. Nothing of ours writes to the mapping
@@ -227,6 +229,9 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
  * this load alone. */
 
 #define DROP_BATCH 256u
+/* Fewer records than this leave few header pages mapped (a few large tensors): not worth a
+ * madvise over the whole file */
+#define DROP_MIN_RECORDS 512u
 
 static uintptr_t page_size(void) {
     static uintptr_t ps;
@@ -250,7 +255,7 @@ static void drop_span(Loader *L, uint64_t lo, uint64_t hi) {
 static void loader_drop_start(Loader *L) {
     L->drop_ok = L->drop_ok && L->format == FMT_ZIP && L->mode == SRC_MAP && L->src != NULL &&
                  !L->big_endian && L->ml_kind != ML_CALL && L->safe_globals == NULL && L->torch == NULL &&
-                 !L->lazy;
+                 !L->lazy && L->zip.n_entries >= DROP_MIN_RECORDS;
     L->drop_n = 0;
     L->drop_end = 0;
     L->drop_seen = 0;
