@@ -11,15 +11,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-/* read_at over the source buffer (ctx: the Loader). */
-static TfStatus mem_read_at(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err) {
-    Loader *L = ctx;
-    if (off > L->size || n > L->size - off)
-        return tf_fail(err, TF_ERR_FORMAT, off, "read of %zu bytes past the end of the input", n);
-    memcpy(buf, L->src + off, n);
-    return TF_OK;
-}
-
 /* Read a small record (version, byteorder) into buf (NUL-terminated). */
 static int small_record(Loader *L, const char *name, char *buf, size_t cap, int *found) {
     ZipEntry *e = zipread_find(&L->zip, name, strlen(name));
@@ -199,8 +190,7 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
         L->size = (uint64_t)view->len;
         L->src_writable = !view->readonly;
         if (fmt != FMT_ZIP) return 0;
-        rc = zipread_open(&L->zip, mem_read_at, L, L->size, &L->lim, &err);
-        L->zip.mem = L->src;
+        rc = zipread_open_mem(&L->zip, L->src, L->size, &L->lim, &err);
     }
     if (rc != TF_OK) return tf_raise_err(L, &err);
     /* torch.jit.save archives are told by their constants.pkl record, as torch.load does */
