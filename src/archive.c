@@ -216,7 +216,8 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
  * before the load returns unless the load calls it: a map_location callable, safe_globals,
  * torch mode. loader_drop_start turns dropping off in all those cases, for lazy archives
  * (Archive, whose arrays outlive any one call) and for any buffer the caller did not map for
- * this load alone. */
+ * this load alone; loader_drop_off turns it off for the rest of the load before anything that
+ * may run Python code (our helpers, and so any trace or profile hook) or release the GIL. */
 
 #define DROP_BATCH 256u
 /* Fewer records than this leave few header pages mapped (a few large tensors): not worth a
@@ -288,15 +289,18 @@ static void loader_drop_all(Loader *L) {
  * the cost of unmapping stays off the critical path, and what is resident at once stays small.
  * It is joined before the load returns, so no page is dropped once user code holds the arrays. */
 
-typedef struct {
+struct Prefault {
     const volatile uint8_t *base;
     uint64_t size;
     const ZipEntry *entries;
     size_t n;
     volatile int stop;
-    Loader *drop; /* the loader whose pages are dropped, or NULL */
+    Loader *drop;     /* the loader whose pages are dropped, or NULL */
     uint64_t dropped; /* end of the span dropped so far */
-} Prefault;
+    int dropping;     /* cleared by loader_drop_off (under mu): no madvise after that */
+    pthread_mutex_t mu;
+};
+typedef struct Prefault Prefault;
 
 #define PREFAULT_AHEAD ((uint64_t)2 << 20)
 #define DROP_STEP ((uint64_t)1 << 20)
@@ -308,9 +312,29 @@ static int prefault_drop(Prefault *p, uint64_t seen) {
     uint64_t hi = seen & ~(uint64_t)(page_size() - 1);
     if (hi < p->dropped + DROP_STEP) return 0;
     if (hi > p->dropped + 4 * DROP_STEP) hi = p->dropped + 4 * DROP_STEP;
-    drop_span(p->drop, p->dropped, hi);
-    p->dropped = hi;
-    return 1;
+    int done = 0;
+    pthread_mutex_lock(&p->mu);
+    if (p->dropping) {
+        drop_span(p->drop, p->dropped, hi);
+        p->dropped = hi;
+        done = 1;
+    }
+    pthread_mutex_unlock(&p->mu);
+    return done;
+}
+
+static int prefault_dropping(Prefault *p) { return __atomic_load_n(&p->dropping, __ATOMIC_RELAXED); }
+
+void loader_drop_off(Loader *L) {
+    if (!L->drop_ok) return;
+    L->drop_ok = 0;
+    Prefault *p = L->prefault;
+    if (p != NULL && p->drop != NULL) {
+        /* once the lock is released no madvise is running, and none starts */
+        pthread_mutex_lock(&p->mu);
+        __atomic_store_n(&p->dropping, 0, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&p->mu);
+    }
 }
 
 static void *prefault_run(void *arg) {
@@ -319,6 +343,7 @@ static void *prefault_run(void *arg) {
     for (size_t i = 0; i < p->n && !p->stop; i++) {
         uint64_t off = p->entries[i].header_offset;
         if (off >= p->size || off >> 12 == last_page) continue;
+        if (p->drop != NULL && !prefault_dropping(p)) p->drop = NULL; /* loader_drop_off: plain prefaulting */
         if (p->drop != NULL && __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED) > p->dropped + DROP_BEHIND)
             prefault_drop(p, __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED)); /* too far behind */
         if (p->drop != NULL) {
@@ -327,7 +352,7 @@ static void *prefault_run(void *arg) {
              * at once). Faulting comes first: pages are dropped only while far enough ahead. */
             uint64_t seen;
             while ((seen = __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED)) + PREFAULT_AHEAD < off &&
-                   !p->stop) {
+                   !p->stop && prefault_dropping(p)) {
                 if (!prefault_drop(p, seen)) {
                     struct timespec ts = {0, 20000};
                     nanosleep(&ts, NULL);
@@ -338,7 +363,7 @@ static void *prefault_run(void *arg) {
         last_page = off >> 12;
         (void)p->base[off];
     }
-    while (p->drop != NULL && !p->stop) { /* every header touched: keep dropping until joined */
+    while (p->drop != NULL && !p->stop && prefault_dropping(p)) { /* every header touched: keep dropping until joined */
         if (!prefault_drop(p, __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED))) {
             struct timespec ts = {0, 50000};
             nanosleep(&ts, NULL);
@@ -358,8 +383,14 @@ static int prefault_start(Loader *L, Prefault *p, pthread_t *tid) {
     p->stop = 0;
     p->drop = L->drop_ok ? L : NULL;
     p->dropped = L->drop_end;
-    if (pthread_create(tid, NULL, prefault_run, p) != 0) return 0;
+    p->dropping = p->drop != NULL;
+    if (p->drop != NULL && pthread_mutex_init(&p->mu, NULL) != 0) return 0;
+    if (pthread_create(tid, NULL, prefault_run, p) != 0) {
+        if (p->drop != NULL) pthread_mutex_destroy(&p->mu);
+        return 0;
+    }
     L->drop_async = p->drop != NULL; /* loader_drop_note leaves the dropping to the thread */
+    L->prefault = p;
     return 1;
 }
 
@@ -367,7 +398,9 @@ static void prefault_stop(Loader *L, Prefault *p, pthread_t tid, int started) {
     if (!started) return;
     p->stop = 1;
     pthread_join(tid, NULL);
+    if (L->drop_async) pthread_mutex_destroy(&p->mu);
     L->drop_async = 0;
+    L->prefault = NULL;
 }
 
 /* Run the pickle `record` on the VM, its storages being the records under `dir`

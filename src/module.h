@@ -142,6 +142,7 @@ typedef struct Loader {
     unsigned drop_n;        /* headers read since the last drop */
     uint64_t drop_min, drop_max, drop_end; /* their lowest and highest offsets; end of the dropped span */
     volatile uint64_t drop_seen; /* highest header offset read so far (paces the prefault thread) */
+    struct Prefault *prefault;   /* the prefault thread's state while it runs (archive.c) */
 } Loader;
 
 /* module.c */
@@ -166,6 +167,10 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
 void loader_close(Loader *L);
 /* A local header of the mapping was read (zipread_locate): its page may be dropped soon. */
 void loader_drop_note(Loader *L, const ZipEntry *e);
+/* No page of the mapping is dropped from now on (none is being dropped when it returns): call it
+ * before running Python code or releasing the GIL during a load, as user code could then see an
+ * array over the mapping and write to it. */
+void loader_drop_off(Loader *L);
 /* Torch mode: torch["finish"](obj, number of storages) (bare storages become torch storages).
  * New reference. */
 PyObject *loader_torch_finish(Loader *L, PyObject *obj);

@@ -382,6 +382,7 @@ static int read_record(Loader *L, StorageObject *s) {
     if (L->mode == SRC_PYFILE) {
         rc = zipread_extract(&L->zip, s->rec.entry, (uint8_t *)s->data, &err);
     } else {
+        loader_drop_off(L); /* other threads run meanwhile */
         Py_BEGIN_ALLOW_THREADS
         rc = zipread_extract(&L->zip, s->rec.entry, (uint8_t *)s->data, &err);
         Py_END_ALLOW_THREADS

@@ -422,6 +422,7 @@ static PyObject *make_mapping(Loader *L, GlobalRef *g, PyObject *type, PyObject 
         if (!PyList_CheckExact(a) && !PyTuple_CheckExact(a) && !PyDict_CheckExact(a))
             return tf_raise(L, L->st->UnpicklingError, "%U argument is a %s", g->canon, Py_TYPE(a)->tp_name), NULL;
     }
+    if (type != L->st->OrderedDict) loader_drop_off(L); /* Counter is Python code */
     PyObject *r = PyObject_Call(type, args, NULL);
     if (r == NULL) tf_raise_from(L, L->st->UnpicklingError, "%U(...) failed", g->canon);
     return r;

@@ -157,3 +157,38 @@ def test_drop_pages_only_for_file_mappings(many):
         got = _core.load_zip(data, len(data), mode=0, require_map=False, **kw, **opts)  # mode 0: zero-copy views
         _check(got, obj)
         assert np.shares_memory(got["t0"], np.frombuffer(data, np.uint8))
+
+
+def test_python_code_during_the_load_stops_dropping(tmp_path):
+    """User code that runs while the load calls Python code (here a profile hook, on our helper
+    that makes an Opaque) can see an array over the mapping and write to it: no page is dropped
+    from then on, so the write stays."""
+    import sys
+
+    from test_core import P, archive, glob
+    from test_fused import F32, TorchLike, dict_pickle
+
+    w = TorchLike(1)
+    pairs = [(f"p{i}", lambda i=i: w.tensor(str(i), 64, 0, (64,), (1,))[0]) for i in range(1200)]
+    pairs.insert(600, ("obj", lambda: P(glob("mymod", "Thing"), b"(",
+                                         w.tensor("t", 1024, 0, (1024,), (1,))[0], b"tR")))
+    recs = {str(i): F32[:64].tobytes() for i in range(1200)}
+    recs["t"] = F32[:1024].tobytes()
+    p = tmp_path / "hooked.pt"
+    p.write_bytes(archive(dict_pickle(pairs, w), recs))
+
+    def hook(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "opaque_call":
+            a = frame.f_locals["args"][0]
+            a[:] = -7  # through the mapping (copy-on-write)
+
+    sys.setprofile(hook)
+    try:
+        got = torchfree.load(str(p), mmap=True, weights_only=False)
+    finally:
+        sys.setprofile(None)
+    assert isinstance(got["obj"], torchfree.Opaque)
+    assert (got["obj"].args[0] == -7).all()
+    for i in (0, 599, 600, 1199):
+        np.testing.assert_array_equal(got[f"p{i}"], F32[:64])
+    np.testing.assert_array_equal(torchfree.load(str(p), weights_only=False)["obj"].args[0], F32[:1024])
