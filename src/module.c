@@ -24,6 +24,7 @@ PyObject *tf_helper(ModuleState *st, const char *name) {
 }
 
 PyObject *tf_call_helper(Loader *L, const char *name, PyObject *args) {
+    loader_drop_off(L); /* Python code runs: no page of the mapping is dropped from now on */
     PyObject *f = L->torch != NULL ? PyDict_GetItemString(L->torch, name) : NULL; /* torch mode overrides */
     if (f == NULL) f = tf_helper(L->st, name);
     PyObject *r = f && args ? PyObject_CallObject(f, args) : NULL;

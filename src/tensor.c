@@ -304,6 +304,9 @@ PyObject *tensor_materialize(Loader *L, PyObject *ref) {
                      t->neg);
 }
 
+static PyObject *rebuild_dims(Loader *L, StorageObject *s, int dt, int64_t offset, int nd, const int64_t *size,
+                              const int64_t *stride, PyObject *metadata, int quantized);
+
 /* The heart of every dense rebuild: torch's (offset, size, stride) in
  * elements of dtype dt, checked to lie inside `storage`, then a numpy view
  * (or, in a lazy archive, a TensorRef to make one later). */
@@ -326,6 +329,15 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
         return NULL;
     if (nd != nds)
         return tf_raise(L, st->FormatError, "tensor has %d sizes but %d strides", nd, nds), NULL;
+    return rebuild_dims(L, s, dt, offset, nd, size, stride, metadata, quantized);
+}
+
+/* rebuild_strided after its arguments became C integers (offset, sizes and strides >= 0,
+ * nd <= the ndim limit and NPY_MAXDIMS). */
+static PyObject *rebuild_dims(Loader *L, StorageObject *s, int dt, int64_t offset, int nd, const int64_t *size,
+                              const int64_t *stride, PyObject *metadata, int quantized) {
+    ModuleState *st = L->st;
+    const DtypeInfo *info = &dtypes_table[dt];
     /* extent in elements: offset + sum((size-1)*stride) + 1, unless empty */
     uint64_t itemsize = info->itemsize, last = (uint64_t)offset, numel = 1;
     int empty = 0;
@@ -371,7 +383,7 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
     if (L->lazy && !quantized) {
         TensorRef *t = PyObject_New(TensorRef, st->TensorRefType);
         if (t == NULL) return NULL;
-        t->storage = Py_NewRef(storage);
+        t->storage = Py_NewRef((PyObject *)s);
         t->dtype = dt;
         t->nd = nd;
         t->conj = conj;
@@ -388,6 +400,19 @@ PyObject *tensor_strided(Loader *L, PyObject *storage, PyObject *offset, PyObjec
     return rebuild_strided(L, storage, offset, size, stride, dt, NULL, 0);
 }
 
+PyObject *tensor_strided_dims(Loader *L, PyObject *storage, int64_t offset, int nd, const int64_t *size,
+                              const int64_t *stride) {
+    if (!is_storage(L, storage))
+        return tf_raise(L, L->st->UnpicklingError, "tensor rebuilt over a %s, not a storage",
+                        Py_TYPE(storage)->tp_name), NULL;
+    StorageObject *s = (StorageObject *)storage;
+    int dt = s->dtype;
+    if ((dtypes_table[dt].flags & (DTF_QUANTIZED | DTF_NO_TENSOR)) != 0)
+        return tf_raise(L, L->st->UnpicklingError, "dtype %s cannot be rebuilt as a %s tensor", dtypes_table[dt].name,
+                        "plain"), NULL;
+    return rebuild_dims(L, s, dt, offset, nd, size, stride, NULL, 0);
+}
+
 /* OrderedDict(), OrderedDict([(k, v), ...]), Counter(...) */
 static PyObject *make_mapping(Loader *L, GlobalRef *g, PyObject *type, PyObject *args) {
     Py_ssize_t n = PyTuple_GET_SIZE(args);
@@ -397,6 +422,7 @@ static PyObject *make_mapping(Loader *L, GlobalRef *g, PyObject *type, PyObject 
         if (!PyList_CheckExact(a) && !PyTuple_CheckExact(a) && !PyDict_CheckExact(a))
             return tf_raise(L, L->st->UnpicklingError, "%U argument is a %s", g->canon, Py_TYPE(a)->tp_name), NULL;
     }
+    if (type != L->st->OrderedDict) loader_drop_off(L); /* Counter is Python code */
     PyObject *r = PyObject_Call(type, args, NULL);
     if (r == NULL) tf_raise_from(L, L->st->UnpicklingError, "%U(...) failed", g->canon);
     return r;

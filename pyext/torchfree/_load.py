@@ -138,6 +138,7 @@ class Source:
     def __init__(self, f, mmap=None, *, lazy=False):
         self._file = None
         self._mapping = None
+        self.drop_pages = False  # the buffer is a private mapping of a path, made for this call alone
         self.format = "zip"
         if isinstance(f, (str, os.PathLike)):
             self.path = os.fspath(f)
@@ -207,6 +208,7 @@ class Source:
             else:
                 self._mapping = _mmap.mmap(fd, 0, access=_mmap.ACCESS_COPY)
                 self.src, self.mode = self._mapping, _SRC_MAP
+                self.drop_pages = True
         finally:
             if fh is not None:
                 fh.close()
@@ -215,7 +217,9 @@ class Source:
         return (self.src, self.size)
 
     def kwargs(self):
-        return {"mode": self.mode, "require_map": self.require_map}
+        """The core's source options. drop_pages lets a one-shot zip load drop the pages of the
+        mapping it has read (the core decides when that is safe; Archive never does)."""
+        return {"mode": self.mode, "require_map": self.require_map, "drop_pages": self.drop_pages}
 
     def close(self):
         """Close the file; the mapping stays alive as long as arrays view it."""
