@@ -712,11 +712,9 @@ def scenario_open(fx, rows_out):
         rows.append(r)
 
     def tf_open(mm):
-        # mmap=False: ck[name] is already an array in fresh memory, read from the file (as
-        # safetensors' get_tensor returns one); no second copy
         def f():
             with torchfree.open(p, mmap=mm) as ck:
-                return ck[name]
+                return ck[name]  # mmap=False: its own storage read from the file; else a view of the map
         return f
 
     add("torchfree.open(mmap=False)[name]", tf_open(False), kind="torchfree")

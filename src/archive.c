@@ -8,16 +8,8 @@
 #include "module.h"
 
 #include <pthread.h>
+#include <sys/mman.h>
 #include <unistd.h>
-
-/* read_at over the source buffer (ctx: the Loader). */
-static TfStatus mem_read_at(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err) {
-    Loader *L = ctx;
-    if (off > L->size || n > L->size - off)
-        return tf_fail(err, TF_ERR_FORMAT, off, "read of %zu bytes past the end of the input", n);
-    memcpy(buf, L->src + off, n);
-    return TF_OK;
-}
 
 /* Read a small record (version, byteorder) into buf (NUL-terminated). */
 static int small_record(Loader *L, const char *name, char *buf, size_t cap, int *found) {
@@ -107,16 +99,28 @@ static char *open_kwlist[] = {"src", "size", "mode", "require_map", "map_kind", 
 int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname, int fmt) {
     PyObject *src, *map_location, *safe_globals, *encoding, *limits, *torch = Py_None;
     unsigned long long size;
-    int mode, require_map, map_kind, weights_only;
+    int mode, require_map, map_kind, weights_only, drop_pages = 0;
     char format[64];
     snprintf(format, sizeof format, "%s:%s", OPEN_FORMAT, fname);
     memset(L, 0, sizeof *L); /* loader_close() is safe on it whatever happens below */
     L->fd = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, open_kwlist, &src, &size, &mode, &require_map,
-                                     &map_kind, &map_location, &weights_only, &safe_globals, &encoding, &limits, &torch))
-        return -1;
+    /* drop_pages=bool, optional (the others are required): taken out before parsing */
+    PyObject *dp = kwargs != NULL ? PyDict_GetItemString(kwargs, "drop_pages") : NULL;
+    if (dp != NULL) {
+        if ((drop_pages = PyObject_IsTrue(dp)) < 0 || (kwargs = PyDict_Copy(kwargs)) == NULL) return -1;
+        if (PyDict_DelItemString(kwargs, "drop_pages") < 0) {
+            Py_DECREF(kwargs);
+            return -1;
+        }
+    }
+    int parsed = PyArg_ParseTupleAndKeywords(args, kwargs, format, open_kwlist, &src, &size, &mode, &require_map,
+                                             &map_kind, &map_location, &weights_only, &safe_globals, &encoding,
+                                             &limits, &torch);
+    if (dp != NULL) Py_DECREF(kwargs);
+    if (!parsed) return -1;
     memset(L, 0, sizeof *L);
     L->st = st;
+    L->drop_ok = drop_pages && fmt == FMT_ZIP; /* a request: loader_drop_start decides */
     L->mode = mode;
     L->require_map = require_map;
     L->ml_kind = map_kind;
@@ -178,17 +182,97 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
     } else {
         L->src_owner = PyMemoryView_FromObject(src);
         if (L->src_owner == NULL) return -1;
+        /* pages are only ever dropped from a file mapping (Source's own): never from memory
+         * that holds the only copy of its bytes */
+        if (strcmp(Py_TYPE(src)->tp_name, "mmap.mmap") != 0) L->drop_ok = 0;
         Py_buffer *view = PyMemoryView_GET_BUFFER(L->src_owner);
         L->src = view->buf;
         L->size = (uint64_t)view->len;
         L->src_writable = !view->readonly;
         if (fmt != FMT_ZIP) return 0;
-        rc = zipread_open(&L->zip, mem_read_at, L, L->size, &L->lim, &err);
+        rc = zipread_open_mem(&L->zip, L->src, L->size, &L->lim, &err);
     }
     if (rc != TF_OK) return tf_raise_err(L, &err);
     /* torch.jit.save archives are told by their constants.pkl record, as torch.load does */
     L->torchscript = zipread_find(&L->zip, "constants.pkl", 13) != NULL;
     return read_version_and_byteorder(L);
+}
+
+/* ---- dropping the pages of local headers already read -----------------------------------
+ *
+ * Reading each storage's local header through the mapping maps its page into this process,
+ * with the pages around it (the kernel's fault-around): on a file of many small tensors that
+ * is every page of the file, so an mmap load that should add only metadata to the RSS adds the
+ * file's size (page-cache pages, not private memory, but counted all the same). Source() maps
+ * the file privately for one load and says so (drop_pages); then, in an archive of
+ * DROP_MIN_RECORDS records or more, the pages behind the last header read are dropped
+ * (MADV_DONTNEED) as the load goes, by the prefault thread below or, without one, by the
+ * loading thread every DROP_BATCH headers, and the whole mapping when the load ends: arrays
+ * over those pages fault them back in from the page cache when used.
+ *
+ * Dropping a page of a private mapping is only harmless when the page is clean: a page that
+ * was written to (copy-on-write) would lose the writes. Nothing of ours writes to the mapping
+ * except the byte swap of a big-endian file, and no user code can see an array or storage
+ * before the load returns unless the load calls it: a map_location callable, safe_globals,
+ * torch mode. loader_drop_start turns dropping off in all those cases, for lazy archives
+ * (Archive, whose arrays outlive any one call) and for any buffer the caller did not map for
+ * this load alone; loader_drop_off turns it off for the rest of the load before anything that
+ * may run Python code (our helpers, and so any trace or profile hook) or release the GIL. */
+
+#define DROP_BATCH 256u
+/* Fewer records than this leave few header pages mapped (a few large tensors): not worth a
+ * madvise over the whole file */
+#define DROP_MIN_RECORDS 512u
+
+static uintptr_t page_size(void) {
+    static uintptr_t ps;
+    if (ps == 0) {
+        long v = sysconf(_SC_PAGESIZE);
+        ps = v > 0 ? (uintptr_t)v : 4096;
+    }
+    return ps;
+}
+
+/* Drop the whole pages of the mapping within file offsets [lo, hi). */
+static void drop_span(Loader *L, uint64_t lo, uint64_t hi) {
+    uintptr_t ps = page_size();
+    if (hi > L->size) hi = L->size;
+    if (lo >= hi) return;
+    uintptr_t a = ((uintptr_t)(L->src + lo) + ps - 1) & ~(ps - 1);
+    uintptr_t b = ((uintptr_t)(L->src + hi)) & ~(ps - 1);
+    if (b > a) (void)madvise((void *)a, b - a, MADV_DONTNEED);
+}
+
+static void loader_drop_start(Loader *L) {
+    L->drop_ok = L->drop_ok && L->format == FMT_ZIP && L->mode == SRC_MAP && L->src != NULL &&
+                 !L->big_endian && L->ml_kind != ML_CALL && L->safe_globals == NULL && L->torch == NULL &&
+                 !L->lazy && L->zip.n_entries >= DROP_MIN_RECORDS;
+    L->drop_n = 0;
+    L->drop_end = 0;
+    L->drop_seen = 0;
+    L->drop_async = 0;
+    (void)page_size(); /* set before the prefault thread may read it */
+}
+
+void loader_drop_note(Loader *L, const ZipEntry *e) {
+    uint64_t off = e->header_offset;
+    if (L->drop_n == 0 || off < L->drop_min) L->drop_min = off;
+    if (L->drop_n == 0 || off > L->drop_max) L->drop_max = off;
+    if (off > L->drop_seen) __atomic_store_n(&L->drop_seen, off, __ATOMIC_RELAXED);
+    if (L->drop_async || ++L->drop_n < DROP_BATCH) return;
+    /* from the end of the last span (or the lowest header, if below it) to the page of the highest
+     * header, which the next header may share */
+    uint64_t lo = L->drop_min < L->drop_end ? L->drop_min : L->drop_end;
+    uint64_t hi = L->drop_max & ~(uint64_t)(page_size() - 1);
+    drop_span(L, lo, hi);
+    if (hi > L->drop_end) L->drop_end = hi;
+    L->drop_n = 0;
+}
+
+/* The load is over: every page of the mapping goes. */
+static void loader_drop_all(Loader *L) {
+    if (L->drop_ok) drop_span(L, 0, L->size);
+    L->drop_ok = 0;
 }
 
 /* ---- prefaulting the local headers of a mapped archive ------------------------------
@@ -198,15 +282,60 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
  * optimizer checkpoint, a fifth of the load. While the VM builds objects on this thread, a
  * second thread touches those pages in directory order, so the faults are taken off the
  * critical path. It only reads the mapping, which stays alive (the Loader holds it) until
- * the thread is joined. */
+ * the thread is joined.
+ *
+ * When pages are dropped (drop_ok) the same thread drops them too, behind the highest header
+ * the loader has read (drop_seen), and touches pages at most PREFAULT_AHEAD bytes ahead of it:
+ * the cost of unmapping stays off the critical path, and what is resident at once stays small.
+ * It is joined before the load returns, so no page is dropped once user code holds the arrays. */
 
-typedef struct {
+struct Prefault {
     const volatile uint8_t *base;
     uint64_t size;
     const ZipEntry *entries;
     size_t n;
     volatile int stop;
-} Prefault;
+    Loader *drop;     /* the loader whose pages are dropped, or NULL */
+    uint64_t dropped; /* end of the span dropped so far */
+    int dropping;     /* cleared by loader_drop_off (under mu): no madvise after that */
+    pthread_mutex_t mu;
+};
+typedef struct Prefault Prefault;
+
+#define PREFAULT_AHEAD ((uint64_t)2 << 20)
+#define DROP_STEP ((uint64_t)1 << 20)
+#define DROP_BEHIND ((uint64_t)8 << 20) /* dropped even when not ahead, past this far behind */
+
+/* Drop up to DROP_STEP * 4 bytes behind the loader (the page of the last header it read stays).
+ * Returns 1 when it dropped something. */
+static int prefault_drop(Prefault *p, uint64_t seen) {
+    uint64_t hi = seen & ~(uint64_t)(page_size() - 1);
+    if (hi < p->dropped + DROP_STEP) return 0;
+    if (hi > p->dropped + 4 * DROP_STEP) hi = p->dropped + 4 * DROP_STEP;
+    int done = 0;
+    pthread_mutex_lock(&p->mu);
+    if (p->dropping) {
+        drop_span(p->drop, p->dropped, hi);
+        p->dropped = hi;
+        done = 1;
+    }
+    pthread_mutex_unlock(&p->mu);
+    return done;
+}
+
+static int prefault_dropping(Prefault *p) { return __atomic_load_n(&p->dropping, __ATOMIC_RELAXED); }
+
+void loader_drop_off(Loader *L) {
+    if (!L->drop_ok) return;
+    L->drop_ok = 0;
+    Prefault *p = L->prefault;
+    if (p != NULL && p->drop != NULL) {
+        /* once the lock is released no madvise is running, and none starts */
+        pthread_mutex_lock(&p->mu);
+        __atomic_store_n(&p->dropping, 0, __ATOMIC_RELAXED);
+        pthread_mutex_unlock(&p->mu);
+    }
+}
 
 static void *prefault_run(void *arg) {
     Prefault *p = arg;
@@ -214,8 +343,31 @@ static void *prefault_run(void *arg) {
     for (size_t i = 0; i < p->n && !p->stop; i++) {
         uint64_t off = p->entries[i].header_offset;
         if (off >= p->size || off >> 12 == last_page) continue;
+        if (p->drop != NULL && !prefault_dropping(p)) p->drop = NULL; /* loader_drop_off: plain prefaulting */
+        if (p->drop != NULL && __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED) > p->dropped + DROP_BEHIND)
+            prefault_drop(p, __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED)); /* too far behind */
+        if (p->drop != NULL) {
+            /* Touch only pages ahead of the loader (a page it has read may be gone already),
+             * at most PREFAULT_AHEAD bytes ahead (pages faulted too early would all be resident
+             * at once). Faulting comes first: pages are dropped only while far enough ahead. */
+            uint64_t seen;
+            while ((seen = __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED)) + PREFAULT_AHEAD < off &&
+                   !p->stop && prefault_dropping(p)) {
+                if (!prefault_drop(p, seen)) {
+                    struct timespec ts = {0, 20000};
+                    nanosleep(&ts, NULL);
+                }
+            }
+            if (off <= seen) continue;
+        }
         last_page = off >> 12;
         (void)p->base[off];
+    }
+    while (p->drop != NULL && !p->stop && prefault_dropping(p)) { /* every header touched: keep dropping until joined */
+        if (!prefault_drop(p, __atomic_load_n(&p->drop->drop_seen, __ATOMIC_RELAXED))) {
+            struct timespec ts = {0, 50000};
+            nanosleep(&ts, NULL);
+        }
     }
     return NULL;
 }
@@ -229,13 +381,26 @@ static int prefault_start(Loader *L, Prefault *p, pthread_t *tid) {
     p->entries = L->zip.entries;
     p->n = L->zip.n_entries;
     p->stop = 0;
-    return pthread_create(tid, NULL, prefault_run, p) == 0;
+    p->drop = L->drop_ok ? L : NULL;
+    p->dropped = L->drop_end;
+    p->dropping = p->drop != NULL;
+    if (p->drop != NULL && pthread_mutex_init(&p->mu, NULL) != 0) return 0;
+    if (pthread_create(tid, NULL, prefault_run, p) != 0) {
+        if (p->drop != NULL) pthread_mutex_destroy(&p->mu);
+        return 0;
+    }
+    L->drop_async = p->drop != NULL; /* loader_drop_note leaves the dropping to the thread */
+    L->prefault = p;
+    return 1;
 }
 
-static void prefault_stop(Prefault *p, pthread_t tid, int started) {
+static void prefault_stop(Loader *L, Prefault *p, pthread_t tid, int started) {
     if (!started) return;
     p->stop = 1;
     pthread_join(tid, NULL);
+    if (L->drop_async) pthread_mutex_destroy(&p->mu);
+    L->drop_async = 0;
+    L->prefault = NULL;
 }
 
 /* Run the pickle `record` on the VM, its storages being the records under `dir`
@@ -277,11 +442,13 @@ static PyObject *loader_unpickle_record(Loader *L, const char *record, const cha
     /* the VM makes many containers and no cycles: a collection pass per few
      * hundred of them would cost more than the whole load */
     int gc_was_enabled = PyGC_Disable();
+    /* the pickle is read all along: pages are dropped from its end on (torch writes it first) */
+    if (L->drop_ok && pe->data_offset + pe->csize > L->drop_end) L->drop_end = pe->data_offset + pe->csize;
     Prefault pf;
     pthread_t pf_tid;
     int pf_started = L->lazy ? 0 : prefault_start(L, &pf, &pf_tid);
     PyObject *obj = vm_run(L, pk, (size_t)pe->usize);
-    prefault_stop(&pf, pf_tid, pf_started);
+    prefault_stop(L, &pf, pf_tid, pf_started);
     if (gc_was_enabled) PyGC_Enable();
     L->pk_start = NULL; /* later errors are not at a pickle offset */
     vm_free(L);
@@ -313,6 +480,7 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
     Loader L;
     PyObject *obj = NULL;
     if (loader_open(&L, PyModule_GetState(module), args, kwargs, "load_zip", FMT_ZIP) == 0) {
+        loader_drop_start(&L);
         PyObject *ts = L.torch && L.torchscript ? PyDict_GetItemString(L.torch, "torchscript") : NULL;
         if (ts != NULL) /* torch mode: torch.load's own answer to a TorchScript archive */
             obj = PyObject_CallNoArgs(ts);
@@ -320,6 +488,7 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
             obj = loader_unpickle(&L);
         if (obj != NULL && (loader_constants(&L, obj) < 0 || storage_finish(&L) < 0)) Py_CLEAR(obj);
         if (obj != NULL) Py_SETREF(obj, loader_torch_finish(&L, obj));
+        loader_drop_all(&L);
     }
     loader_close(&L);
     return obj;
@@ -361,6 +530,7 @@ static PyObject *Archive_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
         Py_DECREF(a);
         return NULL;
     }
+    a->L.drop_ok = 0; /* its arrays outlive any one call */
     a->open = 1;
     return (PyObject *)a;
 }

@@ -4,6 +4,7 @@
  * and the entry point the Python layer calls once it has opened the file. */
 #define TORCHFREE_MODULE_C
 #include "module.h"
+#include "crc32.h"
 #include "pickscan.h"
 #include "save.h"
 
@@ -23,6 +24,7 @@ PyObject *tf_helper(ModuleState *st, const char *name) {
 }
 
 PyObject *tf_call_helper(Loader *L, const char *name, PyObject *args) {
+    loader_drop_off(L); /* Python code runs: no page of the mapping is dropped from now on */
     PyObject *f = L->torch != NULL ? PyDict_GetItemString(L->torch, name) : NULL; /* torch mode overrides */
     if (f == NULL) f = tf_helper(L->st, name);
     PyObject *r = f && args ? PyObject_CallObject(f, args) : NULL;
@@ -153,7 +155,33 @@ static PyObject *mod_set_helpers(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(crc32_doc,
+             "crc32($module, data, value=0, /, *, fold=2)\n--\n\n"
+             "zlib.crc32(data, value), computed as save computes it: folded with (V)PCLMULQDQ where the\n"
+             "CPU has it, at most as wide as fold (0: zlib's own loop, 1: 128-bit, 2: 512-bit). For tests;\n"
+             "crc32_folds() says what this CPU does.");
+
+static PyObject *mod_crc32_folds(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(tf_crc32_folds());
+}
+
+static PyObject *mod_crc32(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"", "", "fold", NULL};
+    Py_buffer b;
+    unsigned int value = 0;
+    int fold = 2;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|I$i:crc32", kwlist, &b, &value, &fold)) return NULL;
+    uint32_t crc;
+    Py_BEGIN_ALLOW_THREADS
+    crc = tf_crc32_using(fold, value, b.buf, (size_t)b.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLong(crc);
+}
+
 static PyMethodDef core_methods[] = {
+    {"crc32", (PyCFunction)(void (*)(void))mod_crc32, METH_VARARGS | METH_KEYWORDS, crc32_doc},
+    {"crc32_folds", mod_crc32_folds, METH_NOARGS, "crc32_folds($module, /)\n--\n\n0, 1 or 2: how crc32 folds on this CPU."},
     {"load_zip", (PyCFunction)(void (*)(void))mod_load_zip, METH_VARARGS | METH_KEYWORDS,
      "load_zip($module, /, src, size, *, mode, require_map, map_kind, map_location, weights_only,"
      " safe_globals, encoding, limits)\n--\n\nLoad a zip checkpoint (internal: use torchfree.load)."},

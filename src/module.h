@@ -150,6 +150,14 @@ typedef struct Loader {
     int hooks_fast;         /* torch's tensor pattern may run fused (unpickler.c, rebuild_v2_fused) */
     int hooks_fused;        /* it did: some memo slots were left empty */
     int hooks_escaped;      /* a memo GET met an empty slot: vm_run runs the pickle again unfused */
+    /* one-shot mmap loads: the pages of local headers already read are dropped from this process
+     * as the load goes (archive.c, loader_drop_note), so that it adds only metadata to its RSS */
+    int drop_ok;            /* the mapping is ours and no page of it can be dirty (see loader_drop_start) */
+    int drop_async;         /* the prefault thread drops them (archive.c) */
+    unsigned drop_n;        /* headers read since the last drop */
+    uint64_t drop_min, drop_max, drop_end; /* their lowest and highest offsets; end of the dropped span */
+    volatile uint64_t drop_seen; /* highest header offset read so far (paces the prefault thread) */
+    struct Prefault *prefault;   /* the prefault thread's state while it runs (archive.c) */
 } Loader;
 
 /* module.c */
@@ -172,6 +180,12 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs);
  * (the other formats need a buffer source). */
 int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname, int fmt);
 void loader_close(Loader *L);
+/* A local header of the mapping was read (zipread_locate): its page may be dropped soon. */
+void loader_drop_note(Loader *L, const ZipEntry *e);
+/* No page of the mapping is dropped from now on (none is being dropped when it returns): call it
+ * before running Python code or releasing the GIL during a load, as user code could then see an
+ * array over the mapping and write to it. */
+void loader_drop_off(Loader *L);
 /* Torch mode: torch["finish"](obj, number of storages) (bare storages become torch storages).
  * New reference. */
 PyObject *loader_torch_finish(Loader *L, PyObject *obj);
@@ -198,6 +212,9 @@ extern PyType_Spec GlobalRefSpec;
 PyObject *storage_persistent_load(Loader *L, PyObject *pid);
 /* The same for a zip checkpoint's id given as its n items (pid[0..n), n >= 1). New reference. */
 PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n);
+/* The same from its parts: dtype (a DtypeId), key and saved location (str, borrowed), numel
+ * (-1: out of range). New reference. */
+PyObject *storage_get(Loader *L, int dtype, PyObject *key, PyObject *saved, long long numel);
 /* A fresh Storage made by L (no data yet). New reference. */
 StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype);
 /* The location tag map_location gives a storage saved at `saved` (new reference). */
@@ -234,6 +251,9 @@ PyObject *tensor_global_value(Loader *L, const GlobalHit *hit, const char *canon
 /* A dense tensor over storage: torch's (offset, size, stride) in elements of dt (-1: the
  * storage's dtype), checked against the storage. New reference. */
 PyObject *tensor_strided(Loader *L, PyObject *storage, PyObject *offset, PyObject *size, PyObject *stride, int dt);
+/* The same with the storage's dtype and C integers (>= 0; nd <= the ndim limit and NPY_MAXDIMS). */
+PyObject *tensor_strided_dims(Loader *L, PyObject *storage, int64_t offset, int nd, const int64_t *size,
+                              const int64_t *stride);
 
 /* scaninfo.c */
 extern PyType_Spec TensorInfoSpec;

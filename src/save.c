@@ -32,8 +32,8 @@
 #include <sched.h>
 #include <stdlib.h>
 #include <unistd.h>
-#include <zlib.h>
 
+#include "crc32.h"
 #include "opcodes.h"
 #include "pickler.h"
 #include "save.h"
@@ -46,6 +46,11 @@ static const char K_REBUILD_V2, K_REBUILD_V3, K_REBUILD_META, K_REBUILD_QTENSOR,
     K_COMPLEX, K_CODECS_ENCODE, K_BYTEARRAY;
 
 #define SAVE_CHUNK ((size_t)8 << 20)             /* bytes per write/CRC step */
+/* without the CRC thread: CRC a piece then write it while it is still in the
+ * core's cache, so the CRC costs no second trip to memory */
+#ifndef SAVE_INLINE_CHUNK
+#define SAVE_INLINE_CHUNK ((size_t)512 << 10)
+#endif
 #define SAVE_CRC_THREAD_MIN ((uint64_t)16 << 20) /* below this, CRC inline */
 #define SAVE_KICK ((int64_t)32 << 20)            /* start writeback every this many bytes */
 #define SAVE_BATCH 1000                          /* _pickle.c BATCHSIZE */
@@ -1516,13 +1521,13 @@ static void *crc_worker(void *arg) {
     CrcJob *j = arg;
     for (size_t i = 0; i < j->n; i++) {
         SaveRecord *r = j->recs[i];
-        uLong crc = crc32_z(0, Z_NULL, 0);
+        uint32_t crc = 0;
         for (uint64_t off = 0; off < r->nbytes; off += SAVE_CHUNK) {
             if (__atomic_load_n(&j->stop, __ATOMIC_RELAXED)) return NULL;
             size_t n = r->nbytes - off < SAVE_CHUNK ? (size_t)(r->nbytes - off) : SAVE_CHUNK;
-            crc = crc32_z(crc, (const Bytef *)r->start + off, n);
+            crc = tf_crc32(crc, (const char *)r->start + off, n);
         }
-        r->crc = (uint32_t)crc;
+        r->crc = crc;
         pthread_mutex_lock(&j->lock);
         j->done = i + 1;
         pthread_cond_signal(&j->cond);
@@ -1543,6 +1548,10 @@ static void crc_wait(CrcJob *j, size_t i) {
  * writer and the kernel's writeback, and computing each chunk's CRC just
  * before writing it is as fast). */
 static int crc_thread_pays(void) {
+    /* folded with (V)PCLMULQDQ, the CRC of a piece still in cache costs a few
+     * percent of writing it: a thread reading every byte from memory a second
+     * time only competes with the write for memory bandwidth */
+    if (tf_crc32_folds() > 0) return 0;
     cpu_set_t set;
     long ncpu = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : sysconf(_SC_NPROCESSORS_ONLN);
     if (ncpu < 2) return 0;
@@ -1613,8 +1622,9 @@ static TfStatus write_zip(WriteJob *w) {
         snprintf(name, sizeof name, "data/%zu", i);
         if ((rc = zipwrite_begin(&z, name, r->nbytes, !started, err)) != TF_OK) goto done;
         set_span(w->sink, r);
-        for (uint64_t off = 0; off < r->nbytes; off += SAVE_CHUNK) {
-            size_t n = r->nbytes - off < SAVE_CHUNK ? (size_t)(r->nbytes - off) : SAVE_CHUNK;
+        const size_t step = started ? SAVE_CHUNK : SAVE_INLINE_CHUNK;
+        for (uint64_t off = 0; off < r->nbytes; off += step) {
+            size_t n = r->nbytes - off < step ? (size_t)(r->nbytes - off) : step;
             if ((rc = zipwrite_data(&z, r->start + off, n, err)) != TF_OK) {
                 set_span(w->sink, NULL);
                 goto done;

@@ -349,6 +349,15 @@ static ZipEntry *find_record(Loader *L, PyObject *key, char *name, size_t cap) {
     return zipread_find(&L->zip, name, nlen);
 }
 
+/* zipread_locate, raising on failure (cheap once located: the hot path skips the TfErr). */
+static inline int locate(Loader *L, ZipEntry *e) {
+    if (TF_LIKELY(e->data_offset != UINT64_MAX)) return 0;
+    TfErr err;
+    if (zipread_locate(&L->zip, e, &err) != TF_OK) return tf_raise_err(L, &err);
+    if (L->drop_ok) loader_drop_note(L, e);
+    return 0;
+}
+
 /* Check s's record e (may be NULL: missing) against the persistent id. */
 static int storage_locate(Loader *L, StorageObject *s, ZipEntry *e, const char *name) {
     if (e == NULL) return tf_raise(L, L->st->FormatError, "record %s is missing from the archive", name);
@@ -356,10 +365,7 @@ static int storage_locate(Loader *L, StorageObject *s, ZipEntry *e, const char *
         return tf_raise(L, L->st->FormatError,
                         "record %s has %llu bytes but its persistent id needs %zd (numel x element size)",
                         name, (unsigned long long)e->usize, s->nbytes);
-    if (!L->lazy) {
-        TfErr err = {0};
-        if (zipread_locate(&L->zip, e, &err) != TF_OK) return tf_raise_err(L, &err);
-    }
+    if (!L->lazy && locate(L, e) < 0) return -1;
     if (L->require_map && !(L->mode == SRC_MAP && e->method == 0))
         return tf_raise(L, L->st->FormatError,
                         "record %s is compressed (method %d) and cannot be memory-mapped; "
@@ -376,6 +382,7 @@ static int read_record(Loader *L, StorageObject *s) {
     if (L->mode == SRC_PYFILE) {
         rc = zipread_extract(&L->zip, s->rec.entry, (uint8_t *)s->data, &err);
     } else {
+        loader_drop_off(L); /* other threads run meanwhile */
         Py_BEGIN_ALLOW_THREADS
         rc = zipread_extract(&L->zip, s->rec.entry, (uint8_t *)s->data, &err);
         Py_END_ALLOW_THREADS
@@ -389,8 +396,7 @@ static int read_record(Loader *L, StorageObject *s) {
  * (inflated, copied) or, when `defer`, by pread in storage_finish. */
 static int storage_fill(Loader *L, StorageObject *s, int defer) {
     ZipEntry *e = s->rec.entry;
-    TfErr err = {0};
-    if (zipread_locate(&L->zip, e, &err) != TF_OK) return tf_raise_err(L, &err);
+    if (locate(L, e) < 0) return -1;
     s->unread = 0;
     if (L->mode == SRC_MAP && e->method == 0) {
         s->data = (char *)L->src + e->data_offset;
@@ -485,17 +491,26 @@ PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n
     PyObject *key = storage_key_str(pid[2]);
     PyObject *saved = as_str(pid[3]);
     PyObject *numel_o = pid[4];
-    PyObject *result = NULL, *target = NULL;
-    StorageObject *s = NULL;
+    PyObject *result = NULL;
     if (key == NULL || saved == NULL || !PyLong_Check(numel_o)) {
         PyErr_Clear();
         tf_raise(L, st->UnpicklingError, "malformed persistent id (key, location or numel of the wrong type)");
-        goto done;
+    } else {
+        int overflow = 0;
+        long long numel = PyLong_AsLongLongAndOverflow(numel_o, &overflow);
+        result = storage_get(L, dtype, key, saved, overflow ? -1 : numel);
     }
-    int overflow = 0;
-    long long numel = PyLong_AsLongLongAndOverflow(numel_o, &overflow);
+    Py_XDECREF(key);
+    Py_XDECREF(saved);
+    return result;
+}
+
+PyObject *storage_get(Loader *L, int dtype, PyObject *key, PyObject *saved, long long numel) {
+    ModuleState *st = L->st;
+    PyObject *result = NULL, *target = NULL;
+    StorageObject *s = NULL;
     uint64_t nbytes;
-    if (overflow || numel < 0 || tf_mul_u64((uint64_t)numel, dtypes_table[dtype].itemsize, &nbytes) ||
+    if (numel < 0 || tf_mul_u64((uint64_t)numel, dtypes_table[dtype].itemsize, &nbytes) ||
         nbytes > (uint64_t)PY_SSIZE_T_MAX) {
         tf_raise(L, st->FormatError, "persistent id of record %s%U claims an impossible numel",
                  L->storage_dir ? L->storage_dir : "data/", key);
@@ -540,8 +555,6 @@ PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n
     s = NULL;
 done:
     Py_XDECREF(s);
-    Py_XDECREF(key);
-    Py_XDECREF(saved);
     Py_XDECREF(target);
     return result;
 }

@@ -296,6 +296,9 @@ PyObject *tensor_materialize(Loader *L, PyObject *ref) {
                      t->neg);
 }
 
+static PyObject *rebuild_dims(Loader *L, StorageObject *s, int dt, int64_t offset, int nd, const int64_t *size,
+                              const int64_t *stride, PyObject *metadata, int quantized);
+
 /* The heart of every dense rebuild: torch's (offset, size, stride) in
  * elements of dtype dt, checked to lie inside `storage`, then a numpy view
  * (or, in a lazy archive, a TensorRef to make one later). */
@@ -318,6 +321,15 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
         return NULL;
     if (nd != nds)
         return tf_raise(L, st->FormatError, "tensor has %d sizes but %d strides", nd, nds), NULL;
+    return rebuild_dims(L, s, dt, offset, nd, size, stride, metadata, quantized);
+}
+
+/* rebuild_strided after its arguments became C integers (offset, sizes and strides >= 0,
+ * nd <= the ndim limit and NPY_MAXDIMS). */
+static PyObject *rebuild_dims(Loader *L, StorageObject *s, int dt, int64_t offset, int nd, const int64_t *size,
+                              const int64_t *stride, PyObject *metadata, int quantized) {
+    ModuleState *st = L->st;
+    const DtypeInfo *info = &dtypes_table[dt];
     /* extent in elements: offset + sum((size-1)*stride) + 1, unless empty */
     uint64_t itemsize = info->itemsize, last = (uint64_t)offset, numel = 1;
     int empty = 0;
@@ -365,7 +377,7 @@ static PyObject *rebuild_strided(Loader *L, PyObject *storage, PyObject *offset_
         if (t == NULL) return NULL;
         t->size = t->dims;
         t->stride = t->dims + nd;
-        t->storage = Py_NewRef(storage);
+        t->storage = Py_NewRef((PyObject *)s);
         t->dtype = dt;
         t->nd = nd;
         t->conj = conj;
@@ -382,6 +394,19 @@ PyObject *tensor_strided(Loader *L, PyObject *storage, PyObject *offset, PyObjec
     return rebuild_strided(L, storage, offset, size, stride, dt, NULL, 0);
 }
 
+PyObject *tensor_strided_dims(Loader *L, PyObject *storage, int64_t offset, int nd, const int64_t *size,
+                              const int64_t *stride) {
+    if (!is_storage(L, storage))
+        return tf_raise(L, L->st->UnpicklingError, "tensor rebuilt over a %s, not a storage",
+                        Py_TYPE(storage)->tp_name), NULL;
+    StorageObject *s = (StorageObject *)storage;
+    int dt = s->dtype;
+    if ((dtypes_table[dt].flags & (DTF_QUANTIZED | DTF_NO_TENSOR)) != 0)
+        return tf_raise(L, L->st->UnpicklingError, "dtype %s cannot be rebuilt as a %s tensor", dtypes_table[dt].name,
+                        "plain"), NULL;
+    return rebuild_dims(L, s, dt, offset, nd, size, stride, NULL, 0);
+}
+
 /* OrderedDict(), OrderedDict([(k, v), ...]), Counter(...) */
 static PyObject *make_mapping(Loader *L, GlobalRef *g, PyObject *type, PyObject *args) {
     Py_ssize_t n = PyTuple_GET_SIZE(args);
@@ -391,6 +416,7 @@ static PyObject *make_mapping(Loader *L, GlobalRef *g, PyObject *type, PyObject 
         if (!PyList_CheckExact(a) && !PyTuple_CheckExact(a) && !PyDict_CheckExact(a))
             return tf_raise(L, L->st->UnpicklingError, "%U argument is a %s", g->canon, Py_TYPE(a)->tp_name), NULL;
     }
+    if (type != L->st->OrderedDict) loader_drop_off(L); /* Counter is Python code */
     PyObject *r = PyObject_Call(type, args, NULL);
     if (r == NULL) tf_raise_from(L, L->st->UnpicklingError, "%U(...) failed", g->canon);
     return r;
@@ -516,14 +542,22 @@ static PyObject *meta_of(Loader *L, PyObject *dtype, PyObject *size_o) {
     return shape ? make_meta(L, shape, dt) : NULL;
 }
 
-/* Torch mode: tensor t (stolen) with requires_grad set when flag is true (torch["requires_grad"]). */
-static PyObject *torch_requires_grad(Loader *L, PyObject *t, PyObject *flag) {
-    if (t == NULL || L->torch == NULL || flag == Py_False) return t;
-    PyObject *args = PyTuple_Pack(2, t, flag);
-    Py_DECREF(t);
-    PyObject *r = args ? tf_call_helper(L, "requires_grad", args) : NULL;
-    Py_XDECREF(args);
-    return r;
+/* Torch mode: tensor t (stolen) with requires_grad set when flag is true (torch["requires_grad"]),
+ * and, as torch's _rebuild_tensor_v2/v3 do, hooks (the pickled backward_hooks) as its
+ * _backward_hooks: torch's files always hold an empty OrderedDict there, which is set (each
+ * tensor has its own, as in torch). A dict that is not empty would hold objects from the file
+ * that autograd would call: it is left out, as is anything that is not a dict. */
+static PyObject *torch_finish(Loader *L, PyObject *t, PyObject *flag, PyObject *hooks) {
+    if (t == NULL || L->torch == NULL) return t;
+    if (flag != Py_False) {
+        PyObject *args = PyTuple_Pack(2, t, flag);
+        Py_SETREF(t, args ? tf_call_helper(L, "requires_grad", args) : NULL);
+        Py_XDECREF(args);
+        if (t == NULL) return NULL;
+    }
+    if (PyDict_Check(hooks) && PyDict_GET_SIZE(hooks) == 0 && PyObject_SetAttrString(t, "_backward_hooks", hooks) < 0)
+        Py_CLEAR(t);
+    return t;
 }
 
 /* Torch mode: helper name(*args) (args borrowed). */
@@ -536,8 +570,8 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     switch (g->id) {
     case G_REBUILD_TENSOR_V2:
         if (n < 6 || n > 7) return wrong_args(L, g, "6 or 7 arguments", args), NULL;
-        return torch_requires_grad(L, rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, n == 7 ? ARG(6) : NULL, 0),
-                                   ARG(4));
+        return torch_finish(L, rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, n == 7 ? ARG(6) : NULL, 0),
+                            ARG(4), ARG(5));
     case G_REBUILD_TENSOR:
         if (n != 4) return wrong_args(L, g, "4 arguments", args), NULL;
         return rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), -1, NULL, 0);
@@ -545,8 +579,8 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         if (n < 7 || n > 8) return wrong_args(L, g, "7 or 8 arguments", args), NULL;
         int dt = dtype_from_value(L, ARG(6));
         if (dt < 0) return NULL;
-        return torch_requires_grad(L, rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, n == 8 ? ARG(7) : NULL, 0),
-                                   ARG(4));
+        return torch_finish(L, rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, n == 8 ? ARG(7) : NULL, 0),
+                            ARG(4), ARG(5));
     }
     case G_REBUILD_PARAMETER:
     case G_REBUILD_PARAMETER_WITH_STATE:

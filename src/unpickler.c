@@ -515,6 +515,268 @@ static int persid_fused(Loader *L) {
     return vm_push(L, r) < 0 ? -1 : 1;
 }
 
+/* ---- a whole tensor at once ----------------------------------------------------
+ *
+ * torch's tensors (rebuild_v2_fused above) come as
+ *   <_rebuild_tensor_v2> MARK MARK 'storage' <storage type> key location numel TUPLE [put] BINPERSID
+ *   offset <size tuple> <stride tuple> NEWFALSE|NEWTRUE <OrderedDict> EMPTY_TUPLE REDUCE [put]
+ *   TUPLE [put] REDUCE
+ * with the str and the globals memoized after their first use. At the first MARK, when
+ * _rebuild_tensor_v2 is on top, the whole sequence is read from the bytes: the integers
+ * stay C integers and no tuple is made. Anything else (another opcode, a negative or huge
+ * int, a global seen for the first time, a memo GET of a slot this sequence puts) leaves
+ * the VM to run the opcodes one by one, which reports any error. Only the key (and the
+ * 'storage' and location strs when they are not memo GETs) become objects; every other
+ * memo slot put by the sequence is left empty, as in rebuild_v2_fused. */
+
+#define FZ_MAXPUTS 12
+
+typedef struct {
+    Loader *L;
+    const uint8_t *p, *end;
+    uint64_t sim_len; /* memo_len once the puts so far are done */
+    int nputs, nowned;
+    struct {
+        const uint8_t *at;
+        uint64_t idx;
+        PyObject *obj; /* NULL: left empty */
+    } puts[FZ_MAXPUTS];
+    PyObject *owned[4];
+} Fz;
+
+/* An optional memo put (of obj, borrowed: owned by the Fz or NULL). 0: a put the VM
+ * should do itself (a gap, a slot below the memo's end, too many). */
+VM_HOT int fz_put(Fz *z, PyObject *obj) {
+    const uint8_t *p = z->p;
+    uint64_t idx;
+    if (p >= z->end) return 1;
+    if (*p == OP_BINPUT && z->end - p >= 2) {
+        idx = p[1];
+        z->p = p + 2;
+    } else if (*p == OP_LONG_BINPUT && z->end - p >= 5) {
+        idx = tf_le32(p + 1);
+        z->p = p + 5;
+    } else if (*p == OP_MEMOIZE) {
+        idx = z->sim_len;
+        z->p = p + 1;
+    } else {
+        return 1;
+    }
+    if (idx != z->sim_len || idx >= z->L->lim.memo || z->nputs == FZ_MAXPUTS) return 0;
+    z->puts[z->nputs].at = p;
+    z->puts[z->nputs].idx = idx;
+    z->puts[z->nputs].obj = obj;
+    z->nputs++;
+    z->sim_len++;
+    return 1;
+}
+
+/* A memo GET of a slot set before the sequence (borrowed). */
+VM_HOT PyObject *fz_get(Fz *z) {
+    const uint8_t *p = z->p;
+    uint64_t idx;
+    if (p < z->end && *p == OP_BINGET && z->end - p >= 2) {
+        idx = p[1];
+        z->p = p + 2;
+    } else if (p < z->end && *p == OP_LONG_BINGET && z->end - p >= 5) {
+        idx = tf_le32(p + 1);
+        z->p = p + 5;
+    } else {
+        return NULL;
+    }
+    /* the sequence's own puts are at memo_len and above: such a GET is left to the VM */
+    if (idx >= (uint64_t)z->L->memo_len) return NULL;
+    return z->L->memo[idx];
+}
+
+/* A str: a memo GET, or a short ASCII literal (then maybe put). Borrowed (owned by z or the memo). */
+VM_HOT PyObject *fz_str(Fz *z) {
+    const uint8_t *p = z->p;
+    if (p < z->end && (*p == OP_BINGET || *p == OP_LONG_BINGET)) {
+        PyObject *o = fz_get(z);
+        return o != NULL && PyUnicode_CheckExact(o) ? o : NULL;
+    }
+    size_t n;
+    if (p < z->end && *p == OP_SHORT_BINUNICODE && z->end - p >= 2) {
+        n = p[1];
+        p += 2;
+    } else if (p < z->end && *p == OP_BINUNICODE && z->end - p >= 5) {
+        n = tf_le32(p + 1);
+        p += 5;
+    } else {
+        return NULL;
+    }
+    if (n > 64 || (size_t)(z->end - p) < n || z->nowned == (int)(sizeof z->owned / sizeof z->owned[0]))
+        return NULL;
+    uint8_t any = 0;
+    for (size_t i = 0; i < n; i++) any |= p[i];
+    if (any & 0x80) return NULL;
+    PyObject *u = PyUnicode_New((Py_ssize_t)n, 127);
+    if (u == NULL) {
+        PyErr_Clear(); /* the VM meets the same string and reports it */
+        return NULL;
+    }
+    memcpy(PyUnicode_1BYTE_DATA(u), p, n);
+    z->owned[z->nowned++] = u;
+    z->p = p + n;
+    return fz_put(z, u) ? u : NULL;
+}
+
+/* An int >= 0 (BININT1, BININT2, BININT, LONG1 of at most 8 bytes). */
+VM_HOT int fz_int(Fz *z, int64_t *v) {
+    const uint8_t *p = z->p, *end = z->end;
+    if (p >= end) return 0;
+    switch (*p) {
+    case OP_BININT1:
+        if (end - p < 2) return 0;
+        *v = p[1];
+        z->p = p + 2;
+        return 1;
+    case OP_BININT2:
+        if (end - p < 3) return 0;
+        *v = tf_le16(p + 1);
+        z->p = p + 3;
+        return 1;
+    case OP_BININT: {
+        if (end - p < 5) return 0;
+        int32_t x = (int32_t)tf_le32(p + 1);
+        if (x < 0) return 0;
+        *v = x;
+        z->p = p + 5;
+        return 1;
+    }
+    case OP_LONG1: {
+        if (end - p < 2) return 0;
+        size_t n = p[1];
+        if (n > 8 || (size_t)(end - p - 2) < n || (n > 0 && (p[1 + n] & 0x80))) return 0;
+        uint64_t x = 0;
+        for (size_t i = n; i > 0; i--) x = (x << 8) | p[1 + i];
+        *v = (int64_t)x;
+        z->p = p + 2 + n;
+        return 1;
+    }
+    default:
+        return 0;
+    }
+}
+
+/* A tuple of ints >= 0: EMPTY_TUPLE, 1-3 ints and TUPLE1-3, or MARK ints TUPLE; then maybe put. */
+VM_HOT int fz_dims(Fz *z, int64_t *out, int *nd) {
+    const uint8_t *p = z->p;
+    int n = 0;
+    if (p >= z->end) return 0;
+    if (*p == OP_EMPTY_TUPLE) {
+        z->p = p + 1;
+    } else if (*p == OP_MARK) {
+        z->p = p + 1;
+        while (z->p < z->end && *z->p != OP_TUPLE) {
+            if (n == NPY_MAXDIMS || !fz_int(z, &out[n])) return 0;
+            n++;
+        }
+        if (z->p >= z->end) return 0;
+        z->p++;
+    } else {
+        while (n < 3 && fz_int(z, &out[n])) n++;
+        if (n == 0 || z->p >= z->end || *z->p != OP_TUPLE1 + n - 1) return 0;
+        z->p++;
+    }
+    if ((uint64_t)n > z->L->lim.ndim) return 0;
+    *nd = n;
+    return fz_put(z, NULL);
+}
+
+VM_HOT int fz_op(Fz *z, int op) {
+    if (z->p >= z->end || *z->p != op) return 0;
+    z->p++;
+    return 1;
+}
+
+static int tensor_fused_parse(Fz *z, int *dtype, PyObject **key, PyObject **loc, int64_t *numel,
+                              const uint8_t **persid_at, int64_t *offset, int *nd, int64_t *size,
+                              int64_t *stride, const uint8_t **reduce_at) {
+    Loader *L = z->L;
+    if (!fz_op(z, OP_MARK)) return 0;
+    PyObject *tag = fz_str(z);
+    if (tag == NULL || PyUnicode_GET_LENGTH(tag) != 7 || PyUnicode_KIND(tag) != PyUnicode_1BYTE_KIND ||
+        memcmp(PyUnicode_1BYTE_DATA(tag), "storage", 7) != 0)
+        return 0;
+    PyObject *type = fz_get(z);
+    if (type == NULL || !is_globalref(L, type) || ((GlobalRef *)type)->obj != NULL) return 0;
+    int id = ((GlobalRef *)type)->id;
+    if (id == G_STORAGE)
+        *dtype = ((GlobalRef *)type)->arg;
+    else if (id == G_UNTYPED_STORAGE || id == G_TYPED_STORAGE)
+        *dtype = DT_UINT8;
+    else
+        return 0;
+    if ((*key = fz_str(z)) == NULL || (*loc = fz_str(z)) == NULL || !fz_int(z, numel)) return 0;
+    if (!fz_op(z, OP_TUPLE) || !fz_put(z, NULL)) return 0;
+    *persid_at = z->p;
+    if (!fz_op(z, OP_BINPERSID) || !fz_int(z, offset)) return 0;
+    int nds;
+    if (!fz_dims(z, size, nd) || !fz_dims(z, stride, &nds) || *nd != nds) return 0;
+    if (!fz_op(z, OP_NEWFALSE) && !fz_op(z, OP_NEWTRUE)) return 0;
+    PyObject *od = fz_get(z);
+    if (od == NULL || !is_globalref(L, od) || ((GlobalRef *)od)->id != G_ORDERED_DICT ||
+        ((GlobalRef *)od)->obj != NULL)
+        return 0;
+    if (!fz_op(z, OP_EMPTY_TUPLE) || !fz_op(z, OP_REDUCE) || !fz_put(z, NULL) || !fz_op(z, OP_TUPLE) ||
+        !fz_put(z, NULL))
+        return 0;
+    *reduce_at = z->p;
+    return fz_op(z, OP_REDUCE);
+}
+
+/* At MARK with our _rebuild_tensor_v2 on top. 1: done, 0: not this pattern, -1: error. */
+static int tensor_fused(Loader *L) {
+    Fz z;
+    z.L = L;
+    z.p = L->pk;
+    z.end = L->pk_end;
+    z.sim_len = (uint64_t)L->memo_len;
+    z.nputs = z.nowned = 0;
+    int dtype = 0, nd = 0;
+    PyObject *key = NULL, *loc = NULL;
+    int64_t numel = 0, offset = 0, size[NPY_MAXDIMS + 1], stride[NPY_MAXDIMS + 1];
+    const uint8_t *persid_at = NULL, *reduce_at = NULL;
+    int r = tensor_fused_parse(&z, &dtype, &key, &loc, &numel, &persid_at, &offset, &nd, size, stride, &reduce_at);
+    if (r) {
+        /* the puts, in order (the sequence's GETs read older slots only) */
+        Py_INCREF(key);
+        Py_INCREF(loc);
+        for (int i = 0; i < z.nputs && r > 0; i++) {
+            if (TF_LIKELY(z.puts[i].idx == (uint64_t)L->memo_len && L->memo_len < L->memo_cap)) {
+                L->memo[L->memo_len++] = Py_XNewRef(z.puts[i].obj);
+            } else {
+                L->op_offset = (uint64_t)(z.puts[i].at - L->pk_start);
+                if (vm_memo_put(L, z.puts[i].idx, z.puts[i].obj) < 0) r = -1;
+            }
+        }
+        L->hooks_fused = 1;
+        PyObject *storage = NULL, *t = NULL;
+        if (r > 0) {
+            L->op_offset = (uint64_t)(persid_at - L->pk_start);
+            storage = storage_get(L, dtype, key, loc, numel);
+        }
+        if (storage != NULL) {
+            L->op_offset = (uint64_t)(reduce_at - L->pk_start);
+            t = tensor_strided_dims(L, storage, offset, nd, size, stride);
+            Py_DECREF(storage);
+        }
+        Py_DECREF(key);
+        Py_DECREF(loc);
+        if (t == NULL) {
+            r = -1;
+        } else {
+            Py_DECREF(L->stack[--L->sp]); /* _rebuild_tensor_v2 */
+            L->stack[L->sp++] = t;
+            L->pk = z.p;
+        }
+    }
+    for (int i = 0; i < z.nowned; i++) Py_DECREF(z.owned[i]);
+    return r;
+}
+
 static int op_reduce(Loader *L, int op) {
     PyObject *kwargs = NULL;
     if (op == OP_NEWOBJ_EX) {
@@ -845,6 +1107,12 @@ VM_HOT int vm_step(Loader *L, int op, int *stop) {
         NEED(n);
         return 0;
     case OP_MARK:
+        if (L->hooks_fast && L->sp > vm_fence(L) && is_globalref(L, L->stack[L->sp - 1]) &&
+            ((GlobalRef *)L->stack[L->sp - 1])->id == G_REBUILD_TENSOR_V2 &&
+            ((GlobalRef *)L->stack[L->sp - 1])->obj == NULL && L->format == FMT_ZIP) {
+            int done = tensor_fused(L);
+            if (done != 0) return done < 0 ? -1 : 0;
+        }
         return vm_mark(L);
     case OP_STOP:
         *stop = 1;

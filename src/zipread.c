@@ -254,6 +254,10 @@ typedef struct {
  * they lie inside the directory and need <= cap. */
 static inline TfStatus zr_window_get(const ZipReader *z, ZrWindow *w, uint64_t cd_pos, size_t cdn, size_t p,
                                      size_t need, const uint8_t **out, TfErr *err) {
+    if (z->mem != NULL) { /* in place: the directory lies inside the input */
+        *out = z->mem + cd_pos + p;
+        return TF_OK;
+    }
     if (TF_UNLIKELY(p < w->start || p - w->start > w->len || w->len - (p - w->start) < need)) {
         size_t len = cdn - p < w->cap ? cdn - p : w->cap;
         TfStatus st = zr_read(z, cd_pos + p, w->buf, len, err);
@@ -392,8 +396,26 @@ static TfStatus zr_build_index(ZipReader *z, TfErr *err) {
     return TF_OK;
 }
 
+static TfStatus zr_mem_read_at(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err) {
+    (void)err; /* zr_read checked the span against the input's size */
+    memcpy(buf, (const uint8_t *)ctx + off, n);
+    return TF_OK;
+}
+
+static TfStatus zr_open(ZipReader *z, TfReadAt read_at, void *ctx, const uint8_t *mem, uint64_t size,
+                        const TfLimits *lim, TfErr *err);
+
 TfStatus zipread_open(ZipReader *z, TfReadAt read_at, void *ctx, uint64_t size, const TfLimits *lim,
                       TfErr *err) {
+    return zr_open(z, read_at, ctx, NULL, size, lim, err);
+}
+
+TfStatus zipread_open_mem(ZipReader *z, const uint8_t *mem, uint64_t size, const TfLimits *lim, TfErr *err) {
+    return zr_open(z, zr_mem_read_at, (void *)(uintptr_t)mem, mem, size, lim, err);
+}
+
+static TfStatus zr_open(ZipReader *z, TfReadAt read_at, void *ctx, const uint8_t *mem, uint64_t size,
+                        const TfLimits *lim, TfErr *err) {
     static const TfLimits defaults = TF_LIMITS_DEFAULT;
     ZrEnd end = {0, 0, 0, 0, 0};
     ZrWindow win = {NULL, 0, 0, 0};
@@ -404,6 +426,7 @@ TfStatus zipread_open(ZipReader *z, TfReadAt read_at, void *ctx, uint64_t size, 
     memset(z, 0, sizeof *z);
     z->read_at = read_at;
     z->ctx = ctx;
+    z->mem = mem;
     z->size = size;
     if (!lim) lim = &defaults;
 
@@ -457,7 +480,7 @@ TfStatus zipread_open(ZipReader *z, TfReadAt read_at, void *ctx, uint64_t size, 
      * one name block (each stored name + NUL is no longer than its full name
      * plus one byte). */
     win.cap = cdn < ZR_CD_WINDOW ? cdn : ZR_CD_WINDOW;
-    win.buf = (uint8_t *)malloc(win.cap);
+    win.buf = (uint8_t *)malloc(z->mem != NULL ? 1 : win.cap); /* unused when in memory */
     z->entries = (ZipEntry *)malloc(z->n_entries * sizeof(ZipEntry));
     names_cap = cdn - (size_t)min_cd + z->n_entries;
     z->names = (char *)malloc(names_cap);
@@ -675,15 +698,22 @@ TfStatus zipread_locate(ZipReader *z, ZipEntry *e, TfErr *err) {
         return tf_fail(err, TF_ERR_FORMAT, hoff,
                        "central directory entry %zu ('%.*s'): local header at offset %llu lies outside the file",
                        idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)hoff);
-    /* One read for the header and, usually, the whole name. */
-    size_t first = ZR_LOCAL_SIZE + (full < sizeof buf - ZR_LOCAL_SIZE ? full : sizeof buf - ZR_LOCAL_SIZE);
-    if ((st = zr_read(z, hoff, buf, first, err)) != TF_OK) return st;
-    if (!zr_sig(buf, ZR_SIG_LOCAL))
+    /* One read for the header and, usually, the whole name (all of it in place from memory). */
+    const uint8_t *h = buf;
+    size_t first;
+    if (z->mem != NULL) {
+        h = z->mem + hoff;
+        first = ZR_LOCAL_SIZE + full;
+    } else {
+        first = ZR_LOCAL_SIZE + (full < sizeof buf - ZR_LOCAL_SIZE ? full : sizeof buf - ZR_LOCAL_SIZE);
+        if ((st = zr_read(z, hoff, buf, first, err)) != TF_OK) return st;
+    }
+    if (!zr_sig(h, ZR_SIG_LOCAL))
         return tf_fail(err, TF_ERR_FORMAT, hoff,
                        "central directory entry %zu ('%.*s'): no local header signature at offset %llu (found "
                        "0x%08x)",
-                       idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)hoff, (unsigned)tf_le32(buf));
-    size_t nl = tf_le16(buf + 26), xl = tf_le16(buf + 28);
+                       idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)hoff, (unsigned)tf_le32(h));
+    size_t nl = tf_le16(h + 26), xl = tf_le16(h + 28);
     if (nl != full)
         return tf_fail(err, TF_ERR_FORMAT, hoff,
                        "local header at offset %llu: name length %zu differs from the central directory entry "
@@ -691,7 +721,7 @@ TfStatus zipread_locate(ZipReader *z, ZipEntry *e, TfErr *err) {
                        (ull)hoff, nl, idx, ZR_NAME_SHOWN(e->name_len), e->name, full);
     /* The local name must be the central directory's name. */
     size_t have = first - ZR_LOCAL_SIZE, done = 0;
-    const uint8_t *chunk = buf + ZR_LOCAL_SIZE;
+    const uint8_t *chunk = h + ZR_LOCAL_SIZE;
     if (have == full) { /* the usual case, whole name at hand: "<prefix>/<name>" */
         if ((z->prefix_len == 0 || memcmp(chunk, z->prefix, z->prefix_len) == 0) && chunk[z->prefix_len] == '/' &&
             memcmp(chunk + z->prefix_len + 1, e->name, e->name_len) == 0)

@@ -32,6 +32,8 @@ typedef struct {
 typedef struct {
     TfReadAt read_at;
     void *ctx;
+    const uint8_t *mem; /* the input itself when it is in memory (zipread_open_mem): the central
+                           directory and local headers are then read in place; or NULL */
     uint64_t size;      /* input size in bytes */
     uint64_t base;      /* absolute offset where the zip starts (bytes before it are ignored) */
     char *prefix;       /* top folder, NUL-terminated (taken from the first entry) */
@@ -56,6 +58,8 @@ int zipread_is_zip(const uint8_t *first4, size_t n);
  * entries than lim->records or names longer than lim->name. */
 TfStatus zipread_open(ZipReader *z, TfReadAt read_at, void *ctx, uint64_t size,
                       const TfLimits *lim, TfErr *err);
+/* The same for an input held in memory (mem, size bytes, alive until zipread_close). */
+TfStatus zipread_open_mem(ZipReader *z, const uint8_t *mem, uint64_t size, const TfLimits *lim, TfErr *err);
 void zipread_close(ZipReader *z);
 
 /* Look up an entry by its name after the prefix ("data.pkl", "data/0").

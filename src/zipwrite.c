@@ -7,9 +7,10 @@
  * data goes straight from the caller's memory to the sink. */
 #include "zipwrite.h"
 
+#include "crc32.h"
+
 #include <stdio.h>
 #include <stdlib.h>
-#include <zlib.h>
 
 #define ZW_SIG_LOCAL 0x04034b50u
 #define ZW_SIG_CENTRAL 0x02014b50u
@@ -158,7 +159,7 @@ TfStatus zipwrite_begin(ZipWriter *z, const char *name, uint64_t size, int inlin
         return err->status;
     z->open = 1;
     z->inline_crc = inline_crc;
-    z->crc = (uint32_t)crc32_z(0, Z_NULL, 0);
+    z->crc = 0;
     z->written = 0;
     return TF_OK;
 }
@@ -171,7 +172,7 @@ TfStatus zipwrite_data(ZipWriter *z, const void *data, size_t n, TfErr *err) {
         size_t k = n < 8 - z->written ? n : (size_t)(8 - z->written);
         memcpy(z->head + z->written, data, k);
     }
-    if (z->inline_crc) z->crc = (uint32_t)crc32_z(z->crc, data, n);
+    if (z->inline_crc) z->crc = tf_crc32(z->crc, data, n);
     if (emit(z, data, n, err) != TF_OK) return err->status;
     z->written += n;
     return TF_OK;

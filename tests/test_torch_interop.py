@@ -51,6 +51,10 @@ def _cmp_tensor(torch, a, b, path, pairs):
     assert a.shape == b.shape, f"{path}: shape {a.shape} != {b.shape}"
     assert a.device == b.device, f"{path}: device {a.device} != {b.device}"
     assert a.requires_grad == b.requires_grad, f"{path}: requires_grad"
+    # torch sets the pickled (empty) OrderedDict as each tensor's own _backward_hooks
+    ha, hb = a._backward_hooks, b._backward_hooks
+    assert type(ha) is type(hb) and (hb is None or (len(ha) == len(hb) == 0 and ha is not hb)), \
+        f"{path}: _backward_hooks {ha!r} != {hb!r}"
     assert a.__dict__.keys() == b.__dict__.keys(), f"{path}: attributes {a.__dict__} != {b.__dict__}"
     for k in b.__dict__:
         if k != "_backward_hooks":
@@ -313,6 +317,32 @@ def test_writable_and_independent_of_file(torch, tmp_path):
     got["a"] += 1  # copy-on-write mapping: the file is untouched
     assert torch.equal(torch.load(path)["a"], torch.arange(4.0))
     assert torch.equal(got["a"], torch.arange(4.0) + 1)
+
+
+def test_backward_hooks_only_empty_dicts_are_set(torch, tmp_path):
+    """torch sets the pickled backward_hooks as _backward_hooks; its own files hold an empty
+    OrderedDict, which each tensor gets as its own. Hooks a file lists would be called by autograd:
+    torchfree.torch leaves them out."""
+    import torchfree.torch as tft
+
+    class Fake:
+        def __init__(self, t, hooks):
+            self.t, self.hooks = t, hooks
+
+        def __reduce__(self):
+            st = torch.storage.TypedStorage(wrap_storage=self.t.untyped_storage(), dtype=self.t.dtype, _internal=True)
+            return torch._utils._rebuild_tensor_v2, (st, 0, tuple(self.t.shape), self.t.stride(), False, self.hooks)
+
+    path = tmp_path / "h.pt"
+    torch.save({"empty": Fake(torch.ones(2), OrderedDict()), "listed": Fake(torch.ones(3), OrderedDict(x=1)),
+                "plain": torch.zeros(2)}, path)
+    got = tft.load(path)
+    want = torch.load(path, weights_only=True)
+    assert got["empty"]._backward_hooks == want["empty"]._backward_hooks == OrderedDict()
+    assert got["plain"]._backward_hooks == want["plain"]._backward_hooks == OrderedDict()
+    assert want["listed"]._backward_hooks == OrderedDict(x=1)
+    assert got["listed"]._backward_hooks is None
+    assert torch.equal(got["listed"], want["listed"])
 
 
 def test_torchfree_import_does_not_import_torch():

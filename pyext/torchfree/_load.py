@@ -140,6 +140,7 @@ class Source:
     def __init__(self, f, mmap=None, *, lazy=False):
         self._file = None  # the descriptor pread reads (mmap=False), closed by close()
         self._mapping = None
+        self.drop_pages = False  # the buffer is a private mapping of a path, made for this call alone
         self.format = "zip"
         if isinstance(f, (str, os.PathLike)):
             self.path = os.fspath(f)
@@ -213,6 +214,7 @@ class Source:
             else:
                 self._mapping = _mmap.mmap(fd, 0, access=_mmap.ACCESS_COPY)
                 self.src, self.mode = self._mapping, _SRC_MAP
+                self.drop_pages = True
         finally:
             if fh is not None:
                 os.close(fh)
@@ -221,7 +223,9 @@ class Source:
         return (self.src, self.size)
 
     def kwargs(self):
-        return {"mode": self.mode, "require_map": self.require_map}
+        """The core's source options. drop_pages lets a one-shot zip load drop the pages of the
+        mapping it has read (the core decides when that is safe; Archive never does)."""
+        return {"mode": self.mode, "require_map": self.require_map, "drop_pages": self.drop_pages}
 
     def __del__(self):
         if getattr(self, "_file", None) is not None:  # a descriptor never closed (an unclosed open())
