@@ -121,9 +121,44 @@ int tf_raise_err(Loader *L, const TfErr *err) {
     return -1;
 }
 
+/* descr[] for each dtype whose numpy name descrs has, and dtype_value[] for every dtype. */
+static int fill_dtypes(ModuleState *st, PyObject *descrs) {
+    for (int i = 0; i < DT_COUNT; i++) {
+        const DtypeInfo *info = &dtypes_table[i];
+        if (info->np_name != NULL && st->descr[i] == NULL) {
+            PyObject *d = PyDict_GetItemString(descrs, info->np_name);
+            if (d != NULL && PyArray_DescrCheck(d)) st->descr[i] = (PyArray_Descr *)Py_NewRef(d);
+        }
+        PyObject *value;
+        if ((info->flags & DTF_VALUE_IS_NUMPY) && st->descr[i] != NULL)
+            value = Py_NewRef(st->descr[i]);
+        else
+            value = PyUnicode_FromFormat("torch.%s", info->name);
+        if (value == NULL) return -1;
+        Py_XSETREF(st->dtype_value[i], value);
+    }
+    return 0;
+}
+
+int tf_ml_dtypes(ModuleState *st) {
+    if (st->ml_loaded) return 0;
+    PyObject *f = st->helpers != NULL ? PyDict_GetItemString(st->helpers, "ml_dtypes_descrs") : NULL;
+    if (f == NULL) {
+        st->ml_loaded = 1;
+        return 0;
+    }
+    PyObject *d = PyObject_CallNoArgs(f);
+    if (d == NULL) return -1;
+    int rc = PyDict_Check(d) ? fill_dtypes(st, d) : (PyErr_SetString(PyExc_TypeError, "ml_dtypes_descrs() is not a dict"), -1);
+    Py_DECREF(d);
+    if (rc == 0) st->ml_loaded = 1;
+    return rc;
+}
+
 PyDoc_STRVAR(set_helpers_doc,
 "_set_helpers($module, helpers, descrs, /)\n--\n\n"
-"Register torchfree's own Python helpers and the ml_dtypes descriptors (internal).");
+"Register torchfree's own Python helpers and extra dtype descriptors (internal; ml_dtypes'\n"
+"ones come from helpers['ml_dtypes_descrs'] on first need).");
 
 static PyObject *mod_set_helpers(PyObject *module, PyObject *args) {
     PyObject *helpers, *descrs;
@@ -138,20 +173,7 @@ static PyObject *mod_set_helpers(PyObject *module, PyObject *args) {
     }
     Py_XSETREF(st->OpaqueType, Py_NewRef(opaque));
     Py_XSETREF(st->MetaArrayType, Py_NewRef(meta));
-    for (int i = 0; i < DT_COUNT; i++) {
-        const DtypeInfo *info = &dtypes_table[i];
-        if (info->np_name != NULL && st->descr[i] == NULL) {
-            PyObject *d = PyDict_GetItemString(descrs, info->np_name);
-            if (d != NULL && PyArray_DescrCheck(d)) st->descr[i] = (PyArray_Descr *)Py_NewRef(d);
-        }
-        PyObject *value;
-        if ((info->flags & DTF_VALUE_IS_NUMPY) && st->descr[i] != NULL)
-            value = Py_NewRef(st->descr[i]);
-        else
-            value = PyUnicode_FromFormat("torch.%s", info->name);
-        if (value == NULL) return NULL;
-        Py_XSETREF(st->dtype_value[i], value);
-    }
+    if (fill_dtypes(st, descrs) < 0) return NULL;
     Py_RETURN_NONE;
 }
 

@@ -33,6 +33,7 @@ typedef struct {
     PyArray_Descr *descr[DT_COUNT];  /* arrays of this torch dtype (NULL: none) */
     PyObject *dtype_value[DT_COUNT]; /* what a `torch <dtype>` GLOBAL becomes */
     PyObject *helpers;               /* dict of Python helpers set by torchfree/__init__.py */
+    int ml_loaded;                   /* the ml_dtypes descriptors were asked for (tf_ml_dtypes) */
     PyObject *OpaqueType;            /* helpers["Opaque"], cached for the hot type checks */
     PyObject *MetaArrayType;         /* helpers["MetaArray"] */
     PyObject *str_storage, *str_meta, *str_metadata_attr, *str_conj, *str_neg, *str_shape, *str_dtype;
@@ -172,6 +173,12 @@ PyObject *tf_helper(ModuleState *st, const char *name); /* borrowed, or NULL + e
 /* helpers[name](*args) (args: a tuple, borrowed; NULL passes the error on). New reference.
  * A failure that is not ours becomes an UnpicklingError naming the helper. */
 PyObject *tf_call_helper(Loader *L, const char *name, PyObject *args);
+
+/* ml_dtypes (bfloat16, float8_*) is imported on first need, not with torchfree: the first
+ * GLOBAL naming such a dtype (its storage class, the dtype itself, a legacy tensor class) and
+ * save meeting an array dtype it does not know call this, which fills descr[] and
+ * dtype_value[] for them once (helpers["ml_dtypes_descrs"]). 0, or -1 with an exception. */
+int tf_ml_dtypes(ModuleState *st);
 
 /* archive.c */
 extern PyType_Spec ArchiveSpec;

@@ -181,6 +181,15 @@ static int dtype_of_descr(ModuleState *st, PyArray_Descr *d) {
         for (int i = 0; i < DT_COUNT; i++)
             if ((dtypes_table[i].flags & DTF_VALUE_IS_NUMPY) && st->descr[i] != NULL && st->descr[i]->type_num == tn)
                 return PyDataType_ELSIZE(d) == dtypes_table[i].itemsize ? i : -1;
+        if (!st->ml_loaded) {
+            /* an ml_dtypes array before any load needed them: the caller has ml_dtypes
+             * imported already (it made the array), so this only looks its types up */
+            if (tf_ml_dtypes(st) < 0) {
+                PyErr_Clear();
+                return -1;
+            }
+            return dtype_of_descr(st, d);
+        }
         return -1;
     }
     if (PyDataType_HASFIELDS(d) || PyDataType_HASSUBARRAY(d)) return -1;

@@ -371,6 +371,11 @@ static int do_global(Loader *L, const char *module, size_t mlen, const char *nam
         Py_XDECREF(args);
         return vm_push(L, r);
     }
+    if ((hit.id == G_STORAGE || hit.id == G_DTYPE || hit.id == G_LEGACY_TENSOR) && hit.arg >= 0 &&
+        L->st->descr[hit.arg] == NULL && dtypes_table[hit.arg].np_name != NULL && !L->st->ml_loaded) {
+        loader_drop_off(L); /* the import runs Python code */
+        if (tf_ml_dtypes(L->st) < 0) return -1;
+    }
     PyObject *value = tensor_global_value(L, &hit, canon);
     if (value != NULL) return vm_push(L, value);
     if (PyErr_Occurred()) return -1;

@@ -88,11 +88,11 @@ __all__ = [
 ]
 
 
-def _register() -> None:
+def _ml_dtypes_descrs() -> dict:
+    """{name: numpy dtype} of the ml_dtypes types torch has; the core asks for them the first time a
+    file or an array needs one (ml_dtypes costs a few ms to import: most checkpoints never need it)."""
     import ml_dtypes
     import numpy as np
-
-    from ._rebuild import HELPERS
 
     descrs = {}
     for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
@@ -100,7 +100,13 @@ def _register() -> None:
         t = getattr(ml_dtypes, name, None)
         if t is not None:
             descrs[name] = np.dtype(t)
-    _core._set_helpers(HELPERS, descrs)
+    return descrs
+
+
+def _register() -> None:
+    from ._rebuild import HELPERS
+
+    _core._set_helpers(dict(HELPERS, ml_dtypes_descrs=_ml_dtypes_descrs), {})
 
 
 _register()
