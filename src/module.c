@@ -121,14 +121,20 @@ int tf_raise_err(Loader *L, const TfErr *err) {
     return -1;
 }
 
-/* descr[] for each dtype whose numpy name descrs has, and dtype_value[] for every dtype. */
+/* descr[] for each dtype whose numpy name descrs has, and dtype_value[] for every dtype that has
+ * none yet or whose descr this call set: values a load may already hold stay the same objects. */
 static int fill_dtypes(ModuleState *st, PyObject *descrs) {
     for (int i = 0; i < DT_COUNT; i++) {
         const DtypeInfo *info = &dtypes_table[i];
+        int fresh = 0;
         if (info->np_name != NULL && st->descr[i] == NULL) {
             PyObject *d = PyDict_GetItemString(descrs, info->np_name);
-            if (d != NULL && PyArray_DescrCheck(d)) st->descr[i] = (PyArray_Descr *)Py_NewRef(d);
+            if (d != NULL && PyArray_DescrCheck(d)) {
+                st->descr[i] = (PyArray_Descr *)Py_NewRef(d);
+                fresh = 1;
+            }
         }
+        if (st->dtype_value[i] != NULL && !fresh) continue;
         PyObject *value;
         if ((info->flags & DTF_VALUE_IS_NUMPY) && st->descr[i] != NULL)
             value = Py_NewRef(st->descr[i]);
