@@ -792,7 +792,9 @@ def scenario_save(fx, d, rows_out, args):
     sc = "save" + (" (legacy format)" if fx.legacy else "")
     fmt = "legacy" if fx.legacy else "zip"
     torchfree.save(fx.obj_np, out, format=fmt)
-    ref = open(out, "rb").read()
+    # the bytes to write, in numpy memory as the savers' tensors are (transparent huge pages where
+    # the kernel gives them; a bytes object gets none and was measured slower to write from)
+    ref = np.fromfile(out, np.uint8)
     size = len(ref)
 
     def fresh():
@@ -813,14 +815,16 @@ def scenario_save(fx, d, rows_out, args):
         rows.append(r)
 
     def write(fsync):
-        # 8 MB a write(): on this project's machine writes of 64 MB or 1 GB into the page cache
-        # took 2.5x longer in about a third of the runs (dirty-page throttling), 8 MB ones never
+        # 2 MB a write(): on this project's machine (Linux 6.18, ext4, a VM) writes of 8 MB or more
+        # get large page-cache folios and were fastest when memory was unfragmented, but took 2-4x
+        # longer right after a row that left it fragmented (direct compaction stalls); 2 MB ones
+        # were within 3% of the best 8 MB times and rarely stalled, 512 KB ones never, ~8% slower
         def f():
             with open(out, "wb", buffering=0) as fh:
                 mv = memoryview(ref)
                 done = 0
                 while done < size:
-                    done += fh.write(mv[done: done + (8 << 20)])
+                    done += fh.write(mv[done: done + (2 << 20)])
                 if fsync:
                     os.fsync(fh.fileno())
         return f
