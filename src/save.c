@@ -51,6 +51,18 @@ static const char K_REBUILD_V2, K_REBUILD_V3, K_REBUILD_META, K_REBUILD_QTENSOR,
 #ifndef SAVE_INLINE_CHUNK
 #define SAVE_INLINE_CHUNK ((size_t)512 << 10)
 #endif
+/* In a save of at most SAVE_WHOLE_TOTAL_MAX bytes, a record of at most SAVE_WHOLE_MAX is CRCed and
+ * written in one piece: on this project's machine (Linux 6.18, ext4) a 100 MB state_dict of
+ * records up to 9.4 MB saved 5% faster so than in 512 KB pieces (the page cache gets larger
+ * folios). Bigger saves keep to SAVE_INLINE_CHUNK pieces: writes of 2 MB or more into a 2 GB
+ * file took 1.5-3x longer whenever an earlier writer had left memory fragmented (direct
+ * compaction), 512 KB ones did not. */
+#ifndef SAVE_WHOLE_MAX
+#define SAVE_WHOLE_MAX ((uint64_t)16 << 20)
+#endif
+#ifndef SAVE_WHOLE_TOTAL_MAX
+#define SAVE_WHOLE_TOTAL_MAX ((uint64_t)256 << 20)
+#endif
 #ifndef SAVE_CRC_LEAD
 #define SAVE_CRC_LEAD ((uint64_t)1 << 20) /* the CRC thread's most bytes ahead of the writer */
 #endif
@@ -1660,8 +1672,9 @@ static TfStatus write_zip(WriteJob *w) {
         snprintf(name, sizeof name, "data/%zu", i);
         if ((rc = zipwrite_begin(&z, name, r->nbytes, !started, err)) != TF_OK) goto done;
         set_span(w->sink, r);
-        for (uint64_t off = 0; off < r->nbytes; off += SAVE_INLINE_CHUNK) {
-            size_t n = r->nbytes - off < SAVE_INLINE_CHUNK ? (size_t)(r->nbytes - off) : SAVE_INLINE_CHUNK;
+        uint64_t piece = started || total > SAVE_WHOLE_TOTAL_MAX || r->nbytes > SAVE_WHOLE_MAX ? SAVE_INLINE_CHUNK : r->nbytes;
+        for (uint64_t off = 0; off < r->nbytes; off += piece) {
+            size_t n = r->nbytes - off < piece ? (size_t)(r->nbytes - off) : (size_t)piece;
             if ((rc = zipwrite_data(&z, r->start + off, n, err)) != TF_OK) {
                 set_span(w->sink, NULL);
                 goto done;
