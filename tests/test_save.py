@@ -539,8 +539,10 @@ def test_file_objects():
 @pytest.mark.parametrize("crc_thread", [0, 1])
 def test_crc_thread_and_inline_write_the_same_bytes(tmp_path, crc_thread):
     """The CRCs come from a second thread or chunk by chunk: the same file either way, for a
-    file descriptor (GIL released) and a Python stream."""
+    file descriptor (GIL released) and a Python stream. Records up to 16 MB are written whole,
+    "big" (> 16 MB, an odd size) in 512 KB pieces."""
     obj = {f"w{i}": random_array(np.float32, (1 << 20) + i, seed=i) for i in range(20)}
+    obj["big"] = random_array(np.uint8, (17 << 20) + 3, seed=99)
     obj["e"] = np.zeros(0)
     obj["v"] = obj["w3"][5:]
     ref = save_bytes(obj)
