@@ -184,6 +184,32 @@ def test_walk_opaque_children():
     assert [n for n, _ in got] == ["o.d", "o.s", "o.i", "o.0", "o.args.0"]
 
 
+def test_walk_opaque_state_chains_and_cycles():
+    """An Opaque whose state is an Opaque (BUILD of BUILD ...) lists the innermost state's
+    children first, then each Opaque's own items from the inside out; chains deeper than Python's
+    stack and an Opaque that is its own state are walked without recursion."""
+    a, b, c = np.zeros(1), np.ones(1), np.full(1, 2.0)
+    inner = torchfree.Opaque("m", "C", state={"s": a})
+    inner.items["i"] = b
+    outer = torchfree.Opaque("m", "C", state=inner)
+    outer.list.append(c)
+    assert [n for n, _ in _scan._walk({"o": outer})] == ["o.s", "o.i", "o.0"]
+    chain = last = torchfree.Opaque("m", "C", state={"w": a})
+    for _ in range(20_000):
+        chain = torchfree.Opaque("m", "C", state=chain)
+    assert list(torchfree.flatten({"c": chain})) == ["c.w"]
+    selfish = torchfree.Opaque("m", "C")
+    selfish.state = selfish
+    selfish.items["x"] = b
+    last.state = chain  # a cycle through the whole chain
+    assert list(torchfree.flatten({"s": selfish})) == ["s.x"]
+    assert list(torchfree.flatten({"c": chain})) == []
+    # the same chain from a pickle: GLOBAL, (), REDUCE 5,000 times, then 4,999 BUILDs
+    pk = b"\x80\x02" + b"cm\nC\n)R" * 5000 + b"b" * 4999 + b"."
+    info = torchfree.scan(_zip({"archive/data.pkl": pk, "archive/version": b"3\n"}))
+    assert info.tensors == [] and info.globals == ["m.C"]
+
+
 def nested(depth):
     obj = inner = []
     for _ in range(depth):

@@ -36,17 +36,25 @@ def _children(obj):
     if isinstance(obj, (list, tuple)):
         return [(str(i), v) for i, v in enumerate(obj)]
     if isinstance(obj, Opaque):
+        # an Opaque's state comes first, then its items, list and args; a state that is itself an
+        # Opaque (BUILD of BUILD ...) is followed down in a loop, not by recursion: a hostile pickle
+        # can chain them deeper than Python's stack, or make one its own state
+        chain, seen = [obj], {id(obj)}
+        while isinstance(chain[-1].state, Opaque) and id(chain[-1].state) not in seen:
+            seen.add(id(chain[-1].state))
+            chain.append(chain[-1].state)
         out = []
-        state = obj.state
+        state = chain[-1].state
         if isinstance(state, tuple) and len(state) == 2 and all(isinstance(s, (dict, type(None))) for s in state):
             for part in state:
                 out += _children(part or {})
-        elif state is not None:
-            out += _children(state) if isinstance(state, (dict, list, tuple, Opaque)) else []
-        out += [(str(k), v) for k, v in obj.items.items()]
-        out += [(str(i), v) for i, v in enumerate(obj.list)]
-        if obj.args:
-            out += [(f"args.{i}", v) for i, v in enumerate(obj.args)]
+        elif isinstance(state, (dict, list, tuple)):
+            out += _children(state)
+        for o in reversed(chain):
+            out += [(str(k), v) for k, v in o.items.items()]
+            out += [(str(i), v) for i, v in enumerate(o.list)]
+            if o.args:
+                out += [(f"args.{i}", v) for i, v in enumerate(o.args)]
         return out
     return None
 
