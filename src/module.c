@@ -161,6 +161,15 @@ int tf_ml_dtypes(ModuleState *st) {
     return rc;
 }
 
+int tf_dtype_needs_import(const ModuleState *st, int dt) {
+    return st->descr[dt] == NULL && dtypes_table[dt].np_name != NULL && !st->ml_loaded;
+}
+
+PyObject *tf_dtype_of(ModuleState *st, int dt) {
+    if (tf_dtype_needs_import(st, dt) && tf_ml_dtypes(st) < 0) return NULL;
+    return st->descr[dt] ? (PyObject *)st->descr[dt] : st->dtype_value[dt];
+}
+
 PyDoc_STRVAR(set_helpers_doc,
 "_set_helpers($module, helpers, descrs, /)\n--\n\n"
 "Register torchfree's own Python helpers and extra dtype descriptors (internal; ml_dtypes'\n"

@@ -179,6 +179,11 @@ PyObject *tf_call_helper(Loader *L, const char *name, PyObject *args);
  * save meeting an array dtype it does not know call this, which fills descr[] and
  * dtype_value[] for them once (helpers["ml_dtypes_descrs"]). 0, or -1 with an exception. */
 int tf_ml_dtypes(ModuleState *st);
+/* The dtype object of dtype dt: its numpy descriptor (ml_dtypes' imported first where dt needs
+ * them), else torch's name "torch.<name>". Borrowed; NULL with an exception set if that import
+ * failed. Within a load, call loader_drop_off first when tf_dtype_needs_import says so. */
+PyObject *tf_dtype_of(ModuleState *st, int dt);
+int tf_dtype_needs_import(const ModuleState *st, int dt);
 
 /* archive.c */
 extern PyType_Spec ArchiveSpec;

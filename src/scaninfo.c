@@ -36,6 +36,7 @@ typedef struct {
     int64_t item;         /* bytes per element of the array load returns */
     int nd;
     int compact;          /* made from a TensorRef: dims hold its sizes and strides */
+    int dt;               /* made from a TensorRef: the array's dtype (v[TI_DTYPE] may wait for ml_dtypes) */
     int64_t dims[1];      /* size[nd], then stride[nd] (elements) */
 } TensorInfoObject;
 
@@ -122,6 +123,12 @@ static PyObject *field_get(TensorInfoObject *self, int i) {
         case TI_STRIDES: x = dims_tuple(self->dims + self->nd, self->nd, self->item); break;
         case TI_OFFSET: x = PyLong_FromLongLong((long long)self->offset); break;
         case TI_NBYTES: x = numel_times(self, self->item); break;
+        case TI_DTYPE: { /* bfloat16, float8: ml_dtypes is imported on first access */
+            ModuleState *st = self->compact ? tf_state_of_type(Py_TYPE(self)) : NULL;
+            x = st ? Py_XNewRef(tf_dtype_of(st, self->dt)) : NULL;
+            if (st == NULL && !PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "TensorInfo dtype missing");
+            break;
+        }
         default: PyErr_SetString(PyExc_SystemError, "TensorInfo field missing"); break;
         }
         if (x == NULL) return NULL;
@@ -354,14 +361,17 @@ static PyObject *ref_info(Walk *w, PyObject *name, TensorRef *r) {
         return NULL;
     }
     PyArray_Descr *d = st->descr[adt];
+    int later = tf_dtype_needs_import(st, adt); /* made on first access: scan needs no ml_dtypes */
     t->v[TI_NAME] = Py_NewRef(name);
-    t->v[TI_DTYPE] = Py_NewRef(d ? (PyObject *)d : st->dtype_value[adt]);
+    t->v[TI_DTYPE] = later ? NULL : Py_NewRef(d ? (PyObject *)d : st->dtype_value[adt]);
+    t->dt = adt;
     t->v[TI_KEY] = Py_NewRef(s->key);
     t->v[TI_LOCATION] = Py_NewRef(s->location);
     t->v[TI_TORCH_DTYPE] = Py_NewRef(w->torch_names[dt]);
     t->v[TI_CONJ] = Py_NewRef(r->conj ? Py_True : Py_False);
     t->v[TI_NEG] = Py_NewRef(r->neg ? Py_True : Py_False);
-    t->item = d ? (int64_t)PyDataType_ELSIZE(d) : (int64_t)dtypes_table[dt].itemsize;
+    t->item = d ? (int64_t)PyDataType_ELSIZE(d)
+                : later ? (int64_t)dtypes_table[adt].np_itemsize : (int64_t)dtypes_table[dt].itemsize;
     t->offset = r->offset;
     t->nd = r->nd;
     t->compact = 1;
@@ -654,8 +664,12 @@ PyObject *mod_storage_infos(PyObject *module, PyObject *args) {
         }
         StorageObject *s = (StorageObject *)o;
         int dt = s->dtype;
-        PyObject *v[5] = {Py_NewRef(s->key),
-                          Py_NewRef(st->descr[dt] ? (PyObject *)st->descr[dt] : st->dtype_value[dt]),
+        PyObject *d = tf_dtype_of(st, dt);
+        if (d == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyObject *v[5] = {Py_NewRef(s->key), Py_NewRef(d),
                           PyLong_FromSsize_t(s->nbytes), Py_NewRef(s->location), PyUnicode_Concat(prefix, s->key)};
         PyObject *t = tuple_of((PyTypeObject *)tp, v, 5);
         if (t == NULL) {

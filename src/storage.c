@@ -92,8 +92,8 @@ static PyObject *Storage_numpy(StorageObject *self, PyObject *Py_UNUSED(ignored)
 static PyObject *Storage_get_dtype(StorageObject *self, void *closure) {
     ModuleState *st = tf_state_of_type(Py_TYPE(self));
     if (st == NULL) return NULL;
-    PyObject *d = st->descr[self->dtype] ? (PyObject *)st->descr[self->dtype] : st->dtype_value[self->dtype];
-    return Py_NewRef(d);
+    PyObject *d = tf_dtype_of(st, self->dtype);
+    return d ? Py_NewRef(d) : NULL;
 }
 
 static PyObject *Storage_get_nbytes(StorageObject *self, void *closure) {

@@ -65,21 +65,23 @@ static PyObject *make_meta(Loader *L, PyObject *shape, int dt);
 /* dtype of a MetaArray / TensorRef: what the array would have (complex32 -> complex64). */
 static PyObject *dtype_object(ModuleState *st, int dt) {
     if (dt == DT_COMPLEX32) dt = DT_COMPLEX64;
-    return Py_NewRef(st->descr[dt] ? (PyObject *)st->descr[dt] : st->dtype_value[dt]);
+    PyObject *d = tf_dtype_of(st, dt);
+    return d ? Py_NewRef(d) : NULL;
 }
 
 static PyObject *make_meta(Loader *L, PyObject *shape, int dt) {
     ModuleState *st = L->st;
     PyTypeObject *tp = (PyTypeObject *)st->MetaArrayType;
+    if (tf_dtype_needs_import(st, dt == DT_COMPLEX32 ? DT_COMPLEX64 : dt)) loader_drop_off(L);
     PyObject *obj = tp->tp_alloc(tp, 0);
-    PyObject *dtype = dtype_object(st, dt);
-    if (obj == NULL || PyObject_SetAttr(obj, st->str_shape, shape) < 0 ||
+    PyObject *dtype = obj ? dtype_object(st, dt) : NULL;
+    if (dtype == NULL || PyObject_SetAttr(obj, st->str_shape, shape) < 0 ||
         PyObject_SetAttr(obj, st->str_dtype, dtype) < 0) {
         Py_XDECREF(obj);
         obj = NULL;
     }
     Py_DECREF(shape);
-    Py_DECREF(dtype);
+    Py_XDECREF(dtype);
     return obj;
 }
 
@@ -198,6 +200,10 @@ static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, 
     if (s->meta) { /* the map_location callable turned it into a meta storage */
         PyObject *shape = int_tuple(size, nd, 1);
         return shape ? make_meta(L, shape, dt) : NULL;
+    }
+    if (tf_dtype_needs_import(st, dt)) { /* a lazy archive's first such array (scan defers the import) */
+        loader_drop_off(L);
+        if (tf_ml_dtypes(st) < 0) return NULL;
     }
     PyArray_Descr *descr = st->descr[dt];
     if (descr == NULL)

@@ -371,8 +371,10 @@ static int do_global(Loader *L, const char *module, size_t mlen, const char *nam
         Py_XDECREF(args);
         return vm_push(L, r);
     }
-    if ((hit.id == G_STORAGE || hit.id == G_DTYPE || hit.id == G_LEGACY_TENSOR) && hit.arg >= 0 &&
-        L->st->descr[hit.arg] == NULL && dtypes_table[hit.arg].np_name != NULL && !L->st->ml_loaded) {
+    /* ml_dtypes' descriptors, before a load makes anything of such a dtype; a lazy archive's storage
+     * classes leave it to the first array or dtype asked for (scan lists torch's dtype names) */
+    if ((hit.id == G_DTYPE || hit.id == G_LEGACY_TENSOR || (hit.id == G_STORAGE && !L->lazy)) && hit.arg >= 0 &&
+        tf_dtype_needs_import(L->st, hit.arg)) {
         loader_drop_off(L); /* the import runs Python code */
         if (tf_ml_dtypes(L->st) < 0) return -1;
     }

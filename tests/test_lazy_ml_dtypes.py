@@ -32,6 +32,9 @@ def files(tmp_path_factory):
     # a dtype object in the pickle itself (a `torch bfloat16` GLOBAL, no storage of that type)
     torchfree.save({"dt": np.dtype(ml_dtypes.bfloat16), "x": np.ones(2, np.int64)}, d / "dtype_only.pt")
     torchfree.save({"x": np.ones(2, np.float32)}, d / "plain.pt")
+    # bfloat16 has a storage class (torch.BFloat16Storage, as torch writes it); float8 tensors name
+    # their dtype in a GLOBAL (_rebuild_tensor_v3), which imports ml_dtypes as any dtype GLOBAL does
+    torchfree.save({"bf": bf, "x": np.ones(3, np.float32)}, d / "bf16.pt")
     torchfree.save({"bf": bf}, d / "legacy.pt", format="legacy")
     return d, bf, f8
 
@@ -101,3 +104,45 @@ def test_first_need_is_a_save(tmp_path, files):
     got = torchfree.load(path)["bf"]
     assert got.dtype == ml_dtypes.bfloat16 and got.tobytes() == np.arange(6, dtype=np.float32).astype(
         ml_dtypes.bfloat16).tobytes()
+
+
+def test_scan_and_info_list_bf16_without_importing_it(files):
+    """scan() of a bfloat16 file reports torch's dtype names without ml_dtypes; a TensorInfo's or
+    StorageInfo's numpy dtype imports it on first access, and is then the ml_dtypes dtype."""
+    d, _, _ = files
+    out = _run("""
+        import sys, torchfree
+        info = torchfree.scan(sys.argv[1])
+        text = str(info)
+        before = 'ml_dtypes' in sys.modules
+        print(before, [(t.name, t.torch_dtype, t.nbytes, t.strides) for t in info.tensors])
+        print(info.dtype_totals)
+        print('bfloat16' in text, 'float8_e4m3fn' in text, 'ml_dtypes' in sys.modules)
+        print(repr(info.tensors[0].dtype), repr(info.storages[0].dtype), 'ml_dtypes' in sys.modules)
+        """, d / "bf16.pt")
+    lines = out.splitlines()
+    assert lines[0] == "False [('bf', 'bfloat16', 12, (6, 2)), ('x', 'float32', 12, (4,))]"
+    assert lines[1] == "{'bfloat16': 12, 'float32': 12}"
+    assert lines[2] == "True False False"
+    assert lines[3] == "dtype(bfloat16) dtype(bfloat16) True"
+    cli = _run("""
+        import sys
+        from torchfree.cli import main
+        main(["info", sys.argv[1]])
+        print('ml_dtypes' in sys.modules)""", d / "bf16.pt")
+    assert cli.splitlines()[-1] == "False" and "bfloat16" in cli
+
+
+def test_open_after_scan_gets_ml_dtypes_arrays(files):
+    """A lazy archive (open) whose storage classes did not import ml_dtypes imports it at its
+    first such array."""
+    d, bf, f8 = files
+    out = _run("""
+        import sys, torchfree
+        with torchfree.open(sys.argv[1]) as ck:
+            print('ml_dtypes' in sys.modules)
+            a = ck["bf"]
+            print(a.dtype, a.tobytes().hex(), 'ml_dtypes' in sys.modules)
+        """, d / "bf16.pt")
+    lines = out.splitlines()
+    assert lines == ["False", f"bfloat16 {bf.tobytes().hex()} True"]

@@ -168,13 +168,13 @@ def _torch_name(dt) -> str:
 
 
 def _memo(fn):
-    """fn with its results kept for the call at hand; a (type, value) key calls fn(value)."""
+    """fn with its results kept for the call at hand."""
     cache: dict = {}
 
     def get(key):
         v = cache.get(key)
         if v is None:
-            v = cache[key] = fn(key[1] if type(key) is tuple else key)
+            v = cache[key] = fn(key)
         return v
 
     return get
@@ -244,7 +244,13 @@ class CheckpointInfo:
     @property
     def total_bytes(self) -> int:
         """Bytes of all storages (shared ones once)."""
-        return sum(s.nbytes for s in self.storages)
+        return sum(s.nbytes for s in self._storage_list())
+
+    def _storage_list(self) -> list:
+        """The storages, or what StorageInfos are made of (as many, the same nbytes) when they are
+        not made yet: the header and totals need no numpy dtype (bfloat16: no ml_dtypes import)."""
+        v = self._storages
+        return v.args[0] if type(v) is _Later else v
 
     @property
     def param_count(self) -> int:
@@ -254,14 +260,9 @@ class CheckpointInfo:
     @property
     def dtype_totals(self) -> dict:
         """{dtype name: bytes of tensors of that dtype}."""
-        by_dtype: dict = {}
-        for t in self.tensors:
-            d = t.dtype
-            k = (type(d), d)
-            by_dtype[k] = by_dtype.get(k, 0) + t.nbytes
         out: dict = collections.Counter()
-        for (_, d), n in by_dtype.items():
-            out[_torch_name(d)] += n
+        for t in self.tensors:  # torch's names: listing them needs no ml_dtypes
+            out[t.torch_dtype] += t.nbytes
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def __getitem__(self, name) -> TensorInfo:
@@ -311,14 +312,14 @@ class CheckpointInfo:
     def _header(self) -> str:
         where = f"{self.path}: " if self.path is not None else ""
         return (f"{where}{self.format} checkpoint ({self.byteorder}-endian), {len(self.tensors)} tensors, "
-                f"{len(self.storages)} storages, {_human(self.total_bytes)}, {self.param_count:,} elements")
+                f"{len(self._storage_list())} storages, {_human(self.total_bytes)}, {self.param_count:,} elements")
 
     def __str__(self) -> str:
         ts = self.tensors
-        dn, human = _memo(_torch_name), _memo(_human)
+        human = _memo(_human)
         cols = [
             ["name"] + [t.name or "<root>" for t in ts],
-            ["dtype"] + [dn((type(d := t.dtype), d)) for t in ts],
+            ["dtype"] + [t.torch_dtype for t in ts],
             ["shape"] + ["x".join(map(str, t.shape)) or "()" for t in ts],
             ["storage"] + ["-" if (k := t.storage_key) is None else str(k) for t in ts],
             ["offset"] + [str(t.storage_offset) for t in ts],
@@ -360,7 +361,7 @@ class CheckpointInfo:
             f'<td><div style="width:{200 * t.nbytes / top:.0f}px;height:.7em;background:#4e79a7"></div></td></tr>'
             for t in biggest)
         rows = "".join(
-            f"<tr><td>{e(t.name)}</td><td>{e(_torch_name(t.dtype))}</td><td>{e(str(tuple(t.shape)))}</td>"
+            f"<tr><td>{e(t.name)}</td><td>{e(t.torch_dtype)}</td><td>{e(str(tuple(t.shape)))}</td>"
             f"<td>{e(str(t.storage_key))}</td><td>{t.storage_offset}</td><td>{e(_human(t.nbytes))}</td>"
             f"<td>{e(t.location)}</td></tr>" for t in self.tensors[:500])
         more = f"<p>… {len(self.tensors) - 500} more tensors</p>" if len(self.tensors) > 500 else ""
