@@ -14,7 +14,7 @@ Fixtures (written with torch.save when torch is installed, else torchfree.save):
   and for safetensors, the same tensors in a .safetensors file (views saved contiguous).
 
 Scenarios: load-mmap, load-copy, scan, open (one tensor), save, info (the whole process
-`python -m torchfree info FILE`), import. Tools: torchfree, torch, safetensors, tinygrad's
+`torchfree info FILE`, the command pip installs), import. Tools: torchfree, torch, safetensors, tinygrad's
 torch_load, a naive zipfile+pickle+numpy loader (bench/naive_loader.py), and the limits
 (readinto into fresh memory, mmap with MAP_POPULATE, one write() of the same bytes, pread of
 one tensor's bytes). A peer that is not installed gets a row saying so.
@@ -895,7 +895,13 @@ def scenario_info(fx, rows_out):
             r.note = err
         rows.append(r)
 
-    add("python -m torchfree info FILE", [py, "-m", "torchfree", "info", fx.path], kind="torchfree")
+    # the `torchfree` command pip installs (README): the script itself where installed, else the
+    # same three lines pip's launcher runs (`python -m` would add runpy's ~3 ms import)
+    exe = os.path.join(os.path.dirname(py), "torchfree")
+    cmd = [exe] if os.environ.get("TORCHFREE_BENCH_INSTALLED") and os.access(exe, os.X_OK) else [
+        py, "-c", "import re, sys\nfrom torchfree.cli import main\n"
+        "sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\nsys.exit(main())"]
+    add("torchfree info FILE", cmd + ["info", fx.path], kind="torchfree")
     add("python: torch.load(mmap=True), print names+shapes",
         [py, "-c", "import sys, torch\n"
          "o = torch.load(sys.argv[1], weights_only=True, mmap=True)\n"
