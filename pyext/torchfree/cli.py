@@ -6,6 +6,7 @@ on stderr: ``torchfree: error: ...``; ``--traceback`` shows the whole traceback 
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -312,6 +313,18 @@ def cmd_info(args) -> int:
 
 
 def _info(args) -> int:
+    # its objects live until the process ends, or are freed by reference counts: no collection pass
+    # (three of them, ~1 ms, in `torchfree info` of a 231-tensor file)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _info_unpaused(args)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _info_unpaused(args) -> int:
     fmt = detect(args.file)
     meta = None
     if fmt == "pt":
