@@ -53,7 +53,7 @@ static const char K_REBUILD_V2, K_REBUILD_V3, K_REBUILD_META, K_REBUILD_QTENSOR,
 #endif
 /* In a save of at most SAVE_WHOLE_TOTAL_MAX bytes, a record of at most SAVE_WHOLE_MAX is CRCed and
  * written in one piece: on this project's machine (Linux 6.18, ext4) a 100 MB state_dict of
- * records up to 9.4 MB saved 5% faster so than in 512 KB pieces (the page cache gets larger
+ * records up to 9.4 MB saved 5% faster than in 512 KB pieces (the page cache gets larger
  * folios). Bigger saves keep to SAVE_INLINE_CHUNK pieces: writes of 2 MB or more into a 2 GB
  * file took 1.5-3x longer whenever an earlier writer had left memory fragmented (direct
  * compaction), 512 KB ones did not. */
