@@ -325,6 +325,12 @@ static int prefault_drop(Prefault *p, uint64_t seen) {
 
 static int prefault_dropping(Prefault *p) { return __atomic_load_n(&p->dropping, __ATOMIC_RELAXED); }
 
+int loader_need_dtype(Loader *L, int dt) {
+    if (!tf_dtype_needs_import(L->st, dt)) return 0;
+    loader_drop_off(L);
+    return tf_ml_dtypes(L->st);
+}
+
 void loader_drop_off(Loader *L) {
     if (!L->drop_ok) return;
     L->drop_ok = 0;

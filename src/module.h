@@ -198,6 +198,9 @@ void loader_drop_note(Loader *L, const ZipEntry *e);
  * before running Python code or releasing the GIL during a load, as user code could then see an
  * array over the mapping and write to it. */
 void loader_drop_off(Loader *L);
+/* ml_dtypes' descriptors where dtype dt needs them and they are not asked for yet: page dropping
+ * stops first (the import runs Python code). 0, or -1 with an exception. */
+int loader_need_dtype(Loader *L, int dt);
 /* Torch mode: torch["finish"](obj, number of storages) (bare storages become torch storages).
  * New reference. */
 PyObject *loader_torch_finish(Loader *L, PyObject *obj);

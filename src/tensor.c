@@ -72,7 +72,10 @@ static PyObject *dtype_object(ModuleState *st, int dt) {
 static PyObject *make_meta(Loader *L, PyObject *shape, int dt) {
     ModuleState *st = L->st;
     PyTypeObject *tp = (PyTypeObject *)st->MetaArrayType;
-    if (tf_dtype_needs_import(st, dt == DT_COMPLEX32 ? DT_COMPLEX64 : dt)) loader_drop_off(L);
+    if (loader_need_dtype(L, dt == DT_COMPLEX32 ? DT_COMPLEX64 : dt) < 0) {
+        Py_DECREF(shape);
+        return NULL;
+    }
     PyObject *obj = tp->tp_alloc(tp, 0);
     PyObject *dtype = obj ? dtype_object(st, dt) : NULL;
     if (dtype == NULL || PyObject_SetAttr(obj, st->str_shape, shape) < 0 ||
@@ -201,10 +204,7 @@ static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, 
         PyObject *shape = int_tuple(size, nd, 1);
         return shape ? make_meta(L, shape, dt) : NULL;
     }
-    if (tf_dtype_needs_import(st, dt)) { /* a lazy archive's first such array (scan defers the import) */
-        loader_drop_off(L);
-        if (tf_ml_dtypes(st) < 0) return NULL;
-    }
+    if (loader_need_dtype(L, dt) < 0) return NULL; /* a lazy archive's first such array (scan defers it) */
     PyArray_Descr *descr = st->descr[dt];
     if (descr == NULL)
         return tf_raise(L, st->UnpicklingError, "dtype %s needs ml_dtypes, which is not available", info->name), NULL;

@@ -374,10 +374,8 @@ static int do_global(Loader *L, const char *module, size_t mlen, const char *nam
     /* ml_dtypes' descriptors, before a load makes anything of such a dtype; a lazy archive's storage
      * classes leave it to the first array or dtype asked for (scan lists torch's dtype names) */
     if ((hit.id == G_DTYPE || hit.id == G_LEGACY_TENSOR || (hit.id == G_STORAGE && !L->lazy)) && hit.arg >= 0 &&
-        tf_dtype_needs_import(L->st, hit.arg)) {
-        loader_drop_off(L); /* the import runs Python code */
-        if (tf_ml_dtypes(L->st) < 0) return -1;
-    }
+        loader_need_dtype(L, hit.arg) < 0)
+        return -1;
     PyObject *value = tensor_global_value(L, &hit, canon);
     if (value != NULL) return vm_push(L, value);
     if (PyErr_Occurred()) return -1;

@@ -18,10 +18,13 @@ import torchfree
 
 
 def _rss_file_kb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssFile:"):
-                return int(line.split()[1])
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1])
+    except OSError:  # no /proc (not Linux): the one test that needs it is skipped
+        pass
     return None
 
 
