@@ -31,6 +31,8 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "crc32.h"
@@ -45,9 +47,9 @@
 static const char K_REBUILD_V2, K_REBUILD_V3, K_REBUILD_META, K_REBUILD_QTENSOR, K_UNTYPED, K_ORDERED_DICT, K_COUNTER, K_SET,
     K_COMPLEX, K_CODECS_ENCODE, K_BYTEARRAY;
 
-#define SAVE_CHUNK ((size_t)8 << 20)             /* bytes per write/CRC step */
 /* without the CRC thread: CRC a piece then write it while it is still in the
- * core's cache, so the CRC costs no second trip to memory */
+ * core's cache, so the CRC costs no second trip to memory (the legacy stream,
+ * without CRCs, is written in the same pieces: see SAVE_WHOLE_MAX) */
 #ifndef SAVE_INLINE_CHUNK
 #define SAVE_INLINE_CHUNK ((size_t)512 << 10)
 #endif
@@ -69,6 +71,10 @@ static const char K_REBUILD_V2, K_REBUILD_V3, K_REBUILD_META, K_REBUILD_QTENSOR,
 #define SAVE_CRC_THREAD_MIN ((uint64_t)16 << 20) /* below this, CRC inline */
 #define SAVE_KICK ((int64_t)32 << 20)            /* start writeback every this many bytes */
 #define SAVE_BATCH 1000                          /* _pickle.c BATCHSIZE */
+#define SAVE_RESERVE_MIN ((uint64_t)1 << 20)     /* smaller saves reserve no blocks */
+#ifndef EXT4_SUPER_MAGIC
+#define EXT4_SUPER_MAGIC 0xEF53
+#endif
 
 /* ---- per-call state ---------------------------------------------------------- */
 
@@ -1454,6 +1460,7 @@ typedef struct {
      * the disk works while we write (the fsync then has little left to do) */
     int kick;
     int64_t pos, kicked;    /* file offsets: written so far, writeback started up to */
+    int reserved;           /* sink_reserve asked for blocks past the end (sink_trim frees the rest) */
     /* the record being written: pieces inside it are passed without a copy */
     const char *span_lo, *span_hi;
     PyObject *span_owner;
@@ -1528,6 +1535,38 @@ static int sink_write(void *ctx, const void *buf, size_t n) {
         n -= done;
     }
     return 0;
+}
+
+/* Ask ext4 for the blocks of the `upper` bytes (at least) about to be written at the end of a
+ * regular file, keeping its size. On this project's machine (Linux 6.18, ext4) the same 512 KB
+ * write() calls then took 264 instead of 404 ms for 2 GB and 13.3 instead of 20.7 ms for 100 MB
+ * (the page cache is filled over allocated blocks instead of delayed allocation), and the fsync
+ * after them was no slower. On tmpfs it cost 10%, so only ext4 gets it. Failures (no space, no
+ * support) are ignored: the writes then run, and fail, as without it. */
+static void sink_reserve(Sink *k, uint64_t upper) {
+    struct stat st;
+    struct statfs fs;
+    if (k->fd < 0 || upper < SAVE_RESERVE_MIN || upper > (uint64_t)INT64_MAX / 2) return;
+    if (fstat(k->fd, &st) != 0 || !S_ISREG(st.st_mode) || fstatfs(k->fd, &fs) != 0 ||
+        fs.f_type != EXT4_SUPER_MAGIC)
+        return;
+    off_t at = lseek(k->fd, 0, SEEK_CUR);
+    if (at < 0 || st.st_size > at) return; /* only a file written at its end */
+    k->reserved = 1; /* a failed fallocate may still leave blocks */
+    if (fallocate(k->fd, FALLOC_FL_KEEP_SIZE, at, (off_t)upper) != 0) {
+        /* ignored (see above) */
+    }
+}
+
+/* Free the reserved blocks past the end of what was written (truncating a file to its own size
+ * does that on ext4; nothing else changes). */
+static void sink_trim(Sink *k) {
+    struct stat st;
+    if (!k->reserved) return;
+    k->reserved = 0;
+    if (fstat(k->fd, &st) == 0 && ftruncate(k->fd, st.st_size) != 0) {
+        /* the blocks stay reserved until the file is truncated or deleted: nothing is lost */
+    }
 }
 
 /* ---- CRC thread ------------------------------------------------------------------ */
@@ -1610,6 +1649,11 @@ static int crc_thread_pays(void) {
 
 /* ---- writing ---------------------------------------------------------------------- */
 
+/* The bytes per write() of a record of nbytes in a save of total record bytes (SAVE_WHOLE_MAX). */
+static uint64_t save_piece(uint64_t total, uint64_t nbytes) {
+    return total > SAVE_WHOLE_TOTAL_MAX || nbytes > SAVE_WHOLE_MAX ? SAVE_INLINE_CHUNK : nbytes;
+}
+
 typedef struct {
     Saver *S;
     Sink *sink;
@@ -1647,6 +1691,9 @@ static TfStatus write_zip(WriteJob *w) {
         recs[i] = &S->recs[S->order[i]];
         total += recs[i]->nbytes;
     }
+    /* an upper bound of the file: the records, data.pkl, the small records, and per record at most
+     * two names, a local header with zip64 and alignment extras, a descriptor and a central entry */
+    sink_reserve(w->sink, total + S->pk.len + (S->n_order + 8) * (320 + 2 * (uint64_t)w->prefix_len) + 4096);
     if (w->use_thread && total >= SAVE_CRC_THREAD_MIN) {
         memset(&job, 0, sizeof job);
         job.recs = recs;
@@ -1672,7 +1719,7 @@ static TfStatus write_zip(WriteJob *w) {
         snprintf(name, sizeof name, "data/%zu", i);
         if ((rc = zipwrite_begin(&z, name, r->nbytes, !started, err)) != TF_OK) goto done;
         set_span(w->sink, r);
-        uint64_t piece = started || total > SAVE_WHOLE_TOTAL_MAX || r->nbytes > SAVE_WHOLE_MAX ? SAVE_INLINE_CHUNK : r->nbytes;
+        uint64_t piece = started ? SAVE_INLINE_CHUNK : save_piece(total, r->nbytes);
         for (uint64_t off = 0; off < r->nbytes; off += piece) {
             size_t n = r->nbytes - off < piece ? (size_t)(r->nbytes - off) : (size_t)piece;
             if ((rc = zipwrite_data(&z, r->start + off, n, err)) != TF_OK) {
@@ -1757,6 +1804,9 @@ static TfStatus write_legacy(WriteJob *w, const uint8_t *keys_pk, size_t keys_le
     Out o = {w->sink, malloc(ZW_BUFFER), 0, &w->err};
     if (o.buf == NULL) return tf_fail(&w->err, TF_ERR_NOMEM, 0, "out of memory");
     TfStatus rc;
+    uint64_t total = 0;
+    for (size_t i = 0; i < S->n_order; i++) total += S->recs[keys[i].rec].nbytes;
+    sink_reserve(w->sink, sizeof LEGACY_HEAD + S->pk.len + keys_len + 8 * (uint64_t)S->n_order + total);
     if ((rc = out_write(&o, LEGACY_HEAD, sizeof LEGACY_HEAD - 1)) != TF_OK ||
         (rc = out_write(&o, S->pk.data, S->pk.len)) != TF_OK || (rc = out_write(&o, keys_pk, keys_len)) != TF_OK)
         goto done;
@@ -1766,8 +1816,9 @@ static TfStatus write_legacy(WriteJob *w, const uint8_t *keys_pk, size_t keys_le
         tf_put64(h, r->nbytes / dtypes_table[r->dt].itemsize);
         if ((rc = out_write(&o, h, 8)) != TF_OK) goto done;
         set_span(w->sink, r);
-        for (uint64_t off = 0; off < r->nbytes; off += SAVE_CHUNK) {
-            size_t n = r->nbytes - off < SAVE_CHUNK ? (size_t)(r->nbytes - off) : SAVE_CHUNK;
+        uint64_t piece = save_piece(total, r->nbytes);
+        for (uint64_t off = 0; off < r->nbytes; off += piece) {
+            size_t n = r->nbytes - off < piece ? (size_t)(r->nbytes - off) : (size_t)piece;
             if ((rc = out_write(&o, r->start + off, n)) != TF_OK) break;
         }
         set_span(w->sink, NULL);
@@ -1965,6 +2016,7 @@ PyObject *mod_save(PyObject *module, PyObject *args, PyObject *kwargs) {
     if (sink.fd >= 0) {
         Py_BEGIN_ALLOW_THREADS
         rc = legacy ? write_legacy(&w, kp.data, kp.len, keys) : write_zip(&w);
+        sink_trim(&sink);
         Py_END_ALLOW_THREADS
     } else {
         rc = legacy ? write_legacy(&w, kp.data, kp.len, keys) : write_zip(&w);

@@ -22,7 +22,8 @@ def test_suite_tiny_runs(tmp_path):
     for tool in ("torchfree.load(mmap=True)", "torchfree.load(mmap=False)", "torchfree.scan",
                  "torchfree.open(mmap=False)[name]", "torchfree.save(atomic=False)",
                  "limit: readinto fresh memory (np.empty)", "naive zipfile+pickle+numpy",
-                 "limit: write() the same bytes, 2 MB calls", "limit: write() the same bytes, 512 kB calls"):
+                 "limit: write() the same bytes, 2 MB calls", "limit: write() the same bytes, 512 kB calls",
+                 "limit: fallocate + write() the same bytes, 512 kB calls"):
         assert tool in tools, (tool, p.stdout[-3000:])
     # every torchfree row ran and its result check passed
     for r in rows:

@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import os
 import pickle
 import stat
 import struct
 import subprocess
+import sys
 import warnings
 import zipfile
 
@@ -29,6 +31,8 @@ import pytest
 
 import torchfree
 from conftest import assert_same
+
+PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(torchfree.__file__)))
 
 # numpy dtypes that map to a torch dtype (numpy arrays are written as their numpy dtype)
 NP_DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, np.complex128, np.complex64, np.int64,
@@ -615,6 +619,69 @@ def test_not_atomic_writes_in_place(tmp_path):
     assert os.stat(p).st_ino == ino and torchfree.load(p)["v"] == 2
     torchfree.save({"v": 3}, p)
     assert os.stat(p).st_ino != ino  # atomic: a new file renamed over the old one
+
+
+def _on_ext4(path) -> bool:
+    """Whether path is on ext4 (where save reserves the file's blocks before writing)."""
+    best, fs = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, typ = line.split()[:3]
+            mnt = mnt.replace("\\040", " ")
+            if os.path.realpath(path).startswith(mnt.rstrip("/") + "/") and len(mnt) > len(best):
+                best, fs = mnt, typ
+    return fs == "ext4"
+
+
+def _allocated_past_end(path) -> int:
+    """Bytes of disk blocks the file holds beyond its size rounded up to a 4 KiB block."""
+    st = os.stat(path)
+    return st.st_blocks * 512 - (st.st_size + 4095) // 4096 * 4096
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("atomic", [True, False])
+def test_reserved_blocks_are_trimmed(tmp_path, fmt, atomic):
+    """On ext4 a save of 1 MB or more first reserves an upper bound of the file's blocks
+    (fallocate, keeping the size) and frees what it did not use: the file holds the bytes a
+    stream gets and no block past its end (2,000 records over-reserve about 700 KB)."""
+    obj = {f"t{i}": random_array(np.float32, 131 + i % 7, seed=i) for i in range(2000)}
+    obj["big"] = random_array(np.uint8, (1 << 20) + 5, seed=1)
+    p = tmp_path / "m.pt"
+    p.write_bytes(b"old contents " * 100_000)  # replaced (atomic) or truncated (not)
+    torchfree.save(obj, p, format=fmt, atomic=atomic)
+    ref = io.BytesIO()
+    torchfree._core.save(obj, ref, "m", fmt == "legacy")
+    assert p.read_bytes() == ref.getvalue()
+    assert _allocated_past_end(p) <= 0, (os.stat(p).st_blocks, os.stat(p).st_size)
+    if fmt == "zip":
+        with zipfile.ZipFile(p) as z:
+            assert z.testzip() is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and SIGXFSZ as Linux has them")
+def test_failed_write_frees_reserved_blocks(tmp_path):
+    """A save that fails part way (here: the file size limit) raises OSError and leaves no
+    reserved block past what it wrote."""
+    p = tmp_path / "m.pt"
+    code = f"""
+import os, resource, signal, sys
+sys.path.insert(0, {PKG_DIR!r})
+import numpy as np, torchfree
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+try:
+    torchfree.save({{"w": np.ones(1 << 20, np.float32)}}, {str(p)!r}, atomic=False)
+except OSError as e:
+    print("OSError", e.errno)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["OSError", str(errno.EFBIG)]
+    assert os.path.getsize(p) <= 1 << 20
+    assert _allocated_past_end(p) <= 0
+    if _on_ext4(tmp_path):
+        assert os.path.getsize(p) > 0  # the writes ran up to the limit
 
 
 def test_save_over_the_file_being_mapped(tmp_path):
