@@ -1654,6 +1654,20 @@ static uint64_t save_piece(uint64_t total, uint64_t nbytes) {
     return total > SAVE_WHOLE_TOTAL_MAX || nbytes > SAVE_WHOLE_MAX ? SAVE_INLINE_CHUNK : nbytes;
 }
 
+/* The next write of a record's bytes at output offset pos, left bytes to go: at most `piece`, and
+ * SAVE_INLINE_CHUNK pieces end at multiples of SAVE_INLINE_CHUNK in the output, so that every
+ * write() but a record's first and last covers whole pages (512 KB writes at 64 bytes past a
+ * page boundary took 285 instead of 243 ms for 2 GB here). A short first piece is gathered with
+ * the record's header. */
+static size_t next_piece(uint64_t pos, uint64_t left, uint64_t piece) {
+    uint64_t n = left < piece ? left : piece;
+    if (piece == SAVE_INLINE_CHUNK) {
+        uint64_t to_boundary = SAVE_INLINE_CHUNK - pos % SAVE_INLINE_CHUNK;
+        if (n > to_boundary) n = to_boundary;
+    }
+    return (size_t)n;
+}
+
 typedef struct {
     Saver *S;
     Sink *sink;
@@ -1720,9 +1734,9 @@ static TfStatus write_zip(WriteJob *w) {
         if ((rc = zipwrite_begin(&z, name, r->nbytes, !started, err)) != TF_OK) goto done;
         set_span(w->sink, r);
         uint64_t piece = started ? SAVE_INLINE_CHUNK : save_piece(total, r->nbytes);
-        for (uint64_t off = 0; off < r->nbytes; off += piece) {
-            size_t n = r->nbytes - off < piece ? (size_t)(r->nbytes - off) : (size_t)piece;
-            if ((rc = zipwrite_data(&z, r->start + off, n, err)) != TF_OK) {
+        for (uint64_t off = 0, n; off < r->nbytes; off += n) {
+            n = next_piece(z.pos, r->nbytes - off, piece);
+            if ((rc = zipwrite_data(&z, r->start + off, (size_t)n, err)) != TF_OK) {
                 set_span(w->sink, NULL);
                 goto done;
             }
@@ -1756,6 +1770,7 @@ typedef struct {
     uint8_t *buf;
     size_t len;
     TfErr *err;
+    uint64_t pos; /* bytes passed to out_write */
 } Out;
 
 static TfStatus out_flush(Out *o) {
@@ -1766,6 +1781,7 @@ static TfStatus out_flush(Out *o) {
 }
 
 static TfStatus out_write(Out *o, const void *p, size_t n) {
+    o->pos += n;
     if (n <= ZW_BUFFER - o->len) {
         memcpy(o->buf + o->len, p, n);
         o->len += n;
@@ -1801,7 +1817,7 @@ static int cmp_legacy_key(const void *a, const void *b) {
  * + bytes) in key-list order. keys_pickle is written by the caller. */
 static TfStatus write_legacy(WriteJob *w, const uint8_t *keys_pk, size_t keys_len, const LegacyKey *keys) {
     Saver *S = w->S;
-    Out o = {w->sink, malloc(ZW_BUFFER), 0, &w->err};
+    Out o = {w->sink, malloc(ZW_BUFFER), 0, &w->err, 0};
     if (o.buf == NULL) return tf_fail(&w->err, TF_ERR_NOMEM, 0, "out of memory");
     TfStatus rc;
     uint64_t total = 0;
@@ -1817,9 +1833,9 @@ static TfStatus write_legacy(WriteJob *w, const uint8_t *keys_pk, size_t keys_le
         if ((rc = out_write(&o, h, 8)) != TF_OK) goto done;
         set_span(w->sink, r);
         uint64_t piece = save_piece(total, r->nbytes);
-        for (uint64_t off = 0; off < r->nbytes; off += piece) {
-            size_t n = r->nbytes - off < piece ? (size_t)(r->nbytes - off) : (size_t)piece;
-            if ((rc = out_write(&o, r->start + off, n)) != TF_OK) break;
+        for (uint64_t off = 0, n; off < r->nbytes; off += n) {
+            n = next_piece(o.pos, r->nbytes - off, piece);
+            if ((rc = out_write(&o, r->start + off, (size_t)n)) != TF_OK) break;
         }
         set_span(w->sink, NULL);
         if (rc != TF_OK) goto done;
