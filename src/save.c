@@ -47,23 +47,15 @@
 static const char K_REBUILD_V2, K_REBUILD_V3, K_REBUILD_META, K_REBUILD_QTENSOR, K_UNTYPED, K_ORDERED_DICT, K_COUNTER, K_SET,
     K_COMPLEX, K_CODECS_ENCODE, K_BYTEARRAY;
 
-/* without the CRC thread: CRC a piece then write it while it is still in the
- * core's cache, so the CRC costs no second trip to memory (the legacy stream,
- * without CRCs, is written in the same pieces: see SAVE_WHOLE_MAX) */
+/* Record bytes are written in pieces of SAVE_INLINE_CHUNK that end on multiples of it in the
+ * output (next_piece); without the CRC thread each piece is CRCed just before it is written, while
+ * it is in the core's cache, so the CRC costs no second trip to memory. On this project's machine
+ * (Linux 6.18, ext4) writes of 2 MB or more into a 2 GB file took 1.5-3x longer whenever an
+ * earlier writer had left memory fragmented (direct compaction), 512 KB ones did not; and aligned
+ * 512 KB pieces (after sink_reserve) saved a 100 MB state_dict faster than writing each record
+ * whole (13.8 vs 14.9 ms). The legacy stream is written in the same pieces. */
 #ifndef SAVE_INLINE_CHUNK
 #define SAVE_INLINE_CHUNK ((size_t)512 << 10)
-#endif
-/* In a save of at most SAVE_WHOLE_TOTAL_MAX bytes, a record of at most SAVE_WHOLE_MAX is CRCed and
- * written in one piece: on this project's machine (Linux 6.18, ext4) a 100 MB state_dict of
- * records up to 9.4 MB saved 5% faster than in 512 KB pieces (the page cache gets larger
- * folios). Bigger saves keep to SAVE_INLINE_CHUNK pieces: writes of 2 MB or more into a 2 GB
- * file took 1.5-3x longer whenever an earlier writer had left memory fragmented (direct
- * compaction), 512 KB ones did not. */
-#ifndef SAVE_WHOLE_MAX
-#define SAVE_WHOLE_MAX ((uint64_t)16 << 20)
-#endif
-#ifndef SAVE_WHOLE_TOTAL_MAX
-#define SAVE_WHOLE_TOTAL_MAX ((uint64_t)256 << 20)
 #endif
 #ifndef SAVE_CRC_LEAD
 #define SAVE_CRC_LEAD ((uint64_t)1 << 20) /* the CRC thread's most bytes ahead of the writer */
@@ -1649,23 +1641,13 @@ static int crc_thread_pays(void) {
 
 /* ---- writing ---------------------------------------------------------------------- */
 
-/* The bytes per write() of a record of nbytes in a save of total record bytes (SAVE_WHOLE_MAX). */
-static uint64_t save_piece(uint64_t total, uint64_t nbytes) {
-    return total > SAVE_WHOLE_TOTAL_MAX || nbytes > SAVE_WHOLE_MAX ? SAVE_INLINE_CHUNK : nbytes;
-}
-
-/* The next write of a record's bytes at output offset pos, left bytes to go: at most `piece`, and
- * SAVE_INLINE_CHUNK pieces end at multiples of SAVE_INLINE_CHUNK in the output, so that every
- * write() but a record's first and last covers whole pages (512 KB writes at 64 bytes past a
- * page boundary took 285 instead of 243 ms for 2 GB here). A short first piece is gathered with
- * the record's header. */
-static size_t next_piece(uint64_t pos, uint64_t left, uint64_t piece) {
-    uint64_t n = left < piece ? left : piece;
-    if (piece == SAVE_INLINE_CHUNK) {
-        uint64_t to_boundary = SAVE_INLINE_CHUNK - pos % SAVE_INLINE_CHUNK;
-        if (n > to_boundary) n = to_boundary;
-    }
-    return (size_t)n;
+/* The next write of a record's bytes at output offset pos, left bytes to go: up to the next
+ * multiple of SAVE_INLINE_CHUNK in the output, so that every write() but a record's first and last
+ * covers whole pages (512 KB writes at 64 bytes past a page boundary took 285 instead of 243 ms
+ * for 2 GB here). A short first piece is gathered with the record's header. */
+static size_t next_piece(uint64_t pos, uint64_t left) {
+    uint64_t to_boundary = SAVE_INLINE_CHUNK - pos % SAVE_INLINE_CHUNK;
+    return (size_t)(left < to_boundary ? left : to_boundary);
 }
 
 typedef struct {
@@ -1733,9 +1715,8 @@ static TfStatus write_zip(WriteJob *w) {
         snprintf(name, sizeof name, "data/%zu", i);
         if ((rc = zipwrite_begin(&z, name, r->nbytes, !started, err)) != TF_OK) goto done;
         set_span(w->sink, r);
-        uint64_t piece = started ? SAVE_INLINE_CHUNK : save_piece(total, r->nbytes);
         for (uint64_t off = 0, n; off < r->nbytes; off += n) {
-            n = next_piece(z.pos, r->nbytes - off, piece);
+            n = next_piece(z.pos, r->nbytes - off);
             if ((rc = zipwrite_data(&z, r->start + off, (size_t)n, err)) != TF_OK) {
                 set_span(w->sink, NULL);
                 goto done;
@@ -1832,9 +1813,8 @@ static TfStatus write_legacy(WriteJob *w, const uint8_t *keys_pk, size_t keys_le
         tf_put64(h, r->nbytes / dtypes_table[r->dt].itemsize);
         if ((rc = out_write(&o, h, 8)) != TF_OK) goto done;
         set_span(w->sink, r);
-        uint64_t piece = save_piece(total, r->nbytes);
         for (uint64_t off = 0, n; off < r->nbytes; off += n) {
-            n = next_piece(o.pos, r->nbytes - off, piece);
+            n = next_piece(o.pos, r->nbytes - off);
             if ((rc = out_write(&o, r->start + off, (size_t)n)) != TF_OK) break;
         }
         set_span(w->sink, NULL);

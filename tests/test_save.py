@@ -543,8 +543,8 @@ def test_file_objects():
 @pytest.mark.parametrize("crc_thread", [0, 1])
 def test_crc_thread_and_inline_write_the_same_bytes(tmp_path, crc_thread):
     """The CRCs come from a second thread or chunk by chunk: the same file either way, for a
-    file descriptor (GIL released) and a Python stream. Records up to 16 MB are written whole,
-    "big" (> 16 MB, an odd size) in 512 KB pieces."""
+    file descriptor (GIL released) and a Python stream, with records of 1 MB and one of 17 MB
+    (an odd size) written in 512 KB pieces."""
     obj = {f"w{i}": random_array(np.float32, (1 << 20) + i, seed=i) for i in range(20)}
     obj["big"] = random_array(np.uint8, (17 << 20) + 3, seed=99)
     obj["e"] = np.zeros(0)
@@ -566,9 +566,9 @@ def test_crc_thread_and_inline_write_the_same_bytes(tmp_path, crc_thread):
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
 def test_records_in_pieces_roundtrip(tmp_path, fmt):
-    """Records over 16 MB (and every record of a save over 256 MB) are written in 512 KB pieces that
-    end on 512 KB boundaries of the file, whatever offset the record starts at: odd sizes after
-    odd-sized records load back equal, and the file is what a stream gets."""
+    """Records are written in pieces that end on 512 KB boundaries of the file, whatever offset a
+    record starts at: odd sizes after odd-sized records load back equal, and the file is what a
+    stream gets."""
     obj = {"a": random_array(np.uint8, 7, seed=1), "big": random_array(np.uint8, (17 << 20) + 3, seed=2),
            "b": random_array(np.float32, 1001, seed=3), "big2": random_array(np.float64, (3 << 20) // 8 * 7 + 1, seed=4)}
     p = tmp_path / "x.pt"
