@@ -141,6 +141,23 @@ def test_open_reads_single_tensors(tmp_path):
             ck[next(iter(full))]
 
 
+def test_open_reads_a_big_record_in_pieces(tmp_path):
+    """A stored record of 8 MB or more read on its own (open()[name] without mmap) is read by
+    several threads in pieces: the same bytes, a view of it shares them, and a file cut short
+    after it was opened still raises the plain read's error."""
+    w = np.random.default_rng(0).standard_normal((3 << 20) + 5).astype(np.float32)  # 12 MB, odd size
+    p = tmp_path / "big.pt"
+    torchfree.save({"a": np.ones(3), "w": w, "v": w[7:]}, p)
+    with torchfree.open(p, mmap=False) as ck:
+        x, v = ck["w"], ck["v"]
+        assert x.tobytes() == w.tobytes() and v.tobytes() == w[7:].tobytes()
+        assert np.shares_memory(x, v)
+    with torchfree.open(p, mmap=False) as ck:
+        os.truncate(p, 1 << 20)
+        with pytest.raises(torchfree.FormatError, match="file ended early"):
+            ck["w"]
+
+
 def test_open_views_share_one_read():
     path = DATA / "sd_views.pt"
     with torchfree.open(path) as ck:
