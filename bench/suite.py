@@ -417,10 +417,13 @@ def run_rows(rows, runs, warmup):
             batch[id(r)] = max(2, min(BATCH_MAX, int(BATCH_MS / max(ms, 1e-3))))
             r.note = (r.note + "; " if r.note else "") + f"a run: mean of {batch[id(r)]} back-to-back calls"
     for i in range(runs):
-        # each round starts one row later: every tool runs after each of the others in turn (on this
-        # machine a row right after one that freed or fragmented gigabytes ran up to 2x slower)
-        k = i % len(live) if live else 0
-        for r in live[k:] + live[:k]:
+        # each round runs the rows in its own order (a shuffle seeded by the round), so that no row
+        # always follows the same one: on this machine a row right after one that freed, fragmented
+        # or fsynced gigabytes ran up to 2x slower (a rotation of one order would keep every row's
+        # predecessor)
+        order = live[:]
+        random.Random(i).shuffle(order)
+        for r in order:
             if r.fn is None or i >= budget.get(id(r), runs):  # noqa: SIM102
                 continue
             try:
