@@ -1544,10 +1544,8 @@ static void sink_reserve(Sink *k, uint64_t upper) {
         return;
     off_t at = lseek(k->fd, 0, SEEK_CUR);
     if (at < 0 || st.st_size > at) return; /* only a file written at its end */
-    k->reserved = 1; /* a failed fallocate may still leave blocks */
-    if (fallocate(k->fd, FALLOC_FL_KEEP_SIZE, at, (off_t)upper) != 0) {
-        /* ignored (see above) */
-    }
+    k->reserved = 1; /* a failed fallocate (ignored, see above) may still leave blocks */
+    (void)fallocate(k->fd, FALLOC_FL_KEEP_SIZE, at, (off_t)upper);
 }
 
 /* Free the reserved blocks past the end of what was written (truncating a file to its own size

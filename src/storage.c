@@ -374,10 +374,11 @@ static int storage_locate(Loader *L, StorageObject *s, ZipEntry *e, const char *
     return 0;
 }
 
-/* Copy or inflate s's record into its buffer now: without the GIL, except for a
- * Python file object, which is read through its own methods. */
 static int read_split(Loader *L, ZipEntry *e, uint8_t *dst);
 
+/* Copy or inflate s's record into its buffer now: without the GIL, except for a
+ * Python file object, which is read through its own methods; a big stored record
+ * of a file descriptor is read by several threads (read_split). */
 static int read_record(Loader *L, StorageObject *s) {
     TfErr err = {0};
     TfStatus rc;
