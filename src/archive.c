@@ -328,7 +328,7 @@ static int prefault_dropping(Prefault *p) { return __atomic_load_n(&p->dropping,
 int loader_need_dtype(Loader *L, int dt) {
     if (!tf_dtype_needs_import(L->st, dt)) return 0;
     loader_drop_off(L);
-    return tf_ml_dtypes(L->st);
+    return tf_need_dtype(L->st, dt);
 }
 
 void loader_drop_off(Loader *L) {
@@ -485,7 +485,8 @@ static int loader_constants(Loader *L, PyObject *obj) {
 PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
     Loader L;
     PyObject *obj = NULL;
-    if (loader_open(&L, PyModule_GetState(module), args, kwargs, "load_zip", FMT_ZIP) == 0) {
+    if (tf_numpy(PyModule_GetState(module)) == 0 &&
+        loader_open(&L, PyModule_GetState(module), args, kwargs, "load_zip", FMT_ZIP) == 0) {
         loader_drop_start(&L);
         PyObject *ts = L.torch && L.torchscript ? PyDict_GetItemString(L.torch, "torchscript") : NULL;
         if (ts != NULL) /* torch mode: torch.load's own answer to a TorchScript archive */
@@ -579,6 +580,7 @@ static PyObject *Archive_unpickle(PyObject *self, PyObject *args, PyObject *kwar
     if (a == NULL || !PyArg_ParseTupleAndKeywords(args, kwargs, "|pp:unpickle", kwlist, &lazy, &collect))
         return NULL;
     Loader *L = &a->L;
+    if (!lazy && tf_numpy(L->st) < 0) return NULL; /* a lazy run makes arrays only where it must */
     L->lazy = lazy;
     if (collect && L->globals_seen == NULL && (L->globals_seen = PySet_New(NULL)) == NULL) return NULL;
     PyObject *obj = loader_unpickle(L);
@@ -588,12 +590,12 @@ static PyObject *Archive_unpickle(PyObject *self, PyObject *args, PyObject *kwar
 
 static PyObject *Archive_materialize(PyObject *self, PyObject *ref) {
     ArchiveObject *a = archive_check(self);
-    return a ? tensor_materialize(&a->L, ref) : NULL;
+    return a && tf_numpy(a->L.st) == 0 ? tensor_materialize(&a->L, ref) : NULL;
 }
 
 static PyObject *Archive_read_storage(PyObject *self, PyObject *storage) {
     ArchiveObject *a = archive_check(self);
-    if (a == NULL) return NULL;
+    if (a == NULL || tf_numpy(a->L.st) < 0) return NULL;
     if (Py_TYPE(storage) != a->L.st->StorageType) {
         PyErr_SetString(PyExc_TypeError, "expected a torchfree.Storage");
         return NULL;

@@ -84,7 +84,7 @@ static int is_tag(PyObject *o, const char *tag) {
 /* A buffer for nbytes of a storage whose bytes are read later (zeros when a
  * map_location callable will see it first). */
 static int give_buffer(Loader *L, StorageObject *s) {
-    if (storage_charge(L, (uint64_t)s->nbytes) < 0) return -1;
+    if (tf_numpy(L->st) < 0 || storage_charge(L, (uint64_t)s->nbytes) < 0) return -1;
     npy_intp dims[1] = {(npy_intp)s->nbytes};
     PyObject *buf = L->ml_kind == ML_CALL ? PyArray_ZEROS(1, dims, NPY_UINT8, 0) : PyArray_SimpleNew(1, dims, NPY_UINT8);
     if (buf == NULL) return -1;
@@ -699,7 +699,8 @@ PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs) {
         Py_XDECREF(kw);
         return NULL;
     }
-    if (loader_open(&L, PyModule_GetState(module), args, kw, "load_legacy", FMT_LEGACY) == 0 &&
+    if (tf_numpy(PyModule_GetState(module)) == 0 &&
+        loader_open(&L, PyModule_GetState(module), args, kw, "load_legacy", FMT_LEGACY) == 0 &&
         (!collect || (L.globals_seen = PySet_New(NULL)) != NULL)) {
         L.lazy = lazy;
         if (is_tar(&L)) {

@@ -146,8 +146,43 @@ static int fill_dtypes(ModuleState *st, PyObject *descrs) {
     return 0;
 }
 
+int tf_numpy(ModuleState *st) {
+    if (st->np_loaded) return 0;
+    if (PyArray_ImportNumPyAPI() < 0) return -1;
+    static const struct { const char *name; int type; } own[] = {
+        {"float64", NPY_FLOAT64}, {"float32", NPY_FLOAT32}, {"float16", NPY_FLOAT16},
+        {"complex128", NPY_COMPLEX128}, {"complex64", NPY_COMPLEX64}, {"int64", NPY_INT64},
+        {"int32", NPY_INT32}, {"int16", NPY_INT16}, {"int8", NPY_INT8}, {"uint8", NPY_UINT8},
+        {"uint16", NPY_UINT16}, {"uint32", NPY_UINT32}, {"uint64", NPY_UINT64}, {"bool", NPY_BOOL},
+    };
+    PyObject *descrs = PyDict_New();
+    if (descrs == NULL) return -1;
+    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++) {
+        PyArray_Descr *d = PyArray_DescrFromType(own[i].type);
+        if (d == NULL || PyDict_SetItemString(descrs, own[i].name, (PyObject *)d) < 0) {
+            Py_XDECREF(d);
+            Py_DECREF(descrs);
+            return -1;
+        }
+        Py_DECREF(d);
+    }
+    st->np_loaded = 1; /* before fill_dtypes, which checks the descriptors with numpy's API */
+    int rc = fill_dtypes(st, descrs);
+    Py_DECREF(descrs);
+    return rc;
+}
+
+int tf_is_ndarray(ModuleState *st, PyObject *o, int exact) {
+    if (!st->np_loaded) {
+        if (PyDict_GetItemString(PyImport_GetModuleDict(), "numpy") == NULL) return 0; /* borrowed */
+        if (tf_numpy(st) < 0) return -1;
+    }
+    return exact ? PyArray_CheckExact(o) : PyArray_Check(o);
+}
+
 int tf_ml_dtypes(ModuleState *st) {
     if (st->ml_loaded) return 0;
+    if (tf_numpy(st) < 0) return -1;
     PyObject *f = st->helpers != NULL ? PyDict_GetItemString(st->helpers, "ml_dtypes_descrs") : NULL;
     if (f == NULL) {
         st->ml_loaded = 1;
@@ -162,11 +197,17 @@ int tf_ml_dtypes(ModuleState *st) {
 }
 
 int tf_dtype_needs_import(const ModuleState *st, int dt) {
-    return st->descr[dt] == NULL && dtypes_table[dt].np_name != NULL && !st->ml_loaded;
+    return st->descr[dt] == NULL && dtypes_table[dt].np_name != NULL && (!st->np_loaded || !st->ml_loaded);
+}
+
+int tf_need_dtype(ModuleState *st, int dt) {
+    if (!tf_dtype_needs_import(st, dt)) return 0;
+    if (tf_numpy(st) < 0) return -1;
+    return st->descr[dt] == NULL ? tf_ml_dtypes(st) : 0;
 }
 
 PyObject *tf_dtype_of(ModuleState *st, int dt) {
-    if (tf_dtype_needs_import(st, dt) && tf_ml_dtypes(st) < 0) return NULL;
+    if (tf_need_dtype(st, dt) < 0) return NULL;
     return st->descr[dt] ? (PyObject *)st->descr[dt] : st->dtype_value[dt];
 }
 
@@ -188,7 +229,7 @@ static PyObject *mod_set_helpers(PyObject *module, PyObject *args) {
     }
     Py_XSETREF(st->OpaqueType, Py_NewRef(opaque));
     Py_XSETREF(st->MetaArrayType, Py_NewRef(meta));
-    if (fill_dtypes(st, descrs) < 0) return NULL;
+    if ((PyDict_GET_SIZE(descrs) > 0 && tf_numpy(st) < 0) || fill_dtypes(st, descrs) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -251,8 +292,12 @@ static int add_exception(PyObject *m, PyObject **slot, const char *name, PyObjec
 
 static int core_exec(PyObject *m) {
     ModuleState *st = PyModule_GetState(m);
-    if (PyArray_ImportNumPyAPI() < 0) return -1;
-    PyObject *pickle = PyImport_ImportModule("pickle");
+    /* pickle.UnpicklingError is _pickle's: the C module costs none of pickle.py's imports (re, enum) */
+    PyObject *pickle = PyImport_ImportModule("_pickle");
+    if (pickle == NULL) {
+        PyErr_Clear();
+        pickle = PyImport_ImportModule("pickle");
+    }
     if (pickle == NULL) return -1;
     PyObject *pickle_err = PyObject_GetAttrString(pickle, "UnpicklingError");
     Py_DECREF(pickle);
@@ -296,26 +341,6 @@ static int core_exec(PyObject *m) {
     st->Counter = PyObject_GetAttrString(collections, "Counter");
     Py_DECREF(collections);
     if (st->OrderedDict == NULL || st->Counter == NULL) goto done;
-    for (int i = 0; i < DT_COUNT; i++) {
-        const char *np = dtypes_table[i].np_name;
-        int type = -1;
-        if (np == NULL) continue;
-        if (!strcmp(np, "float64")) type = NPY_FLOAT64;
-        else if (!strcmp(np, "float32")) type = NPY_FLOAT32;
-        else if (!strcmp(np, "float16")) type = NPY_FLOAT16;
-        else if (!strcmp(np, "complex128")) type = NPY_COMPLEX128;
-        else if (!strcmp(np, "complex64")) type = NPY_COMPLEX64;
-        else if (!strcmp(np, "int64")) type = NPY_INT64;
-        else if (!strcmp(np, "int32")) type = NPY_INT32;
-        else if (!strcmp(np, "int16")) type = NPY_INT16;
-        else if (!strcmp(np, "int8")) type = NPY_INT8;
-        else if (!strcmp(np, "uint8")) type = NPY_UINT8;
-        else if (!strcmp(np, "uint16")) type = NPY_UINT16;
-        else if (!strcmp(np, "uint32")) type = NPY_UINT32;
-        else if (!strcmp(np, "uint64")) type = NPY_UINT64;
-        else if (!strcmp(np, "bool")) type = NPY_BOOL;
-        if (type >= 0) st->descr[i] = PyArray_DescrFromType(type);
-    }
     st->str_storage = PyUnicode_InternFromString("storage");
     st->str_meta = PyUnicode_InternFromString("meta");
     st->str_metadata_attr = PyUnicode_InternFromString("_metadata");

@@ -33,6 +33,7 @@ typedef struct {
     PyArray_Descr *descr[DT_COUNT];  /* arrays of this torch dtype (NULL: none) */
     PyObject *dtype_value[DT_COUNT]; /* what a `torch <dtype>` GLOBAL becomes */
     PyObject *helpers;               /* dict of Python helpers set by torchfree/__init__.py */
+    int np_loaded;                   /* numpy's C API is imported, descr[] of its own dtypes set (tf_numpy) */
     int ml_loaded;                   /* the ml_dtypes descriptors were asked for (tf_ml_dtypes) */
     PyObject *OpaqueType;            /* helpers["Opaque"], cached for the hot type checks */
     PyObject *MetaArrayType;         /* helpers["MetaArray"] */
@@ -174,16 +175,30 @@ PyObject *tf_helper(ModuleState *st, const char *name); /* borrowed, or NULL + e
  * A failure that is not ours becomes an UnpicklingError naming the helper. */
 PyObject *tf_call_helper(Loader *L, const char *name, PyObject *args);
 
+/* numpy is imported on first need, not with torchfree: `torchfree info` and scan of a zip
+ * checkpoint run without it (numpy's import is most of such a process). Every numpy array the
+ * core makes (loads, save, materialize, Storage.numpy(), inline tensors and numpy objects of a
+ * pickle) calls this first; it imports numpy's C API and fills descr[] and dtype_value[] of
+ * numpy's own dtypes once. 0, or -1 with an exception. */
+int tf_numpy(ModuleState *st);
+/* 1 when o is a numpy array (exact: of type ndarray itself), 0 when not, -1 on error. Before
+ * tf_numpy, an ndarray can exist only if numpy is in sys.modules: only then is its C API
+ * imported to tell. */
+int tf_is_ndarray(ModuleState *st, PyObject *o, int exact);
+
 /* ml_dtypes (bfloat16, float8_*) is imported on first need, not with torchfree: the first
  * GLOBAL naming such a dtype (its storage class, the dtype itself, a legacy tensor class) and
  * save meeting an array dtype it does not know call this, which fills descr[] and
  * dtype_value[] for them once (helpers["ml_dtypes_descrs"]). 0, or -1 with an exception. */
 int tf_ml_dtypes(ModuleState *st);
-/* The dtype object of dtype dt: its numpy descriptor (ml_dtypes' imported first where dt needs
- * them), else torch's name "torch.<name>". Borrowed; NULL with an exception set if that import
+/* The dtype object of dtype dt: its numpy descriptor (numpy's or ml_dtypes' imported first where
+ * dt needs them), else torch's name "torch.<name>". Borrowed; NULL with an exception set if that import
  * failed. Within a load, call loader_drop_off first when tf_dtype_needs_import says so. */
 PyObject *tf_dtype_of(ModuleState *st, int dt);
 int tf_dtype_needs_import(const ModuleState *st, int dt);
+/* What tf_dtype_of imports for dt (numpy first; ml_dtypes only where numpy has no such dtype),
+ * without the dtype. 0, or -1 with an exception. */
+int tf_need_dtype(ModuleState *st, int dt);
 
 /* archive.c */
 extern PyType_Spec ArchiveSpec;
@@ -198,8 +213,8 @@ void loader_drop_note(Loader *L, const ZipEntry *e);
  * before running Python code or releasing the GIL during a load, as user code could then see an
  * array over the mapping and write to it. */
 void loader_drop_off(Loader *L);
-/* ml_dtypes' descriptors where dtype dt needs them and they are not asked for yet: page dropping
- * stops first (the import runs Python code). 0, or -1 with an exception. */
+/* numpy's or ml_dtypes' descriptors where dtype dt needs them and they are not imported yet: page
+ * dropping stops first (the import runs Python code). 0, or -1 with an exception. */
 int loader_need_dtype(Loader *L, int dt);
 /* Torch mode: torch["finish"](obj, number of storages) (bare storages become torch storages).
  * New reference. */

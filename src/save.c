@@ -1912,7 +1912,8 @@ PyObject *mod_save(PyObject *module, PyObject *args, PyObject *kwargs) {
     Py_ssize_t prefix_len;
     int legacy, crc_thread = -1, sync = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOs#p|$ip:save", kwlist, &obj, &target, &prefix, &prefix_len,
-                                     &legacy, &crc_thread, &sync))
+                                     &legacy, &crc_thread, &sync) ||
+        tf_numpy(PyModule_GetState(module)) < 0)
         return NULL;
     const uint16_t one = 1;
     if (*(const uint8_t *)&one == 0) {

@@ -395,7 +395,7 @@ static int walk_leaf(Walk *w, PyObject *name, PyObject *leaf) {
     return r;
 }
 
-enum { K_SKIP, K_LEAF, K_DICT, K_SEQ, K_OPAQUE };
+enum { K_ERROR = -1, K_SKIP, K_LEAF, K_DICT, K_SEQ, K_OPAQUE };
 
 static int kind_of(Walk *w, PyObject *o) {
     PyTypeObject *tp = Py_TYPE(o);
@@ -405,8 +405,10 @@ static int kind_of(Walk *w, PyObject *o) {
     if (tp == &PyList_Type || tp == &PyTuple_Type) return PySequence_Fast_GET_SIZE(o) ? K_SEQ : K_SKIP;
     if (tp == &PyUnicode_Type || tp == &PyLong_Type || tp == &PyFloat_Type || o == Py_None || tp == &PyBool_Type)
         return K_SKIP;
-    if (PyArray_Check(o) || PyObject_TypeCheck(o, (PyTypeObject *)st->MetaArrayType)) return K_LEAF;
-    if (PyDict_Check(o)) return PyDict_GET_SIZE(o) ? K_DICT : K_SKIP;
+    if (PyDict_Check(o)) return PyDict_GET_SIZE(o) ? K_DICT : K_SKIP; /* OrderedDict: before numpy's check */
+    int arr = tf_is_ndarray(st, o, 0);
+    if (arr < 0) return K_ERROR;
+    if (arr || PyObject_TypeCheck(o, (PyTypeObject *)st->MetaArrayType)) return K_LEAF;
     if (PyList_Check(o) || PyTuple_Check(o)) return PySequence_Fast_GET_SIZE(o) ? K_SEQ : K_SKIP;
     if (PyObject_TypeCheck(o, (PyTypeObject *)st->OpaqueType)) return K_OPAQUE;
     return K_SKIP;
@@ -538,8 +540,8 @@ static int walk_run(Walk *w, PyObject *root, PyObject *prefix) {
     if (walk_push(w, root, NULL, prefix, 0, 0, 0) < 0) return -1;
     while (w->sp > 0) {
         WalkItem it = w->stack[--w->sp];
-        int kind = kind_of(w, it.obj), r = 0;
-        if (kind != K_SKIP) {
+        int kind = kind_of(w, it.obj), r = kind == K_ERROR ? -1 : 0;
+        if (kind > K_SKIP) {
             int fresh = kind == K_LEAF ? 1 : ptrset_add(&w->seen, it.obj);
             if (fresh < 0) {
                 PyErr_NoMemory();

@@ -57,11 +57,21 @@ static void Storage_dealloc(StorageObject *self) {
     Py_DECREF(tp);
 }
 
+/* A storage of a lazy archive (torchfree.open) whose record is not read yet has no bytes to show
+ * (a load's own storages whose reads are deferred have their buffer: it may be seen before). */
+static int storage_unread(StorageObject *self, PyObject *exc) {
+    if (!self->unread && (self->data != NULL || self->nbytes == 0)) return 0;
+    PyErr_Format(exc, "storage %R is not read yet: Checkpoint.read_storage(storage) reads it (as does "
+                      "reading a tensor that views it)", self->key);
+    return -1;
+}
+
 static int Storage_getbuffer(StorageObject *self, Py_buffer *view, int flags) {
     if (self->meta) {
         PyErr_SetString(PyExc_BufferError, "a meta storage has no bytes");
         return -1;
     }
+    if (storage_unread(self, PyExc_BufferError) < 0) return -1;
     return PyBuffer_FillInfo(view, (PyObject *)self, self->data ? self->data : (char *)"",
                              self->nbytes, self->readonly, flags);
 }
@@ -73,10 +83,13 @@ static PyObject *Storage_repr(StorageObject *self) {
 }
 
 static PyObject *Storage_numpy(StorageObject *self, PyObject *Py_UNUSED(ignored)) {
+    ModuleState *st = tf_state_of_type(Py_TYPE(self));
+    if (st == NULL || tf_numpy(st) < 0) return NULL;
     if (self->meta) {
         PyErr_SetString(PyExc_ValueError, "a meta storage has no bytes");
         return NULL;
     }
+    if (storage_unread(self, PyExc_ValueError) < 0) return NULL;
     npy_intp dims[1] = {self->nbytes};
     PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, PyArray_DescrFromType(NPY_UINT8), 1, dims,
                                          NULL, self->data, self->readonly ? 0 : NPY_ARRAY_WRITEABLE,
@@ -411,7 +424,7 @@ static int storage_fill(Loader *L, StorageObject *s, int defer) {
         s->readonly = !L->src_writable;
         return 0;
     }
-    if (storage_charge(L, e->usize) < 0) return -1;
+    if (tf_numpy(L->st) < 0 || storage_charge(L, e->usize) < 0) return -1;
     npy_intp dims[1] = {(npy_intp)e->usize};
     PyObject *buf = PyArray_SimpleNew(1, dims, NPY_UINT8);
     if (buf == NULL) return -1;

@@ -751,7 +751,7 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         if (g->id == G_REBUILD_DEVICE_TENSOR_FROM_NUMPY || g->id == G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR) {
             if (n != 4) return wrong_args(L, g, "(data, dtype, device, requires_grad)", args), NULL;
             int dt = dtype_from_value(L, ARG(1));
-            if (dt < 0) return NULL;
+            if (dt < 0 || loader_need_dtype(L, dt) < 0) return NULL;
             if (st->descr[dt] == NULL || (dtypes_table[dt].flags & (DTF_QUANTIZED | DTF_NO_TENSOR)) ||
                 dt == DT_COMPLEX32)
                 return tf_raise(L, st->UnpicklingError, "%U to dtype %s is not supported", g->canon,
@@ -784,6 +784,7 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         if (n != 0)
             return tf_raise(L, st->UnpicklingError, "%U called with arguments is not supported", g->canon), NULL;
         int dt = g->id == G_TENSOR ? DT_FLOAT32 : g->arg;
+        if (dt >= 0 && loader_need_dtype(L, dt) < 0) return NULL;
         if (dt < 0 || st->descr[dt] == NULL)
             return tf_raise(L, st->UnpicklingError, "%U has no array dtype", g->canon), NULL;
         /* numpy gives a fresh empty array stride 0; torch's is (1,): view a 1-element buffer */
@@ -808,8 +809,10 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
 }
 
 PyObject *tensor_build(Loader *L, PyObject *obj, PyObject *state) {
-    if ((PyArray_CheckExact(obj) || Py_TYPE(obj) == L->st->TensorRefType ||
-         Py_TYPE(obj) == (PyTypeObject *)L->st->MetaArrayType) && PyTuple_CheckExact(state)) {
+    int arr = tf_is_ndarray(L->st, obj, 1);
+    if (arr < 0) return NULL;
+    if ((arr || Py_TYPE(obj) == L->st->TensorRefType || Py_TYPE(obj) == (PyTypeObject *)L->st->MetaArrayType) &&
+        PyTuple_CheckExact(state)) {
         /* BUILD on a tensor: Tensor.__setstate__ of pre-0.4 pickles */
         Py_ssize_t n = PyTuple_GET_SIZE(state);
         if (n == 4) /* set_(storage, offset, size, stride) */
@@ -817,7 +820,9 @@ PyObject *tensor_build(Loader *L, PyObject *obj, PyObject *state) {
                                    PyTuple_GET_ITEM(state, 2), PyTuple_GET_ITEM(state, 3), -1, NULL, 0);
         if (n == 5) { /* a Variable: (data, _, backward_hooks, requires_grad, _) */
             PyObject *data = PyTuple_GET_ITEM(state, 0);
-            if (!PyArray_Check(data) && Py_TYPE(data) != L->st->TensorRefType &&
+            int data_arr = tf_is_ndarray(L->st, data, 0);
+            if (data_arr < 0) return NULL;
+            if (!data_arr && Py_TYPE(data) != L->st->TensorRefType &&
                 Py_TYPE(data) != (PyTypeObject *)L->st->MetaArrayType)
                 return tf_raise(L, L->st->UnpicklingError, "Variable state holds a %s, not a tensor",
                                 Py_TYPE(data)->tp_name), NULL;

@@ -11,7 +11,7 @@ def test_suite_tiny_runs(tmp_path):
     out_json = tmp_path / "bench.json"
     p = subprocess.run(
         [sys.executable, os.path.join(REPO, "bench", "suite.py"), "--tiny", "--runs", "1", "--warmup", "1",
-         "--only", "optim", "--exclude", "tinygrad", "--scenarios", "load-mmap,load-copy,scan,open,save",
+         "--only", "optim", "--exclude", "tinygrad", "--scenarios", "load-mmap,load-copy,scan,open,save,info",
          "--dir", str(tmp_path / "fx"), "--json", str(out_json)],
         capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -23,7 +23,8 @@ def test_suite_tiny_runs(tmp_path):
                  "torchfree.open(mmap=False)[name]", "torchfree.save(atomic=False)",
                  "limit: readinto fresh memory (np.empty)", "naive zipfile+pickle+numpy",
                  "limit: write() the same bytes, 2 MB calls", "limit: write() the same bytes, 512 kB calls",
-                 "limit: fallocate + write() the same bytes, 512 kB calls"):
+                 "limit: fallocate + write() the same bytes, 512 kB calls", "torchfree info FILE",
+                 "limit: python -c pass (the interpreter's start)", "reference: python -c 'import numpy'"):
         assert tool in tools, (tool, p.stdout[-3000:])
     # every torchfree row ran and its result check passed
     for r in rows:

@@ -141,6 +141,32 @@ def test_open_reads_single_tensors(tmp_path):
             ck[next(iter(full))]
 
 
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("mm", [None, False])
+def test_open_storages_bytes_after_read_storage(tmp_path, fmt, mm):
+    """Checkpoint.storages are not read by listing them: their bytes raise until read_storage (or a
+    tensor over them) reads the record, and are then the saved bytes (they once came back as
+    uninitialised memory, and the buffer as a read past a 1-byte string)."""
+    base = np.arange(24, dtype=np.float32).reshape(4, 6)
+    sd = {"w": base, "row": base[1], "i": np.arange(5, dtype=np.int64)}
+    p = tmp_path / "s.pt"
+    torchfree.save(sd, p, format=fmt)
+    with torchfree.open(p, mmap=mm if fmt == "zip" else None) as ck:
+        by_key = {s.key: s for s in ck.storages}
+        assert len(by_key) == 2
+        if fmt == "zip":
+            s = next(iter(by_key.values()))
+            with pytest.raises(ValueError, match="not read yet"):
+                s.numpy()
+            with pytest.raises(BufferError, match="not read yet"):
+                memoryview(s)
+        got = {k: ck.read_storage(s).numpy().tobytes() for k, s in by_key.items()}
+        assert sorted(got.values()) == sorted([base.tobytes(), sd["i"].tobytes()])
+        assert bytes(memoryview(ck.read_storage(by_key[next(iter(by_key))]))) == got[next(iter(by_key))]
+        with pytest.raises(TypeError):
+            ck.read_storage(b"x")
+
+
 def test_open_reads_a_big_record_in_pieces(tmp_path):
     """A stored record of 8 MB or more read on its own (open()[name] without mmap) is read by
     several threads in pieces: the same bytes, a view of it shares them, and a file cut short

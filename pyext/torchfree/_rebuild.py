@@ -8,10 +8,9 @@ complex32 and conj/neg tensors.
 
 from __future__ import annotations
 
-import re
 import sys
 
-import numpy as np
+from ._np import np
 
 from ._types import MetaArray, NestedArray, Opaque, QuantizedArray, SparseArray
 
@@ -284,12 +283,11 @@ def np_reconstruct(cls, shape, typecode):
     return _NdarrayStub()
 
 
-# what numpy pickles as a dtype's type string: a type code and a size ('f4', 'i8', 'b1', 'U12', 'V16')
-_DTYPE_STR = re.compile(r"[a-zA-Z]{1,2}[0-9]{0,12}\Z")
-
-
 def np_dtype(*args):
-    if not args or not isinstance(args[0], str) or not _DTYPE_STR.match(args[0]):
+    import re  # here: numpy objects in a pickle are rare, and re costs ~2.5 ms to import
+
+    # what numpy pickles as a dtype's type string: a type code and a size ('f4', 'i8', 'b1', 'U12', 'V16')
+    if not args or not isinstance(args[0], str) or not re.fullmatch(r"[a-zA-Z]{1,2}[0-9]{0,12}", args[0]):
         raise _unpickling(f"numpy.dtype{args[:1]!r}: expected a type string such as 'f4'")
     base = args[0]
     if base.startswith("O"):

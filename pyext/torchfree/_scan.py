@@ -17,7 +17,7 @@ import operator
 import weakref
 from collections import namedtuple
 
-import numpy as np
+from ._np import np
 
 from . import _core
 from ._load import Source, options
@@ -274,8 +274,8 @@ class CheckpointInfo:
     def to_dict(self) -> dict:
         """A JSON-safe dict."""
 
-        def dt(d):
-            return d.name if isinstance(d, np.dtype) else str(d)
+        def dt(d):  # a numpy dtype, or torch's name of a dtype numpy has not
+            return d if isinstance(d, str) else d.name
 
         return {
             "path": None if self.path is None else str(self.path),
@@ -410,6 +410,11 @@ class _LoadedArchive:
 
     def storages(self):
         return list(self._storages)
+
+    def read_storage(self, storage):
+        if not isinstance(storage, _core.Storage):
+            raise TypeError("expected a torchfree.Storage")
+        return storage  # read with the stream
 
     def globals(self):
         return list(self._globals)
@@ -564,8 +569,16 @@ class Checkpoint:
 
     @property
     def storages(self) -> list:
+        """The ``torchfree.Storage`` of each storage record, with its target location. A record
+        is read when a tensor over it is, or by ``read_storage``; before that its bytes (buffer,
+        ``.numpy()``) raise."""
         self._check_open()
         return self._archive.storages()
+
+    def read_storage(self, storage):
+        """Read (or map) one storage of ``.storages`` and return it, its bytes now available."""
+        self._check_open()
+        return self._archive.read_storage(storage)
 
     def load(self):
         """The whole object, as ``torchfree.load`` returns it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+from ._np import np
 
 __all__ = ["Opaque", "MetaArray", "QuantizedArray", "SparseArray", "NestedArray"]
 
@@ -83,12 +83,12 @@ class MetaArray:
 
 # ---- quantized ---------------------------------------------------------------
 
-_QDTYPES = {
-    "torch.qint8": (np.int8, 8),
-    "torch.quint8": (np.uint8, 8),
-    "torch.qint32": (np.int32, 32),
-    "torch.quint4x2": (np.uint8, 4),
-    "torch.quint2x4": (np.uint8, 2),
+_QDTYPES = {  # numpy dtype names: no numpy import at torchfree's own
+    "torch.qint8": ("int8", 8),
+    "torch.quint8": ("uint8", 8),
+    "torch.qint32": ("int32", 32),
+    "torch.quint4x2": ("uint8", 4),
+    "torch.quint2x4": ("uint8", 2),
 }
 _QSCHEMES = ("torch.per_tensor_affine", "torch.per_channel_affine", "torch.per_channel_affine_float_qparams")
 
