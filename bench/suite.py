@@ -61,6 +61,9 @@ import naive_loader  # noqa: E402
 import torchfree  # noqa: E402
 from _llm import llm_layout  # noqa: E402
 
+# the whole-process rows run the torchfree this process imported
+IN_PLACE = os.path.dirname(os.path.abspath(torchfree.__file__)) == os.path.join(_PYEXT, "torchfree")
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -888,18 +891,19 @@ _COMPILED = []
 
 
 def child_env():
+    """The environment of the whole-process rows: they import the torchfree this process imported
+    (the in-place build where there is one, else the installed package)."""
     env = dict(os.environ)
-    if not os.environ.get("TORCHFREE_BENCH_INSTALLED") and not _COMPILED:
+    if IN_PLACE and not _COMPILED:
         # an installed torchfree has its bytecode compiled, as numpy and safetensors do; the in-place
         # one may have none (PYTHONDONTWRITEBYTECODE): compiled once here, so that the measured
         # processes do not compile torchfree's modules at each start
         import compileall
 
-        compileall.compile_dir(os.path.join(REPO, "pyext", "torchfree"), quiet=1)
+        compileall.compile_dir(os.path.join(_PYEXT, "torchfree"), quiet=1)
         _COMPILED.append(True)
-    if not os.environ.get("TORCHFREE_BENCH_INSTALLED"):
-        env["PYTHONPATH"] = os.path.join(REPO, "pyext") + (os.pathsep + env["PYTHONPATH"]
-                                                           if env.get("PYTHONPATH") else "")
+    if IN_PLACE:
+        env["PYTHONPATH"] = _PYEXT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
@@ -920,7 +924,7 @@ def scenario_info(fx, rows_out):
     # the `torchfree` command pip installs (README): the script itself where installed, else the
     # same three lines pip's launcher runs (`python -m` would add runpy's ~3 ms import)
     exe = os.path.join(os.path.dirname(py), "torchfree")
-    cmd = [exe] if os.environ.get("TORCHFREE_BENCH_INSTALLED") and os.access(exe, os.X_OK) else [
+    cmd = [exe] if not IN_PLACE and os.access(exe, os.X_OK) else [
         py, "-c", "import re, sys\nfrom torchfree.cli import main\n"
         "sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\nsys.exit(main())"]
     add("torchfree info FILE", cmd + ["info", fx.path], kind="torchfree")
