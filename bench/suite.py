@@ -957,6 +957,7 @@ def scenario_import(rows_out):
     rows = []
     for tool, mod, kind in (("import numpy", "numpy", "limit"), ("import numpy, torchfree", "numpy, torchfree",
                                                                   "torchfree"),
+                            ("import torchfree (alone: it imports numpy on first need)", "torchfree", "ref"),
                             ("import torch", "torch", ""), ("import safetensors.numpy", "safetensors.numpy", ""),
                             ("import tinygrad", "tinygrad", "")):
         r = Row("import (whole process)", None, tool, kind=kind, note="peak RSS: the whole process")

@@ -166,9 +166,9 @@ int tf_numpy(ModuleState *st) {
         }
         Py_DECREF(d);
     }
-    st->np_loaded = 1; /* before fill_dtypes, which checks the descriptors with numpy's API */
-    int rc = fill_dtypes(st, descrs);
+    int rc = fill_dtypes(st, descrs); /* runs no Python code: no other thread sees half of it */
     Py_DECREF(descrs);
+    if (rc == 0) st->np_loaded = 1;
     return rc;
 }
 
@@ -274,6 +274,9 @@ static PyMethodDef core_methods[] = {
      "The tensors of obj by dotted name (internal: see torchfree.flatten and scan)."},
     {"storage_infos", mod_storage_infos, METH_VARARGS,
      "storage_infos($module, storages, record_prefix, type, /)\n--\n\nStorageInfo of each Storage (internal)."},
+    {"info_table", mod_info_table, METH_O,
+     "info_table($module, tensors, /)\n--\n\nThe table of CheckpointInfo.__str__, or None where _scan makes it "
+     "(internal)."},
     {"record_infos", mod_record_infos, METH_VARARGS,
      "record_infos($module, packed, type, /)\n--\n\nRecordInfo of each record of Archive.record_table() "
      "(internal)."},

@@ -293,6 +293,7 @@ extern PyType_Spec TensorInfoSpec;
 PyObject *mod_walk(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *mod_storage_infos(PyObject *module, PyObject *args);
 PyObject *mod_record_infos(PyObject *module, PyObject *args);
+PyObject *mod_info_table(PyObject *module, PyObject *list);
 /* The zip directory packed as bytes for mod_record_infos (new reference). */
 PyObject *records_pack(const ZipReader *z);
 

@@ -731,3 +731,183 @@ bad:
     PyErr_SetString(PyExc_ValueError, "record_infos: not a packed record table");
     return NULL;
 }
+
+/* ---- the table of CheckpointInfo.__str__ ------------------------------------------- */
+
+enum { TC_NAME, TC_DTYPE, TC_SHAPE, TC_STORAGE, TC_OFFSET, TC_SIZE, TC_LOCATION, TC_N };
+static const char *const tc_head[TC_N] = {"name", "dtype", "shape", "storage", "offset", "size", "location"};
+static const int tc_left[TC_N] = {1, 1, 0, 1, 0, 0, 1};
+
+/* _scan._human(n) for 0 <= n < 2**53: "512 B", "1.5 KiB", ... "3.0 TiB" (%.1f rounds the exact
+ * binary value half to even, as Python's format does; n / 1024**k is exact in a double) */
+static int human_bytes(char *buf, size_t cap, int64_t n) {
+    static const char *const units[] = {"KiB", "MiB", "GiB", "TiB"};
+    if (n < 1024) return snprintf(buf, cap, "%lld B", (long long)n);
+    double x = (double)n / 1024.0;
+    int u = 0;
+    while (x >= 1024.0 && u < 3) {
+        x /= 1024.0;
+        u++;
+    }
+    return snprintf(buf, cap, "%.1f %s", x, units[u]);
+}
+
+#define TC_CELL 1400 /* 64 dims of 20 digits and an 'x' each */
+
+/* n in decimal at d (n >= 0, as sizes and offsets of a TensorRef are); its length */
+static int put_dec(char *d, int64_t n) {
+    char tmp[20];
+    int k = 0;
+    do {
+        tmp[k++] = (char)('0' + n % 10);
+        n /= 10;
+    } while (n);
+    for (int i = 0; i < k; i++) d[i] = tmp[k - 1 - i];
+    return k;
+}
+
+/* human_bytes of the sizes met so far: a table's tensors have few distinct sizes */
+typedef struct {
+    int64_t n[256];
+    char text[256][24];
+    int len[256];
+} HumanCache;
+
+/* The text of a computed column (shape, offset, size) of a TensorInfo made from a TensorRef, in
+ * buf; its length, or -1 when its size is not exact in a double (the Python table makes it). */
+static int tc_computed(const TensorInfoObject *t, int col, char *buf, HumanCache *hc) {
+    if (col == TC_OFFSET) return t->offset < 0 ? -1 : put_dec(buf, t->offset);
+    if (col == TC_SHAPE) {
+        if (t->nd == 0) return (int)(memcpy(buf, "()", 2), 2);
+        int len = 0;
+        for (int i = 0; i < t->nd; i++) {
+            if (t->dims[i] < 0) return -1;
+            if (i) buf[len++] = 'x';
+            len += put_dec(buf + len, t->dims[i]);
+        }
+        return len;
+    }
+    int64_t n = t->item;
+    for (int i = 0; i < t->nd; i++)
+        if (__builtin_mul_overflow(n, t->dims[i], &n)) return -1;
+    if (n < 0 || n >= ((int64_t)1 << 53)) return -1;
+    unsigned h = (unsigned)(((uint64_t)n * 0x9E3779B97F4A7C15ull) >> 56);
+    if (hc->n[h] != n) {
+        hc->len[h] = human_bytes(hc->text[h], sizeof hc->text[h], n);
+        hc->n[h] = n;
+    }
+    memcpy(buf, hc->text[h], (size_t)hc->len[h]);
+    return hc->len[h];
+}
+
+/* The str cell of a column (borrowed), or NULL when it is not an ASCII str. */
+static PyObject *tc_text(const TensorInfoObject *t, int col, PyObject *root, PyObject *dash) {
+    PyObject *x = col == TC_NAME ? t->v[TI_NAME] : col == TC_DTYPE ? t->v[TI_TORCH_DTYPE]
+                  : col == TC_STORAGE ? t->v[TI_KEY] : t->v[TI_LOCATION];
+    if (col == TC_STORAGE && x == Py_None) return dash;
+    if (x == NULL || !PyUnicode_CheckExact(x) || !PyUnicode_IS_ASCII(x)) return NULL;
+    if (col == TC_NAME && PyUnicode_GET_LENGTH(x) == 0) return root;
+    return x;
+}
+
+static int tc_ws(char c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= '\x1c' && c <= '\x1f'); }
+
+/* info_table(tensors): the rows of CheckpointInfo's table (header, dashes, a row per tensor,
+ * each stripped of trailing whitespace, joined by newlines), or None when a tensor is not one
+ * scan made from a TensorRef or a cell is not ASCII: _scan makes those tables itself. */
+PyObject *mod_info_table(PyObject *module, PyObject *list) {
+    ModuleState *st = PyModule_GetState(module);
+    if (!PyList_Check(list)) Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(list), width[TC_N];
+    PyObject *root = PyUnicode_FromString("<root>"), *dash = PyUnicode_FromString("-");
+    char cell[TC_CELL];
+    PyObject *out = NULL;
+    char *buf = NULL;
+    HumanCache *hc = PyMem_Malloc(sizeof *hc);
+    if (root == NULL || dash == NULL || hc == NULL) goto done;
+    for (int i = 0; i < 256; i++) hc->n[i] = -1;
+    for (int c = 0; c < TC_N; c++) width[c] = (Py_ssize_t)strlen(tc_head[c]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PyList_GET_ITEM(list, i);
+        if (!PyObject_TypeCheck(o, st->TensorInfoType) || !((TensorInfoObject *)o)->compact) {
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+        const TensorInfoObject *t = (const TensorInfoObject *)o;
+        for (int c = 0; c < TC_N; c++) {
+            Py_ssize_t len;
+            if (c == TC_SHAPE || c == TC_OFFSET || c == TC_SIZE) {
+                len = tc_computed(t, c, cell, hc);
+            } else {
+                PyObject *x = tc_text(t, c, root, dash);
+                len = x ? PyUnicode_GET_LENGTH(x) : -1;
+            }
+            if (len < 0) {
+                out = Py_NewRef(Py_None);
+                goto done;
+            }
+            if (len > width[c]) width[c] = len;
+        }
+    }
+    Py_ssize_t line = 2 * (TC_N - 1) + 1; /* separators and the newline */
+    for (int c = 0; c < TC_N; c++) line += width[c];
+    if (n + 2 > PY_SSIZE_T_MAX / line) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    buf = PyMem_Malloc((size_t)(line * (n + 2)));
+    if (buf == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    char *d = buf;
+    for (Py_ssize_t i = -2; i < n; i++) {
+        const TensorInfoObject *t = i >= 0 ? (const TensorInfoObject *)PyList_GET_ITEM(list, i) : NULL;
+        char *row = d;
+        for (int c = 0; c < TC_N; c++) {
+            const char *s;
+            Py_ssize_t len;
+            if (c) {
+                memcpy(d, "  ", 2);
+                d += 2;
+            }
+            if (i == -1) {
+                memset(d, '-', (size_t)width[c]);
+                d += width[c];
+                continue;
+            }
+            if (i == -2) {
+                s = tc_head[c];
+                len = (Py_ssize_t)strlen(s);
+            } else if (c == TC_SHAPE || c == TC_OFFSET || c == TC_SIZE) {
+                len = tc_computed(t, c, cell, hc);
+                s = cell;
+            } else {
+                PyObject *x = tc_text(t, c, root, dash);
+                s = (const char *)PyUnicode_DATA(x);
+                len = PyUnicode_GET_LENGTH(x);
+            }
+            Py_ssize_t pad = width[c] - len;
+            if (!tc_left[c]) {
+                memset(d, ' ', (size_t)pad);
+                d += pad;
+            }
+            memcpy(d, s, (size_t)len);
+            d += len;
+            if (tc_left[c]) {
+                memset(d, ' ', (size_t)pad);
+                d += pad;
+            }
+        }
+        while (d > row && tc_ws(d[-1])) d--;
+        *d++ = '\n';
+    }
+    out = PyUnicode_DecodeASCII(buf, d - buf - 1, NULL);
+done:
+    if (hc == NULL && out == NULL && !PyErr_Occurred()) PyErr_NoMemory();
+    PyMem_Free(hc);
+    PyMem_Free(buf);
+    Py_XDECREF(root);
+    Py_XDECREF(dash);
+    return out;
+}

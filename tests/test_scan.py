@@ -352,6 +352,57 @@ def test_html_and_str():
         assert t.name in str(info)
 
 
+def _c_table(info):
+    return torchfree._core.info_table(info.tensors)
+
+
+@pytest.mark.parametrize("path", FIXTURES + corpus_zips(), ids=lambda p: p.name)
+def test_info_table_in_c_is_the_python_table(path):
+    """str(info) makes its table in C for what scan made; _table() is the Python one, kept for
+    the rest: the same text, cell for cell."""
+    info = torchfree.scan(path)
+    table = _c_table(info)
+    if table is None:  # an array pickled inline, or a non-ASCII cell: the Python table is used
+        assert not all(t.storage_key is not None and t.name.isascii() for t in info.tensors), path
+        return
+    assert table == info._table()
+    assert str(info) == "\n".join([info._header(), "", table] + str(info).splitlines()[len(table.splitlines()) + 2:])
+
+
+def test_info_table_sizes_names_and_fallbacks(tmp_path):
+    # stride-0 views of a 4-byte storage give any size: ties of %.1f (1280 B = 1.25 KiB), unit
+    # boundaries, and TiB
+    one = np.ones(1, np.float32)
+    sizes = [0, 1, 255, 256, 319, 320, 321, 1023 // 4, 1024 // 4 * 3, 2 ** 18 - 1, 2 ** 18, 5 * 2 ** 18 // 4,
+             2 ** 28 - 1, 2 ** 28 + 2 ** 26, 2 ** 38 + 1, 3 * 2 ** 40]
+    sd = {f"s{i}": np.broadcast_to(one, (n,)) for i, n in enumerate(sizes)}
+    sd["wide"] = np.broadcast_to(one, (7, 11, 1, 13))
+    sd["scalar"] = np.array(2, np.float32)
+    p = tmp_path / "sizes.pt"
+    torchfree.save(sd, p)
+    info = torchfree.scan(p)
+    table = _c_table(info)
+    assert table is not None and table == info._table()
+    rows = {r.split()[0]: r.split() for r in table.splitlines()[2:]}
+    for i, n in enumerate(sizes):
+        assert " ".join(rows[f"s{i}"][-3:-1]) == torchfree._scan._human(4 * n)
+    assert rows["wide"][2] == "7x11x1x13" and rows["scalar"][2] == "()"
+    assert "1.2 KiB" in table and "1.2 GiB" in table and "12.0 TiB" in table
+    # a bare tensor is named "<root>"
+    torchfree.save(np.arange(3), tmp_path / "root.pt")
+    root = torchfree.scan(tmp_path / "root.pt")
+    assert _c_table(root) == root._table() and "<root>" in _c_table(root)
+    # a non-ASCII name, TensorInfos made by hand, and no tensor at all: the Python table
+    torchfree.save({"wé": one, "x": one}, tmp_path / "u.pt")
+    u = torchfree.scan(tmp_path / "u.pt")
+    assert _c_table(u) is None and "wé" in str(u)
+    hand = torchfree.CheckpointInfo(None, "zip", "little", tensors=[torchfree.TensorInfo(*u.tensors[1]._astuple())])
+    assert _c_table(hand) is None and hand._table() in str(hand) and "x" in hand._table().splitlines()[2]
+    empty = torchfree.CheckpointInfo(None, "zip", "little")
+    assert _c_table(empty) == empty._table() == "name  dtype  shape  storage  offset  size  location\n" + \
+        "  ".join("-" * len(h) for h in ("name", "dtype", "shape", "storage", "offset", "size", "location"))
+
+
 def test_flatten_names():
     obj = {"a": [np.zeros(1), (np.ones(2), {"b": np.zeros(3)})], "c": 5, "d": torchfree.MetaArray((2,), np.dtype("f4"))}
     flat = torchfree.flatten(obj)

