@@ -32,7 +32,7 @@ static char *ti_fields[] = {"name", "dtype", "shape", "strides", "stride", "stor
 typedef struct {
     PyObject_VAR_HEAD     /* ob_size: 2 * nd numbers in dims (0 when made from Python) */
     PyObject *v[TI_N];    /* the fields; NULL: made from dims (or storage) on first access */
-    PyObject *storage;    /* made from a TensorRef: its StorageObject, whose key v[TI_KEY] is made of
+    PyObject *storage;    /* made from a TensorRef: its StorageObject, from whose key v[TI_KEY] is made
                            * on first access (a scan of 50,000 tensors would otherwise touch 50,000
                            * cold key strings, ~15% of its time) */
     int64_t offset;       /* storage offset, elements */
@@ -788,6 +788,7 @@ static int tc_computed(const TensorInfoObject *t, int col, char *buf, HumanCache
     if (col == TC_OFFSET) return t->offset < 0 ? -1 : put_dec(buf, t->offset);
     if (col == TC_SHAPE) {
         if (t->nd == 0) return (int)(memcpy(buf, "()", 2), 2);
+        if (t->nd > 64) return -1; /* more than TC_CELL holds (loads allow numpy's 64) */
         int len = 0;
         for (int i = 0; i < t->nd; i++) {
             if (t->dims[i] < 0) return -1;

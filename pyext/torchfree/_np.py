@@ -26,7 +26,7 @@ class _Numpy:
         return getattr(numpy, name)
 
     def __repr__(self) -> str:
-        return "<numpy, imported on first use>" if not self.__dict__ else repr(self.__dict__.get("__name__"))
+        return "<numpy, imported on first use>"
 
 
 np = _Numpy()

@@ -274,8 +274,9 @@ class CheckpointInfo:
     def to_dict(self) -> dict:
         """A JSON-safe dict."""
 
-        def dt(d):  # a numpy dtype, or torch's name of a dtype numpy has not
-            return d if isinstance(d, str) else d.name
+        def dt(d):  # a numpy dtype's name (asked without importing numpy), else str(d) ("torch.<name>")
+            name = None if isinstance(d, str) else getattr(d, "name", None)
+            return name if isinstance(name, str) else str(d)
 
         return {
             "path": None if self.path is None else str(self.path),
