@@ -825,7 +825,9 @@ static int tc_ws(char c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 
 
 /* info_table(tensors): the rows of CheckpointInfo's table (header, dashes, a row per tensor,
  * each stripped of trailing whitespace, joined by newlines), or None when a tensor is not one
- * scan made from a TensorRef or a cell is not ASCII: _scan makes those tables itself. */
+ * scan made from a TensorRef or a cell is not ASCII: _scan makes those tables itself. The first
+ * pass finds the column widths, the second writes; computed cells are formatted in both (cheaper
+ * than keeping 3 strings per tensor). */
 PyObject *mod_info_table(PyObject *module, PyObject *list) {
     ModuleState *st = PyModule_GetState(module);
     if (!PyList_Check(list)) Py_RETURN_NONE;

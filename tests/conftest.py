@@ -17,7 +17,9 @@ import collections
 import importlib.util
 import os
 import struct
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import ml_dtypes
@@ -47,6 +49,18 @@ def _import_torch():
     except ImportError:
         return None
     return sys.modules["torch"]
+
+
+def run_fresh(code: str, *args) -> str:
+    """Run ``code`` (dedented) with ``args`` in a fresh Python process that imports the torchfree
+    this one does (first-use imports are tested so); its stdout, stripped. Asserts it exited 0."""
+    import torchfree
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(torchfree.__file__)))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
 
 
 def require_torch():

@@ -2,26 +2,13 @@
 ``import torchfree``. Each case runs in a fresh process, so that the first need is the one tested:
 the results must be what they are once ml_dtypes is loaded (numpy dtypes, never torch names)."""
 
-import os
-import subprocess
-import sys
-import textwrap
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 import torchfree
-
-ENV = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(torchfree.__file__)))
-
-
-def _run(code, *args):
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], capture_output=True,
-                       text=True, env=ENV)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
-
+from conftest import run_fresh
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
@@ -40,12 +27,12 @@ def files(tmp_path_factory):
 
 
 def test_import_does_not_import_ml_dtypes():
-    assert _run("import sys, torchfree; print('ml_dtypes' in sys.modules)") == "False"
+    assert run_fresh("import sys, torchfree; print('ml_dtypes' in sys.modules)") == "False"
 
 
 def test_a_plain_file_never_imports_it(files):
     d, _, _ = files
-    out = _run("""
+    out = run_fresh("""
         import sys, torchfree
         sd = torchfree.load(sys.argv[1]); torchfree.scan(sys.argv[1])
         print(sd["x"].dtype, 'ml_dtypes' in sys.modules)""", d / "plain.pt")
@@ -55,7 +42,7 @@ def test_a_plain_file_never_imports_it(files):
 @pytest.mark.parametrize("how", ["load", "load_copy", "scan", "open", "legacy"])
 def test_first_need_is_a_file(files, how):
     d, bf, f8 = files
-    out = _run("""
+    out = run_fresh("""
         import sys, numpy as np, torchfree
         how, path = sys.argv[1], sys.argv[2]
         if how == "load":
@@ -87,7 +74,7 @@ def test_first_need_is_a_file(files, how):
 
 def test_first_need_is_a_dtype_global(files):
     d, _, _ = files
-    out = _run("""
+    out = run_fresh("""
         import sys, torchfree
         sd = torchfree.load(sys.argv[1])
         print(repr(sd["dt"]))""", d / "dtype_only.pt")
@@ -97,7 +84,7 @@ def test_first_need_is_a_dtype_global(files):
 def test_first_need_is_a_save(tmp_path, files):
     _, bf, _ = files
     path = tmp_path / "s.pt"
-    _run("""
+    run_fresh("""
         import sys, numpy as np, ml_dtypes, torchfree
         a = np.arange(6, dtype=np.float32).astype(ml_dtypes.bfloat16)
         torchfree.save({"bf": a}, sys.argv[1])""", path)
@@ -110,7 +97,7 @@ def test_scan_and_info_list_bf16_without_importing_it(files):
     """scan() of a bfloat16 file reports torch's dtype names without ml_dtypes; a TensorInfo's or
     StorageInfo's numpy dtype imports it on first access, and is then the ml_dtypes dtype."""
     d, _, _ = files
-    out = _run("""
+    out = run_fresh("""
         import sys, torchfree
         info = torchfree.scan(sys.argv[1])
         text = str(info)
@@ -125,7 +112,7 @@ def test_scan_and_info_list_bf16_without_importing_it(files):
     assert lines[1] == "{'bfloat16': 12, 'float32': 12}"
     assert lines[2] == "True False False"
     assert lines[3] == "dtype(bfloat16) dtype(bfloat16) True"
-    cli = _run("""
+    cli = run_fresh("""
         import sys
         from torchfree.cli import main
         main(["info", sys.argv[1]])
@@ -137,7 +124,7 @@ def test_open_after_scan_gets_ml_dtypes_arrays(files):
     """A lazy archive (open) whose storage classes did not import ml_dtypes imports it at its
     first such array."""
     d, bf, f8 = files
-    out = _run("""
+    out = run_fresh("""
         import sys, torchfree
         with torchfree.open(sys.argv[1]) as ck:
             print('ml_dtypes' in sys.modules)

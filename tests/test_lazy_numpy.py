@@ -4,18 +4,13 @@ process that has not imported numpy, so that the first need is the one tested; i
 be exactly what they are in this process, where numpy was loaded from the start."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 import torchfree
-from conftest import require_torch
-
-ENV = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(torchfree.__file__)))
+from conftest import require_torch, run_fresh
 
 # what a child prints of each array: enough to be compared bit for bit with this process's
 SHOW = """
@@ -25,10 +20,7 @@ def show(name, a):
 
 
 def _run(code, *args):
-    r = subprocess.run([sys.executable, "-c", SHOW + textwrap.dedent(code), *map(str, args)], capture_output=True,
-                       text=True, env=ENV)
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip().splitlines()
+    return run_fresh(SHOW + textwrap.dedent(code), *args).splitlines()
 
 
 def _show(name, a):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import builtins
 import collections
 import gc
-import math
 import os
 import operator
 import weakref
