@@ -42,6 +42,7 @@ HEADERS = [
     "src/pickler.h",
     "src/zipwrite.h",
     "src/save.h",
+    "src/platform.h",
 ]
 
 
@@ -69,7 +70,8 @@ setup(
             sources=SOURCES,
             depends=HEADERS,
             include_dirs=[numpy.get_include()],  # no -Isrc: src/limits.h must not shadow <limits.h>,
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            # the oldest numpy C API the binary runs on: pyproject.toml's lower bound (1.23)
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("NPY_TARGET_VERSION", "NPY_1_23_API_VERSION")],
             extra_compile_args=cflags,
             extra_link_args=ldflags,
             libraries=["z", "pthread"],

@@ -3,7 +3,7 @@
 
     python bench/bench_torch_load.py [--quick] [--runs N] [--dir D --keep] [--cuda]
 
-Fixtures are those of bench_load.py: the 50,000-tensor Adam state and the 2 GB LLM-like
+Fixtures are those of bench/suite.py: the 50,000-tensor Adam state and the 2 GB LLM-like
 state_dict (bench/_llm.py). Every tool runs in the same process, round-robin, with one
 untimed warm-up each; the file is warm in the page cache; the garbage collector is off in the
 timed region; results are kept alive until the clock stops. Each tool's result is checked
@@ -36,7 +36,22 @@ if not os.environ.get("TORCHFREE_BENCH_INSTALLED") and glob.glob(os.path.join(_P
 import torch  # noqa: E402
 
 import torchfree.torch as tft  # noqa: E402
-from bench_load import build_fixture, make_llm_state, make_opt_state, warm_file  # noqa: E402
+from _llm import llm_layout  # noqa: E402
+from suite import make_flat, make_optim, to_torch, warm as warm_file  # noqa: E402
+
+
+def build_fixture(torch, path, key, make):
+    """torch.save(make(), path) unless path exists (``--dir D --keep`` reuses fixtures)."""
+    if not os.path.exists(path):
+        torch.save(make(), path)
+
+
+def make_opt_state(torch, n, nbytes):
+    return to_torch(make_optim(n, nbytes))
+
+
+def make_llm_state(torch, nbytes):
+    return to_torch(make_flat(llm_layout(nbytes), 1))
 
 
 def tensors(obj, out):
@@ -118,12 +133,14 @@ def main():
             warm_file(p1)
             res = bench([
                 ("torchfree.torch.load", lambda: tft.load(p1)),
+                ("torchfree.torch.load(mmap=True)", lambda: tft.load(p1, mmap=True)),
                 ("torchfree.torch.load(mmap=False)", lambda: tft.load(p1, mmap=False)),
                 ("torch.load", lambda: torch.load(p1)),
                 ("torch.load(mmap=True)", lambda: torch.load(p1, mmap=True)),
             ], args.runs)
             report(f"{n}-tensor optimizer state ({os.path.getsize(p1) >> 20} MB)", res,
-                   [("torchfree.torch.load", "torch.load", 10), ("torchfree.torch.load", "torch.load(mmap=True)", 10)])
+                   [("torchfree.torch.load", "torch.load", 10),
+                    ("torchfree.torch.load(mmap=True)", "torch.load(mmap=True)", 10)])
             if not args.keep and not args.dir:
                 os.unlink(p1)
         if args.only in (None, "2"):
@@ -132,6 +149,7 @@ def main():
             warm_file(p2)
             tools = [
                 ("torchfree.torch.load", lambda: tft.load(p2)),
+                ("torchfree.torch.load(mmap=True)", lambda: tft.load(p2, mmap=True)),
                 ("torchfree.torch.load(mmap=False)", lambda: tft.load(p2, mmap=False)),
                 ("torch.load", lambda: torch.load(p2)),
                 ("torch.load(mmap=True)", lambda: torch.load(p2, mmap=True)),
@@ -147,7 +165,8 @@ def main():
                 ]
             res = bench(tools, args.runs)
             report(f"LLM-like state_dict ({os.path.getsize(p2) >> 20} MB)", res,
-                   [("torchfree.torch.load", "torch.load", 1.5), ("torchfree.torch.load", "torch.load(mmap=True)", 1.5)])
+                   [("torchfree.torch.load", "torch.load", 1.5),
+                    ("torchfree.torch.load(mmap=True)", "torch.load(mmap=True)", 1.5)])
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(d, ignore_errors=True)

@@ -6,6 +6,7 @@
  * storages. An Archive keeps it alive between calls so single tensors can be
  * read on demand; load_zip keeps it on the C stack for one call. */
 #include "module.h"
+#include "pickler.h"
 
 #include <pthread.h>
 #include <sys/mman.h>
@@ -24,6 +25,11 @@ static int small_record(Loader *L, const char *name, char *buf, size_t cap, int 
     return 0;
 }
 
+static int host_is_big(void) {
+    const uint16_t one = 1;
+    return *(const uint8_t *)&one == 0;
+}
+
 static int read_version_and_byteorder(Loader *L) {
     char buf[64];
     int found;
@@ -39,14 +45,14 @@ static int read_version_and_byteorder(Loader *L) {
         return tf_raise(L, L->st->FormatError,
                         "checkpoint has format version %ld; the maximum supported version for reading is 10", v);
     if (small_record(L, "byteorder", buf, sizeof buf, &found) < 0) return -1;
-    int file_big = 0;
+    int file_big = L->default_big; /* no record: little, unless torch mode says otherwise */
     if (found) {
+        file_big = 0;
         if (strcmp(buf, "big") == 0) file_big = 1;
         else if (strcmp(buf, "little") != 0)
             return tf_raise(L, L->st->FormatError, "byteorder record holds an unknown value");
     }
-    const uint16_t one = 1;
-    int host_big = *(const uint8_t *)&one == 0;
+    int host_big = host_is_big();
     L->file_big = file_big;
     L->big_endian = file_big != host_big;
     return 0;
@@ -72,6 +78,7 @@ static int parse_limits(Loader *L, PyObject *limits) {
 
 /* Release everything the Loader holds (safe on a zeroed or half-opened one). */
 void loader_close(Loader *L) {
+    storage_batch_abort(L); /* its thread writes into storages of L->pending */
     vm_free(L);
     zipread_close(&L->zip);
     Py_CLEAR(L->storages);
@@ -86,7 +93,8 @@ void loader_close(Loader *L) {
     Py_CLEAR(L->globals_seen);
     Py_CLEAR(L->pyfile);
     Py_CLEAR(L->torch);
-    L->torch_tensor = L->torch_dtypes = NULL;
+    Py_CLEAR(L->defer_loc);
+    L->torch_tensor = L->torch_dtypes = L->torch_defer = NULL;
     L->src = NULL;
 }
 
@@ -94,21 +102,38 @@ static char *open_kwlist[] = {"src", "size", "mode", "require_map", "map_kind", 
                               "weights_only", "safe_globals", "encoding", "limits", "torch", NULL};
 #define OPEN_FORMAT "OK$ipiOpOOOO"
 
+/* default_byteorder=None/"little"/"big"/"native" -> L->default_big (0 or 1), or -1 (raised). */
+static int parse_default_byteorder(PyObject *v) {
+    if (v == NULL || v == Py_None) return 0;
+    if (PyUnicode_Check(v)) {
+        if (PyUnicode_CompareWithASCIIString(v, "little") == 0) return 0;
+        if (PyUnicode_CompareWithASCIIString(v, "big") == 0) return 1;
+        if (PyUnicode_CompareWithASCIIString(v, "native") == 0) return host_is_big();
+    }
+    PyErr_SetString(PyExc_ValueError, "default_byteorder must be None, 'little', 'big' or 'native'");
+    return -1;
+}
+
 /* Parse the options and, for a zip, open it and read its version and byteorder
  * records. The Loader keeps its own references to the options. */
 int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, const char *fname, int fmt) {
     PyObject *src, *map_location, *safe_globals, *encoding, *limits, *torch = Py_None;
     unsigned long long size;
-    int mode, require_map, map_kind, weights_only, drop_pages = 0;
+    int mode, require_map, map_kind, weights_only, drop_pages = 0, default_big = 0;
     char format[64];
     snprintf(format, sizeof format, "%s:%s", OPEN_FORMAT, fname);
     memset(L, 0, sizeof *L); /* loader_close() is safe on it whatever happens below */
     L->fd = -1;
-    /* drop_pages=bool, optional (the others are required): taken out before parsing */
+    /* drop_pages=bool and default_byteorder=str, optional (the others are required): taken out
+     * before parsing */
     PyObject *dp = kwargs != NULL ? PyDict_GetItemString(kwargs, "drop_pages") : NULL;
-    if (dp != NULL) {
-        if ((drop_pages = PyObject_IsTrue(dp)) < 0 || (kwargs = PyDict_Copy(kwargs)) == NULL) return -1;
-        if (PyDict_DelItemString(kwargs, "drop_pages") < 0) {
+    PyObject *bo = kwargs != NULL ? PyDict_GetItemString(kwargs, "default_byteorder") : NULL;
+    if (dp != NULL || bo != NULL) {
+        if ((dp != NULL && (drop_pages = PyObject_IsTrue(dp)) < 0) || (default_big = parse_default_byteorder(bo)) < 0 ||
+            (kwargs = PyDict_Copy(kwargs)) == NULL)
+            return -1;
+        if ((dp != NULL && PyDict_DelItemString(kwargs, "drop_pages") < 0) ||
+            (bo != NULL && PyDict_DelItemString(kwargs, "default_byteorder") < 0)) {
             Py_DECREF(kwargs);
             return -1;
         }
@@ -116,9 +141,10 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
     int parsed = PyArg_ParseTupleAndKeywords(args, kwargs, format, open_kwlist, &src, &size, &mode, &require_map,
                                              &map_kind, &map_location, &weights_only, &safe_globals, &encoding,
                                              &limits, &torch);
-    if (dp != NULL) Py_DECREF(kwargs);
+    if (dp != NULL || bo != NULL) Py_DECREF(kwargs);
     if (!parsed) return -1;
     memset(L, 0, sizeof *L);
+    L->default_big = default_big;
     L->st = st;
     L->drop_ok = drop_pages && fmt == FMT_ZIP; /* a request: loader_drop_start decides */
     L->mode = mode;
@@ -150,6 +176,7 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
         L->torch = Py_NewRef(torch);
         L->torch_tensor = tt;
         L->torch_dtypes = td;
+        L->torch_defer = PyDict_GetItemString(torch, "defer");
     }
     L->storages = PyDict_New();
     L->storage_list = PyList_New(0);
@@ -483,7 +510,7 @@ static int loader_constants(Loader *L, PyObject *obj) {
  * src is a buffer (mode 0: zero-copy views; mode 1: copies) or a file
  * descriptor (mode 2: each storage read into fresh memory). */
 PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
-    Loader L;
+    Loader L = {0}; /* loader_close below also runs when numpy fails to import (no loader_open) */
     PyObject *obj = NULL;
     if (tf_numpy(PyModule_GetState(module)) == 0 &&
         loader_open(&L, PyModule_GetState(module), args, kwargs, "load_zip", FMT_ZIP) == 0) {
@@ -501,13 +528,52 @@ PyObject *mod_load_zip(PyObject *module, PyObject *args, PyObject *kwargs) {
     return obj;
 }
 
+/* How deep holds_storage looks (torch.py's _replace_storages goes as deep). */
+#define FINISH_MAX_DEPTH 200
+
+/* 1 when obj holds a torchfree.Storage in its dicts, lists and exact tuples (each container
+ * looked at once: a pickle's memo can make a deep DAG of them), 0 when not, -1 on error. No
+ * Python code runs. */
+static int holds_storage(ModuleState *st, PyObject *obj, PtrMap *seen, int depth) {
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (tp == st->StorageType) return 1;
+    if (!(PyDict_Check(obj) || PyList_Check(obj) || tp == &PyTuple_Type) || depth > FINISH_MAX_DEPTH) return 0;
+    uint64_t mark;
+    if (ptrmap_get(seen, obj, &mark)) return 0;
+    if (ptrmap_set(seen, obj, 1) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (PyDict_Check(obj)) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(obj, &pos, &k, &v)) {
+            int r = holds_storage(st, v, seen, depth + 1);
+            if (r != 0) return r;
+        }
+        return 0;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+    PyObject **items = PySequence_Fast_ITEMS(obj);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int r = holds_storage(st, items[i], seen, depth + 1);
+        if (r != 0) return r;
+    }
+    return 0;
+}
+
+/* Torch mode: torch gives the storages a file holds outside tensors as TypedStorage; the
+ * "finish" helper replaces ours, called only when there is one (walking the result in Python
+ * would cost every load). New reference. */
 PyObject *loader_torch_finish(Loader *L, PyObject *obj) {
     PyObject *fin = L->torch ? PyDict_GetItemString(L->torch, "finish") : NULL;
     if (fin == NULL) return Py_NewRef(obj);
-    PyObject *n = PyLong_FromSsize_t(PyList_GET_SIZE(L->storage_list));
-    PyObject *r = n ? PyObject_CallFunctionObjArgs(fin, obj, n, NULL) : NULL;
-    Py_XDECREF(n);
-    return r;
+    PtrMap seen;
+    ptrmap_init(&seen);
+    int found = holds_storage(L->st, obj, &seen, 0);
+    ptrmap_free(&seen);
+    if (found <= 0) return found < 0 ? NULL : Py_NewRef(obj);
+    return PyObject_CallOneArg(fin, obj);
 }
 
 /* ---- Archive ------------------------------------------------------------------ */

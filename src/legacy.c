@@ -422,6 +422,7 @@ static PyObject *load_stream(Loader *L) {
         s->pending = 0;
         off += (uint64_t)s->nbytes;
     }
+    L->end = off; /* torch.load leaves a file object here */
     if (finish_storages(L) < 0) goto fail;
     if (L->legacy_rerun) {
         /* quantized, sparse, nested and device tensors compute with their parts' values, which
@@ -687,15 +688,18 @@ static int pop_flag(PyObject **kwargs, const char *name, int *out) {
     return PyDict_DelItemString(*kwargs, name);
 }
 
-/* load_legacy(src, size, *, ..., lazy=False, collect_globals=False): the one-shot load of a
- * legacy stream or tar archive held in a buffer (the keywords of load_zip). With
- * collect_globals it returns (obj, storages, sorted globals, "legacy" or "tar"); lazy (scan)
- * reads no storage bytes: tensors become TensorRefs over storages without data. */
+/* load_legacy(src, size, *, ..., lazy=False, collect_globals=False, with_end=False): the
+ * one-shot load of a legacy stream or tar archive held in a buffer (the keywords of load_zip).
+ * With collect_globals it returns (obj, storages, sorted globals, "legacy" or "tar"); lazy
+ * (scan) reads no storage bytes: tensors become TensorRefs over storages without data. With
+ * with_end it returns (obj, end): end is the offset just past a legacy stream's last storage
+ * (where torch.load leaves a file object), the buffer's size for a tar. */
 PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs) {
     Loader L;
     PyObject *obj = NULL, *kw = kwargs ? PyDict_Copy(kwargs) : NULL;
-    int lazy, collect;
-    if ((kwargs != NULL && kw == NULL) || pop_flag(&kw, "lazy", &lazy) < 0 || pop_flag(&kw, "collect_globals", &collect) < 0) {
+    int lazy, collect, with_end;
+    if ((kwargs != NULL && kw == NULL) || pop_flag(&kw, "lazy", &lazy) < 0 || pop_flag(&kw, "collect_globals", &collect) < 0 ||
+        pop_flag(&kw, "with_end", &with_end) < 0) {
         Py_XDECREF(kw);
         return NULL;
     }
@@ -703,6 +707,7 @@ PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs) {
         loader_open(&L, PyModule_GetState(module), args, kw, "load_legacy", FMT_LEGACY) == 0 &&
         (!collect || (L.globals_seen = PySet_New(NULL)) != NULL)) {
         L.lazy = lazy;
+        L.end = L.size;
         if (is_tar(&L)) {
             L.format = FMT_TAR;
             obj = load_tar(&L);
@@ -710,6 +715,7 @@ PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs) {
             obj = load_stream(&L);
         }
         if (obj != NULL) Py_SETREF(obj, loader_torch_finish(&L, obj));
+        if (obj != NULL && with_end && !collect) obj = Py_BuildValue("(NK)", obj, (unsigned long long)L.end); /* steals */
         if (obj != NULL && collect) {
             /* the storages with bytes of their own (not views and retyped aliases of them) */
             PyObject *roots = PyList_New(0), *g = PySequence_List(L.globals_seen);

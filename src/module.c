@@ -272,6 +272,9 @@ static PyMethodDef core_methods[] = {
     {"walk", (PyCFunction)(void (*)(void))mod_walk, METH_VARARGS | METH_KEYWORDS,
      "walk($module, /, obj, mode, sep, children, refs=False, info_type=None, other=None, max_depth=10000)\n--\n\n"
      "The tensors of obj by dotted name (internal: see torchfree.flatten and scan)."},
+    {"storage_over", mod_storage_over, METH_VARARGS,
+     "storage_over($module, buffer, dtype_id, /)\n--\n\nA Storage over any buffer's bytes, held exported while it "
+     "lives (internal: torchfree.torch.save hands torch storages to the writer so)."},
     {"storage_infos", mod_storage_infos, METH_VARARGS,
      "storage_infos($module, storages, record_prefix, type, /)\n--\n\nStorageInfo of each Storage (internal)."},
     {"info_table", mod_info_table, METH_O,

@@ -108,8 +108,11 @@ typedef struct Loader {
     uint64_t size;
     int format;            /* FMT_* */
     ZipReader zip;
-    int file_big;          /* the byteorder record says big */
+    int file_big;          /* the byteorder record says big (or, without one, the default below) */
     int big_endian;        /* the file's byte order differs from ours */
+    int default_big;       /* byte order of a zip without a byteorder record: big (1) or little (0);
+                            * torch.serialization.set_default_load_endianness in torch mode */
+    uint64_t end;          /* legacy stream: the offset just past its last storage (once loaded) */
     /* options */
     int ml_kind;
     PyObject *map_location; /* str, dict or the user's callable (owned) */
@@ -128,11 +131,23 @@ typedef struct Loader {
     PyObject *torch;
     PyObject *torch_tensor; /* torch["tensor"](storage, dtype_id, offset, size, stride, conj, neg) (borrowed) */
     PyObject *torch_dtypes; /* torch["dtypes"]: tuple of DT_COUNT torch dtypes (or None) (borrowed) */
+    /* torch["defer"] (borrowed; NULL: absent): fn(saved_location) -> bool, whether a storage saved
+     * there may have its bytes read after unpickling (storage_finish) when copying from a file:
+     * False when map_location hands it, bytes and all, to torch during the load (a callable, a
+     * device); defer_loc (owned) / defer_last: the last location asked and its answer */
+    PyObject *torch_defer;
+    PyObject *defer_loc;
+    int defer_last;
     /* state */
     PyObject *storage_list; /* every StorageObject, in first-use order (records point at theirs) */
     PyObject *storages;     /* dict key -> StorageObject, for keys without a record (meta) */
     size_t data0;           /* 1 + directory index of data/0; 0 unknown, SIZE_MAX none */
     PyObject *pending;      /* list of StorageObject with deferred reads */
+    /* while unpickling goes on, the deferred reads are handed out in batches to a thread of
+     * their own (storage.c), one batch at a time: pending[:pend_sent] are handed out */
+    Py_ssize_t pend_sent;
+    uint64_t pend_bytes;    /* bytes of pending[pend_sent:] */
+    struct ReadBatch *batch; /* the batch being read, or NULL */
     uint64_t total_alloc;
     const char *record;     /* name of the pickle record, for messages */
     /* legacy stream and tar: storage bytes come after (or apart from) the pickle */
@@ -247,6 +262,7 @@ PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n
 PyObject *storage_get(Loader *L, int dtype, PyObject *key, PyObject *saved, long long numel);
 /* A fresh Storage made by L (no data yet). New reference. */
 StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype);
+PyObject *mod_storage_over(PyObject *module, PyObject *args);
 /* The location tag map_location gives a storage saved at `saved` (new reference). */
 PyObject *storage_target(Loader *L, PyObject *saved);
 /* The dtype of a persistent id's storage type (a torch storage class), or -1 with an exception. */
@@ -266,6 +282,8 @@ TfStatus storage_read_pyfile(void *ctx, uint64_t off, void *buf, size_t n, TfErr
 TfStatus storage_read_fd(void *ctx, uint64_t off, void *buf, size_t n, TfErr *err);
 /* Run every deferred read (GIL released, in parallel) and swaps. */
 int storage_finish(Loader *L);
+/* Wait for the read batch in flight, if any, ignoring its errors (a load that failed). */
+void storage_batch_abort(Loader *L);
 
 /* tensor.c */
 extern PyType_Spec TensorRefSpec;

@@ -23,21 +23,20 @@
  *    computes each storage's CRC-32 in the same pass: on a second thread
  *    over the bytes being written when a core is idle for it, else chunk by
  *    chunk just before each chunk is written. When the caller will fsync,
- *    writeback is started as the bytes are written (sync_file_range). */
+ *    writeback is started as the bytes are written (sync_file_range, on Linux: platform.h). */
 #include "module.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
-#include <sched.h>
 #include <stdlib.h>
 #include <sys/stat.h>
-#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "crc32.h"
 #include "opcodes.h"
 #include "pickler.h"
+#include "platform.h"
 #include "save.h"
 #include "zipwrite.h"
 
@@ -64,9 +63,6 @@ static const char K_REBUILD_V2, K_REBUILD_V3, K_REBUILD_META, K_REBUILD_QTENSOR,
 #define SAVE_KICK ((int64_t)32 << 20)            /* start writeback every this many bytes */
 #define SAVE_BATCH 1000                          /* _pickle.c BATCHSIZE */
 #define SAVE_RESERVE_MIN ((uint64_t)1 << 20)     /* smaller saves reserve no blocks */
-#ifndef EXT4_SUPER_MAGIC
-#define EXT4_SUPER_MAGIC 0xEF53
-#endif
 
 /* ---- per-call state ---------------------------------------------------------- */
 
@@ -724,6 +720,23 @@ static int make_run(Saver *S, PyObject *owner, const size_t *idx, size_t n, int 
 static int group_owner(Saver *S, PyObject *root, size_t *idx, size_t n) {
     SaveItem *items = S->items;
     PyObject *owner = items[idx[0]].owner;
+    if (Py_TYPE(owner) == S->st->StorageType && ((StorageObject *)owner)->nbytes == 0) {
+        /* an empty torchfree.Storage used as several dtypes (it has no bytes to disagree on):
+         * one record, as torch writes one storage, each use naming its own dtype (emit_pid) */
+        StorageObject *s = (StorageObject *)owner;
+        int rec = -1;
+        for (size_t i = 0; i < n; i++) {
+            SaveItem *m = &items[idx[i]];
+            if (m->lo != s->data && m->arr != NULL) { /* not at its start: an array of its own */
+                if (lone_record(S, m) < 0) return -1;
+                continue;
+            }
+            if (rec < 0 && (rec = new_record(S, owner, s->data, 0, m->dt, idx[i])) < 0) return -1;
+            m->rec = rec;
+            m->offset = 0;
+        }
+        return 0;
+    }
     int main_dt = -1;
     size_t main_start = 0, main_end = 0;
     for (size_t i = 0; i < n && main_dt < 0; i++)
@@ -818,7 +831,7 @@ static int merge_overlaps(Saver *S, PyObject *root) {
         remap[i] = -1;
         if (S->recs[i].nbytes > 0) idx[n++] = i;
     }
-    qsort_r(idx, n, sizeof *idx, cmp_start, S->recs);
+    tf_qsort_r(idx, n, sizeof *idx, cmp_start, S->recs);
     int r = 0, merged = 0;
     size_t c = 0;
     while (r == 0 && c < n) {
@@ -885,7 +898,7 @@ static int make_records(Saver *S, PyObject *root) {
         return -1;
     }
     for (size_t i = 0; i < S->n_items; i++) idx[i] = i;
-    qsort_r(idx, S->n_items, sizeof *idx, cmp_owner, S->items);
+    tf_qsort_r(idx, S->n_items, sizeof *idx, cmp_owner, S->items);
     int r = 0;
     size_t start = 0;
     while (r == 0 && start < S->n_items) {
@@ -1129,9 +1142,10 @@ static int emit_storage_type(Saver *S, int dt) {
 }
 
 /* ('storage', <type>, key, 'cpu', numel[, None]) BINPERSID */
-static int emit_pid(Saver *S, SaveRecord *r) {
+/* dt: the dtype of this use (the record's, except for an empty storage used as several) */
+static int emit_pid(Saver *S, SaveRecord *r, int dt) {
     Pickler *P = &S->pk;
-    const DtypeInfo *info = &dtypes_table[r->dt];
+    const DtypeInfo *info = &dtypes_table[dt];
     if (r->order < 0) {
         if (grow((void **)&S->order, &S->cap_order, S->n_order + 1, sizeof(size_t)) < 0) return -1;
         r->order = (int64_t)S->n_order;
@@ -1145,7 +1159,7 @@ static int emit_pid(Saver *S, SaveRecord *r) {
     }
     pk_op(P, OP_MARK);
     if (save_made_str(S, S->str_storage) < 0) return -1;
-    emit_storage_type(S, r->dt);
+    emit_storage_type(S, dt);
     if (S->legacy) {
         /* str(storage._cdata): a fresh string each time */
         char buf[32];
@@ -1167,12 +1181,12 @@ static int emit_pid(Saver *S, SaveRecord *r) {
 static int save_item(Saver *S, PyObject *obj, SaveItem *it) {
     Pickler *P = &S->pk;
     SaveRecord *r = &S->recs[it->rec];
-    if (it->arr == NULL) return emit_pid(S, r); /* a bare storage: persistent, not memoized */
+    if (it->arr == NULL) return emit_pid(S, r, it->dt); /* a bare storage: persistent, not memoized */
     int v3 = dtypes_table[it->dt].storage == NULL;
     if (v3) emit_global(S, &K_REBUILD_V3, "torch._utils", "_rebuild_tensor_v3");
     else emit_global(S, &K_REBUILD_V2, "torch._utils", "_rebuild_tensor_v2");
     pk_op(P, OP_MARK);
-    if (emit_pid(S, r) < 0) return -1;
+    if (emit_pid(S, r, it->dt) < 0) return -1;
     pk_int(P, it->offset);
     emit_dims(S, (PyArrayObject *)it->arr, 0);
     emit_dims(S, (PyArrayObject *)it->arr, 1);
@@ -1239,7 +1253,7 @@ static int save_quantized(Saver *S, PyObject *obj, PyObject *parts) {
     SaveItem *it = &S->items[i - 3];
     emit_global(S, &K_REBUILD_QTENSOR, "torch._utils", "_rebuild_qtensor");
     pk_op(P, OP_MARK);
-    if (emit_pid(S, &S->recs[it->rec]) < 0) return -1;
+    if (emit_pid(S, &S->recs[it->rec], S->recs[it->rec].dt) < 0) return -1;
     pk_int(P, it->offset);
     if (it->dt == DT_QUINT4X2 || it->dt == DT_QUINT2X4) {
         /* int_repr holds the packed bytes: the tensor is contiguous in its own shape */
@@ -1480,7 +1494,7 @@ static int sink_write(void *ctx, const void *buf, size_t n) {
         }
         if (k->kick && k->pos - k->kicked >= SAVE_KICK) {
             /* asynchronous; errors (e.g. not a regular file) only mean no head start */
-            if (sync_file_range(k->fd, k->kicked, k->pos - k->kicked, SYNC_FILE_RANGE_WRITE) < 0) k->kick = 0;
+            if (tf_writeback_start(k->fd, k->kicked, k->pos - k->kicked) < 0) k->kick = 0;
             k->kicked = k->pos;
         }
         return 0;
@@ -1533,19 +1547,17 @@ static int sink_write(void *ctx, const void *buf, size_t n) {
  * regular file, keeping its size. On this project's machine (Linux 6.18, ext4) the same 512 KB
  * write() calls then took 264 instead of 404 ms for 2 GB and 13.3 instead of 20.7 ms for 100 MB
  * (the page cache is filled over allocated blocks instead of delayed allocation), and the fsync
- * after them was no slower. On tmpfs it cost 10%, so only ext4 gets it. Failures (no space, no
- * support) are ignored: the writes then run, and fail, as without it. */
+ * after them was no slower. On tmpfs it cost 10%, so only ext4 gets it (so nothing is reserved
+ * off Linux: platform.h). Failures (no space, no support) are ignored: the writes then run, and
+ * fail, as without it. */
 static void sink_reserve(Sink *k, uint64_t upper) {
     struct stat st;
-    struct statfs fs;
     if (k->fd < 0 || upper < SAVE_RESERVE_MIN || upper > (uint64_t)INT64_MAX / 2) return;
-    if (fstat(k->fd, &st) != 0 || !S_ISREG(st.st_mode) || fstatfs(k->fd, &fs) != 0 ||
-        fs.f_type != EXT4_SUPER_MAGIC)
-        return;
+    if (fstat(k->fd, &st) != 0 || !S_ISREG(st.st_mode) || !tf_fd_on_ext4(k->fd)) return;
     off_t at = lseek(k->fd, 0, SEEK_CUR);
     if (at < 0 || st.st_size > at) return; /* only a file written at its end */
     k->reserved = 1; /* a failed fallocate (ignored, see above) may still leave blocks */
-    (void)fallocate(k->fd, FALLOC_FL_KEEP_SIZE, at, (off_t)upper);
+    tf_reserve_keep_size(k->fd, at, (off_t)upper);
 }
 
 /* Free the reserved blocks past the end of what was written (truncating a file to its own size
@@ -1629,8 +1641,7 @@ static int crc_thread_pays(void) {
     /* folded, the CRC of a piece in cache costs a few percent of writing it, and a
      * thread measured no faster on this project's machine (2 GB: 414 vs 405 ms) */
     if (tf_crc32_folds() > 0) return 0;
-    cpu_set_t set;
-    long ncpu = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : sysconf(_SC_NPROCESSORS_ONLN);
+    long ncpu = tf_usable_cpus();
     if (ncpu < 2) return 0;
     double load;
     if (getloadavg(&load, 1) != 1) return 1;

@@ -2,9 +2,10 @@
  *
  * A zip persistent id ('storage', <type>, key, location, numel) names the
  * record data/<key>. Each record is materialised once: a slice of the
- * mapping (zero-copy), a fresh buffer filled by pread (deferred, so the
- * reads of a whole file run after unpickling, in parallel, without the GIL),
- * or a fresh buffer inflated from a deflated record. map_location decides the
+ * mapping (zero-copy), a fresh buffer filled by pread (deferred: read in
+ * batches on a thread of their own while unpickling goes on, the rest in
+ * parallel at the end, without the GIL; see "read batches" below), or a
+ * fresh buffer inflated from a deflated record. map_location decides the
  * target tag; "meta" reads nothing. */
 #include "module.h"
 
@@ -165,8 +166,10 @@ PyType_Spec StorageSpec = {
     .slots = Storage_slots,
 };
 
-StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype) {
-    StorageObject *s = PyObject_New(StorageObject, L->st->StorageType);
+/* A fresh Storage of L (NULL: made outside a load), no data yet. New reference. */
+static StorageObject *storage_alloc(ModuleState *st, Loader *L, PyObject *key, PyObject *location,
+                                    Py_ssize_t nbytes, int dtype) {
+    StorageObject *s = PyObject_New(StorageObject, st->StorageType);
     if (s == NULL) return NULL;
     s->key = Py_NewRef(key);
     s->location = Py_NewRef(location);
@@ -187,6 +190,47 @@ StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssiz
     s->hooked = 1;
     s->saved = NULL;
     return s;
+}
+
+StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype) {
+    return storage_alloc(L->st, L, key, location, nbytes, dtype);
+}
+
+/* storage_over(buffer, dtype_id, /): a Storage over the bytes of any buffer (held exported
+ * while it lives), tagged "cpu", key "". torchfree.torch.save gives each torch storage's bytes
+ * to the writer so: the writer writes a Storage whole, as torch writes a storage (internal). */
+PyObject *mod_storage_over(PyObject *module, PyObject *args) {
+    PyObject *buf;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "Oi:storage_over", &buf, &dtype)) return NULL;
+    if (dtype < 0 || dtype >= DT_COUNT || (dtypes_table[dtype].flags & (DTF_QUANTIZED | DTF_NO_TENSOR))) {
+        PyErr_Format(PyExc_ValueError, "storage_over: bad dtype id %d", dtype);
+        return NULL;
+    }
+    ModuleState *st = PyModule_GetState(module);
+    Py_buffer view;
+    if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0) return NULL;
+    if (view.len % dtypes_table[dtype].itemsize != 0) {
+        PyErr_Format(PyExc_ValueError, "storage_over: %zd bytes are not a whole number of %s elements", view.len,
+                     dtypes_table[dtype].name);
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *key = PyUnicode_FromString(""), *cpu = key ? PyUnicode_InternFromString("cpu") : NULL;
+    StorageObject *s = cpu ? storage_alloc(st, NULL, key, cpu, view.len, dtype) : NULL;
+    Py_XDECREF(key);
+    Py_XDECREF(cpu);
+    if (s == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    s->data = view.buf;
+    s->owner = Py_NewRef(buf);
+    s->view = view; /* released by Storage_dealloc */
+    s->has_view = 1;
+    s->readonly = view.readonly;
+    s->swapped = 1;
+    return (PyObject *)s;
 }
 
 /* ---- reading ---------------------------------------------------------------- */
@@ -412,8 +456,11 @@ static int read_record(Loader *L, StorageObject *s) {
     return 0;
 }
 
+static int pending_pump(Loader *L);
+static int batch_join(Loader *L);
+
 /* Give s its bytes: a slice of the mapping, or a fresh buffer filled now
- * (inflated, copied) or, when `defer`, by pread in storage_finish. */
+ * (inflated, copied) or, when `defer`, by pread in a read batch or storage_finish. */
 static int storage_fill(Loader *L, StorageObject *s, int defer) {
     ZipEntry *e = s->rec.entry;
     if (locate(L, e) < 0) return -1;
@@ -432,8 +479,11 @@ static int storage_fill(Loader *L, StorageObject *s, int defer) {
     s->data = PyArray_DATA((PyArrayObject *)buf);
     s->readonly = 0;
     s->pending = 1;
-    if (defer && L->mode == SRC_FD && e->method == 0) /* read in storage_finish, with the others */
-        return PyList_Append(L->pending, (PyObject *)s);
+    if (defer && L->mode == SRC_FD && e->method == 0) { /* read in a batch, with the others */
+        if (PyList_Append(L->pending, (PyObject *)s) < 0) return -1;
+        L->pend_bytes += e->usize;
+        return pending_pump(L);
+    }
     if (read_record(L, s) < 0) return -1;
     return 0;
 }
@@ -525,6 +575,21 @@ PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n
     return result;
 }
 
+/* Torch mode: whether the bytes of a storage saved at `saved` may be read after unpickling, with
+ * the others (1), or must be there when its tensor is made (0: map_location gives the storage to
+ * torch, which copies it to a device or to a callable then); -1 with an exception. The answer
+ * for the last location asked is kept (a checkpoint has one or a few). */
+static int defer_ok(Loader *L, PyObject *saved) {
+    if (L->defer_loc != NULL && (L->defer_loc == saved || str_equal(L->defer_loc, saved))) return L->defer_last;
+    PyObject *r = PyObject_CallOneArg(L->torch_defer, saved);
+    int ok = r == NULL ? -1 : PyObject_IsTrue(r);
+    Py_XDECREF(r);
+    if (ok < 0) return -1;
+    Py_XSETREF(L->defer_loc, Py_NewRef(saved)); /* released by loader_close */
+    L->defer_last = ok;
+    return ok;
+}
+
 PyObject *storage_get(Loader *L, int dtype, PyObject *key, PyObject *saved, long long numel) {
     ModuleState *st = L->st;
     PyObject *result = NULL, *target = NULL;
@@ -561,9 +626,12 @@ PyObject *storage_get(Loader *L, int dtype, PyObject *key, PyObject *saved, long
             if (s->swap_unit < 2) s->swap_unit = 0;
         }
         s->hooked = L->ml_kind != ML_CALL;
+        /* read with the others later, unless a map_location callable (or torch) needs it now */
+        int defer = !s->hooked ? 0 : L->torch_defer == NULL ? 1 : defer_ok(L, saved);
+        if (defer < 0) goto done;
         if (L->lazy)
             s->unread = 1;
-        else if (storage_fill(L, s, 1) < 0 || (!s->hooked && storage_ready(L, s) < 0))
+        else if (storage_fill(L, s, defer) < 0 || (!s->hooked && storage_ready(L, s) < 0))
             goto done;
     }
     if (PyList_Append(L->storage_list, (PyObject *)s) < 0) goto done;
@@ -589,6 +657,7 @@ int storage_ready(Loader *L, StorageObject *s) {
         return -1;
     }
     if (s->unread && storage_fill(L, s, 0) < 0) return -1;
+    if (s->pending && s->rec.entry != NULL && L->batch != NULL && batch_join(L) < 0) return -1; /* s may be in it */
     if (s->pending && s->rec.entry != NULL && read_record(L, s) < 0) return -1;
     if (s->swap_unit && !s->swapped && !s->pending && s->data != NULL) {
         dtypes_byteswap((uint8_t *)s->data, (uint64_t)s->nbytes, (unsigned)s->swap_unit);
@@ -681,43 +750,167 @@ static int read_split(Loader *L, ZipEntry *e, uint8_t *dst) {
     return failed ? -1 : 0;
 }
 
+/* ---- read batches: deferred reads while unpickling goes on -----------------------
+ *
+ * Copying from a file descriptor (mmap=False), a stored record's bytes are read into its fresh
+ * buffer after its storage is made. Rather than all at the end, they are handed out as they
+ * come, in batches of BATCH_MIN_BYTES or BATCH_MIN_COUNT storages or more, to a thread of their
+ * own, one batch at a time, so that the reads (and the page faults of the fresh buffers) run on
+ * another CPU while the VM builds objects: a 50,000-storage copy load spent a third of its time
+ * in them. A batch's storages stay `pending` until it is joined: storage_ready joins it first (a
+ * storage needed early may be in it), storage_finish reads the rest and joins it, loader_close
+ * waits for it whatever happened. Its thread touches only its jobs (file offsets and the
+ * buffers of storages that L->pending keeps alive), never a Python object. */
+
+struct ReadBatch {
+    pthread_t tid;
+    ReadPool pool;
+    Py_ssize_t lo, hi; /* its storages: pending[lo:hi], those still pending when it started */
+    int done;          /* atomic: the thread is finished */
+};
+
+#ifndef BATCH_MIN_BYTES /* -D overrides for experiments: huge values turn batches off */
+#define BATCH_MIN_BYTES ((uint64_t)4 << 20)
+#endif
+#ifndef BATCH_MIN_COUNT
+#define BATCH_MIN_COUNT 2048
+#endif
+
+static void *batch_run(void *arg) {
+    struct ReadBatch *b = arg;
+    read_worker(&b->pool);
+    __atomic_store_n(&b->done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+/* The reads of pending[lo:hi] still pending, big records split into READ_CHUNK pieces so that
+ * threads share the work (PyMem_Malloc'd; NULL with an exception set). */
+static ReadJob *make_jobs(Loader *L, Py_ssize_t lo, Py_ssize_t hi, size_t *njobs, uint64_t *total) {
+    size_t n = 0;
+    uint64_t t = 0;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        StorageObject *s = (StorageObject *)PyList_GET_ITEM(L->pending, i);
+        if (!s->pending) continue;
+        size_t nb = (size_t)s->nbytes;
+        n += nb == 0 ? 0 : (nb + READ_CHUNK - 1) / READ_CHUNK;
+        t += nb;
+    }
+    ReadJob *jobs = PyMem_Malloc((n ? n : 1) * sizeof(ReadJob));
+    if (jobs == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    size_t j = 0;
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        StorageObject *s = (StorageObject *)PyList_GET_ITEM(L->pending, i);
+        if (!s->pending) continue;
+        for (size_t off = 0; off < (size_t)s->nbytes; off += READ_CHUNK) {
+            size_t nb = (size_t)s->nbytes - off;
+            jobs[j].fd = L->fd;
+            jobs[j].off = s->rec.entry->data_offset + off;
+            jobs[j].dst = (uint8_t *)s->data + off;
+            jobs[j].n = nb < READ_CHUNK ? nb : READ_CHUNK;
+            j++;
+        }
+    }
+    *njobs = j;
+    *total = t;
+    return jobs;
+}
+
+/* Hand pending[pend_sent:] to a batch thread (none started: storage_finish reads them). */
+static int batch_start(Loader *L) {
+    Py_ssize_t lo = L->pend_sent, hi = PyList_GET_SIZE(L->pending);
+    size_t njobs;
+    uint64_t total;
+    ReadJob *jobs = make_jobs(L, lo, hi, &njobs, &total);
+    if (jobs == NULL) return -1;
+    struct ReadBatch *b = PyMem_Calloc(1, sizeof *b);
+    if (b == NULL) {
+        PyMem_Free(jobs);
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->pool.jobs = jobs;
+    b->pool.njobs = njobs;
+    b->lo = lo;
+    b->hi = hi;
+    if (pthread_create(&b->tid, NULL, batch_run, b) != 0) {
+        PyMem_Free(jobs);
+        PyMem_Free(b);
+        return 0;
+    }
+    L->batch = b;
+    L->pend_sent = hi;
+    L->pend_bytes = 0;
+    return 0;
+}
+
+/* Wait for the batch in flight (GIL released) and free it; 1: it failed (errno in *failed). */
+static int batch_wait(Loader *L, Py_ssize_t *lo, Py_ssize_t *hi, int *failed) {
+    struct ReadBatch *b = L->batch;
+    L->batch = NULL;
+    if (__atomic_load_n(&b->done, __ATOMIC_ACQUIRE)) {
+        pthread_join(b->tid, NULL);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_join(b->tid, NULL);
+        Py_END_ALLOW_THREADS
+    }
+    *lo = b->lo;
+    *hi = b->hi;
+    *failed = b->pool.failed;
+    PyMem_Free(b->pool.jobs);
+    PyMem_Free(b);
+    return *failed != 0;
+}
+
+/* Join the batch in flight, if any: its storages are read (0), or OSError (-1). */
+static int batch_join(Loader *L) {
+    if (L->batch == NULL) return 0;
+    Py_ssize_t lo, hi;
+    int failed;
+    if (batch_wait(L, &lo, &hi, &failed)) {
+        errno = failed;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    for (Py_ssize_t i = lo; i < hi; i++) ((StorageObject *)PyList_GET_ITEM(L->pending, i))->pending = 0;
+    return 0;
+}
+
+void storage_batch_abort(Loader *L) {
+    if (L->batch == NULL) return;
+    Py_ssize_t lo, hi;
+    int failed;
+    (void)batch_wait(L, &lo, &hi, &failed);
+}
+
+/* A deferred storage was added to L->pending: join a finished batch, start the next. */
+static int pending_pump(Loader *L) {
+    if (L->batch != NULL) {
+        if (!__atomic_load_n(&L->batch->done, __ATOMIC_ACQUIRE)) return 0;
+        if (batch_join(L) < 0) return -1;
+    }
+    if (L->pend_bytes < BATCH_MIN_BYTES && PyList_GET_SIZE(L->pending) - L->pend_sent < BATCH_MIN_COUNT) return 0;
+    return batch_start(L);
+}
+
 int storage_finish(Loader *L) {
     Py_ssize_t npend = PyList_GET_SIZE(L->pending);
-    if (npend > 0) {
-        /* split big records into chunks so threads share the work */
-        size_t njobs = 0;
-        uint64_t total = 0;
-        for (Py_ssize_t i = 0; i < npend; i++) {
-            StorageObject *s = (StorageObject *)PyList_GET_ITEM(L->pending, i);
-            if (!s->pending) continue;
-            size_t n = (size_t)s->nbytes;
-            njobs += n == 0 ? 0 : (n + READ_CHUNK - 1) / READ_CHUNK;
-            total += n;
-        }
-        ReadJob *jobs = PyMem_Malloc((njobs ? njobs : 1) * sizeof(ReadJob));
-        if (jobs == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        size_t j = 0;
-        for (Py_ssize_t i = 0; i < npend; i++) {
-            StorageObject *s = (StorageObject *)PyList_GET_ITEM(L->pending, i);
-            if (!s->pending) continue;
-            for (size_t off = 0; off < (size_t)s->nbytes; off += READ_CHUNK) {
-                size_t n = (size_t)s->nbytes - off;
-                jobs[j].fd = L->fd;
-                jobs[j].off = s->rec.entry->data_offset + off;
-                jobs[j].dst = (uint8_t *)s->data + off;
-                jobs[j].n = n < READ_CHUNK ? n : READ_CHUNK;
-                j++;
-            }
-        }
+    if (npend > L->pend_sent || L->batch != NULL) {
+        /* the rest, on the CPUs the batch in flight leaves (it is mostly done by now) */
+        size_t njobs;
+        uint64_t total;
+        ReadJob *jobs = make_jobs(L, L->pend_sent, npend, &njobs, &total);
+        if (jobs == NULL) return -1; /* loader_close waits for the batch */
         int nthreads = total >= ((uint64_t)64 << 20) ? online_cpus() : 1;
         int failed;
         Py_BEGIN_ALLOW_THREADS
-        failed = run_reads(jobs, j, nthreads);
+        failed = run_reads(jobs, njobs, nthreads);
         Py_END_ALLOW_THREADS
         PyMem_Free(jobs);
+        if (batch_join(L) < 0) return -1;
         if (failed) {
             errno = failed;
             PyErr_SetFromErrno(PyExc_OSError);
@@ -725,6 +918,8 @@ int storage_finish(Loader *L) {
         }
         for (Py_ssize_t i = 0; i < npend; i++)
             ((StorageObject *)PyList_GET_ITEM(L->pending, i))->pending = 0;
+        L->pend_sent = npend;
+        L->pend_bytes = 0;
     }
     if (L->big_endian) {
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(L->storage_list); i++)

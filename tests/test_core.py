@@ -449,6 +449,46 @@ def test_mmap_modes(tmp_path):
         torchfree.load(deflated, mmap=True)
 
 
+def test_copy_load_read_in_batches(tmp_path):
+    """mmap=False reads records in batches on a thread of their own while unpickling goes on
+    (src/storage.c): many storages and several MB, shared ones, one a callable needs at once,
+    a file cut short (an error, never a crash) and a failed load (the batch is waited for)."""
+    rng = np.random.default_rng(5)
+    sd = {f"t{i}": rng.standard_normal(int(rng.integers(1, 3000)), np.float32) for i in range(6000)}
+    sd["big"] = rng.standard_normal(3_000_000, np.float32)  # 12 MB: a batch of its own, in pieces
+    sd["view"] = sd["t7"][1:]
+    path = tmp_path / "many.pt"
+    torchfree.save(sd, path)
+    exp = torchfree.load(path, mmap=True)
+    got = torchfree.load(path, mmap=False)
+    assert list(got) == list(exp)
+    for k in exp:
+        assert got[k].tobytes() == exp[k].tobytes(), k
+    assert np.shares_memory(got["view"], got["t7"])
+
+    def peeker(seen):
+        def peek(storage, loc):  # the callable sees each storage's bytes
+            seen[storage.key] = bytes(memoryview(storage)[:8])
+        return peek
+
+    seen_copy, seen_map = {}, {}
+    got = torchfree.load(path, mmap=False, map_location=peeker(seen_copy))
+    torchfree.load(path, mmap=True, map_location=peeker(seen_map))
+    assert seen_copy == seen_map and len(seen_copy) == len(sd) - 1
+    assert got["t5"].tobytes() == exp["t5"].tobytes()
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data)
+    with open(cut, "r+b") as f:  # the records of the middle sixth are zeros (a local header fails)
+        f.seek(len(data) // 3)
+        f.write(b"\0" * (len(data) // 6))
+    for _ in range(3):  # fails half way, a batch in flight: waited for before the storages go
+        with pytest.raises((torchfree.CheckpointError, OSError)):
+            torchfree.load(cut, mmap=False)
+    with pytest.raises(ZeroDivisionError):
+        torchfree.load(path, mmap=False, map_location=lambda s, loc: 1 / 0 if s.key == "5000" else None)
+
+
 def test_file_object_with_header_and_nonseekable(tmp_path):
     f = io.BytesIO(b"header" + ONE_TENSOR)
     f.seek(6)

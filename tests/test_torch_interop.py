@@ -625,11 +625,22 @@ def test_torchscript_archive_refused_as_torch_does(torch, tmp_path):
     assert str(got.value) == str(exp.value)
 
 
-def test_pickle_module_refused(torch, case_files):
+def test_pickle_module_stands_in_or_refused(torch, case_files):
+    """The standard pickle module is stood in for (weights_only=None then means False, as in
+    torch); a module with an unpickler of its own is refused (patched() hands it to torch)."""
     import torchfree.torch as tft
 
-    with pytest.raises(TypeError):
-        tft.load(case_files["params"], pickle_module=pickle)
+    assert_torch_equal(torch, tft.load(case_files["params"], pickle_module=pickle),
+                       torch.load(case_files["params"], pickle_module=pickle))
+
+    class Own(pickle.Unpickler):
+        pass
+
+    class Module:
+        Unpickler, load = Own, pickle.load
+
+    with pytest.raises(TypeError, match="unpickler of its own"):
+        tft.load(case_files["params"], pickle_module=Module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,8 +749,7 @@ def test_patched_falls_back_with_one_warning(torch, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             torch.load(path, weights_only=False)  # one warning per reason
-        with pytest.warns(UserWarning, match="pickle_module"):
-            got = torch.load(tmp_path / "c.pt", pickle_module=pickle, weights_only=False)
+        got = torch.load(tmp_path / "c.pt", pickle_module=pickle, weights_only=False)  # same reason: no warning
         assert got["c"].v == 3
         with open(path, "rb") as f:  # a file object is rewound for the fallback
             assert torch.load(f, weights_only=False)["c"].v == 3

@@ -9,6 +9,7 @@ import os
 import stat as _stat
 
 from . import _core
+from ._files import note_mapping
 
 # must match src/module.h
 _SRC_MAP, _SRC_COPY, _SRC_FD, _SRC_PYFILE = 0, 1, 2, 3
@@ -137,14 +138,14 @@ class Source:
     (``format == "legacy"``) are always a buffer: a read-only mapping of a path, or the bytes.
     """
 
-    def __init__(self, f, mmap=None, *, lazy=False):
+    def __init__(self, f, mmap=None, *, lazy=False, shared=False):
         self._file = None  # the descriptor pread reads (mmap=False), closed by close()
         self._mapping = None
         self.drop_pages = False  # the buffer is a private mapping of a path, made for this call alone
         self.format = "zip"
         if isinstance(f, (str, os.PathLike)):
             self.path = os.fspath(f)
-            self._open_path(mmap)
+            self._open_path(mmap, shared)
             return
         self.path = None
         if mmap:
@@ -180,7 +181,9 @@ class Source:
         self.src, self.mode, self.require_map = buf, mode, False
         self.size = buf.nbytes if isinstance(buf, memoryview) else len(buf)
 
-    def _open_path(self, mmap):
+    def _open_path(self, mmap, shared=False):
+        """shared (with mmap=True; torch mode, for torch.serialization.set_default_mmap_options(
+        MAP_SHARED)): a zip is mapped shared and writable, so writes to its tensors reach the file."""
         # a bare descriptor, no file object: io.open costs several times os.open (a scan of a
         # small file is ~0.3 ms in all)
         fd = fh = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
@@ -205,14 +208,24 @@ class Source:
                 # storages are copied out of a read-only mapping, which closes on return
                 # (mode MAP tells the core the buffer is a file mapping, whose pages it may drop)
                 self._mapping = _mmap.mmap(fd, 0, access=_mmap.ACCESS_READ)
+                note_mapping(self._mapping, st)  # writers replace the file, never rewrite it
                 self.src, self.mode, self.require_map = self._mapping, _SRC_MAP, False
                 return
             self.require_map = bool(mmap)
             if mmap is False:
                 self.src, self.mode, self._file = fd, _SRC_FD, fh
                 fh = None
+            elif shared and mmap:
+                wfd = os.open(self.path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+                try:
+                    self._mapping = _mmap.mmap(wfd, 0, access=_mmap.ACCESS_WRITE)
+                finally:
+                    os.close(wfd)
+                note_mapping(self._mapping, st)  # for as long as arrays view it (_files.py)
+                self.src, self.mode = self._mapping, _SRC_MAP
             else:
                 self._mapping = _mmap.mmap(fd, 0, access=_mmap.ACCESS_COPY)
+                note_mapping(self._mapping, st)  # for as long as arrays view it (_files.py)
                 self.src, self.mode = self._mapping, _SRC_MAP
                 self.drop_pages = True
         finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from . import _core
-from ._files import atomic_write
+from ._files import atomic_write, check_file_object, open_rewrite
 
 __all__ = ["save"]
 
@@ -36,7 +36,8 @@ def save(obj, f, *, pickle_protocol=2, format="zip", atomic=True):
             ``QuantizedArray``, ``SparseArray``: written as torch writes quantized and sparse
             tensors; per-channel float-qparams tensors as ``per_channel_affine``, as torch does).
         f: a path (``str`` / ``os.PathLike``) or a binary file object with ``write``
-            (written in one sequential pass: non-seekable streams work).
+            (written in one sequential pass: non-seekable streams work). A file object
+            whose file this process maps is refused before anything is written.
         pickle_protocol: 2, the only protocol whose opcodes torch's weights-only
             unpickler understands.
         format: ``"zip"`` (torch >= 1.6, the default) or ``"legacy"`` (the pre-1.6 stream,
@@ -45,7 +46,11 @@ def save(obj, f, *, pickle_protocol=2, format="zip", atomic=True):
         atomic: for paths, write a temporary file in the same directory, fsync it,
             rename it over ``f`` and fsync the directory, so that a crash at any moment
             leaves either the old file or the new one. ``False`` writes ``f`` in place
-            (as ``torch.save`` does).
+            (as ``torch.save`` does), without fsync, except a file that arrays or tensors
+            of this process map (a load with mmap, the default of ``torchfree.load``):
+            that one is still written to a temporary file renamed over it (no fsync), so
+            that the mappings keep the old file's bytes (truncating it would kill the
+            process with SIGBUS when they are read).
 
     Notes:
         Arrays are written in their own dtype (a ``complex64`` array that ``load`` upcast from
@@ -63,7 +68,9 @@ def save(obj, f, *, pickle_protocol=2, format="zip", atomic=True):
         ValueError: arrays viewing the same bytes as different dtypes (as ``torch.save``),
             a bad ``format`` / ``pickle_protocol``, a path with an empty file name.
         OverflowError: an int of more than 255 bytes.
-        OSError: from writing.
+        OSError: from writing; ``errno.ETXTBSY`` for a file object whose file this process
+            maps; a mapped path that cannot be replaced by renaming (its folder not writable)
+            raises with the file left as it was.
     """
     if pickle_protocol != 2:
         raise ValueError(
@@ -77,15 +84,19 @@ def save(obj, f, *, pickle_protocol=2, format="zip", atomic=True):
         name = _archive_name(path)
         if atomic:
             _save_atomic(obj, path, name, legacy)
-        else:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
-            try:
-                _core.save(obj, fd, name, legacy)
-            finally:
-                os.close(fd)
+            return
+        fd = open_rewrite(path)
+        if fd is None:  # arrays of this process map the file: a new file, renamed over it
+            atomic_write(path, lambda fd: _core.save(obj, fd, name, legacy), sync=False, mapped=True)
+            return
+        try:
+            _core.save(obj, fd, name, legacy)
+        finally:
+            os.close(fd)
         return
     if not callable(getattr(f, "write", None)):
         raise TypeError(f"save() expects a path or a binary file object with write(), not {type(f).__name__}")
+    check_file_object(f)
     _core.save(obj, f, "archive", legacy)
 
 

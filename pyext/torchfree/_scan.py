@@ -742,8 +742,9 @@ def load_sharded(path, mmap=None, **opts):
     out = collections.OrderedDict()
     for shard in idx.shards:
         src = Source(idx.files[shard], mmap)
-        try:
-            part = _core.load_zip(*src.args(), **src.kwargs(), **opts)
+        try:  # a shard may be a legacy stream (torch.save(..., _use_new_zipfile_serialization=False))
+            loader = _core.load_zip if src.format == "zip" else _core.load_legacy
+            part = loader(*src.args(), **src.kwargs(), **opts)
         finally:
             src.close()
         if not isinstance(part, dict):

@@ -33,6 +33,7 @@ import sys
 import numpy as np
 
 from ._core import FormatError
+from ._files import atomic_write, check_file_object, note_mapping, open_rewrite, write_through_file
 
 __all__ = ["save", "save_file", "load", "load_file", "safe_open", "scan", "metadata", "read_header", "DTYPES",
            "MAX_HEADER"]
@@ -197,16 +198,30 @@ def save_file(tensors, filename, metadata=None, *, progress=None) -> None:
     """Write ``{name: array}`` to ``filename`` in the safetensors format.
 
     ``progress``, if given, is called with the number of data bytes written after each chunk.
-    ``filename`` may also be a binary file object, written sequentially.
+    ``filename`` may also be a binary file object, written sequentially. A file that arrays of
+    this process map (``load_file``) is never rewritten in place: a path is replaced by a new
+    file renamed over it, a file object over it raises ``OSError`` before anything is written.
     """
     head, order, _ = _prepare(tensors, metadata)
-    if hasattr(filename, "write"):
-        filename.write(head)
-        _write_data(filename, order, progress)
-        return
-    with open(filename, "wb") as fh:
+
+    def write(fh):
         fh.write(head)
         _write_data(fh, order, progress)
+
+    if hasattr(filename, "write"):
+        check_file_object(filename)
+        write(filename)
+        return
+    if not isinstance(filename, (str, bytes, os.PathLike)):  # a descriptor, as open() takes
+        with open(filename, "wb") as fh:
+            write(fh)
+        return
+    fd = open_rewrite(filename)
+    if fd is None:  # mapped by arrays of this process: a new file, renamed over it
+        atomic_write(filename, write_through_file(write), sync=False, mapped=True)
+        return
+    with open(fd, "wb") as fh:
+        write(fh)
 
 
 def data_size(tensors) -> int:
@@ -446,6 +461,7 @@ class SafetensorsFile(_Entries):
         self._meta = meta
         self._start = start
         self._mmap = bool(mmap)
+        self._stat = None  # the file's os.stat result, once a tensor is mapped
 
     def metadata(self):
         return self._meta
@@ -469,6 +485,9 @@ class SafetensorsFile(_Entries):
             except OSError:
                 mm = None  # out of mappings (vm.max_map_count): read a copy instead
             if mm is not None:
+                if self._stat is None:
+                    self._stat = os.fstat(self._fh.fileno())
+                note_mapping(mm, self._stat)  # writers replace the file while the array lives
                 return np.frombuffer(mm, dtype=e.dtype, count=n // e.dtype.itemsize,
                                      offset=pos - base).reshape(e.array_shape)
         out = np.empty(e.array_shape, e.dtype)

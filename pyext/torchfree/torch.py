@@ -2,8 +2,9 @@
 
 ``load`` returns exactly what ``torch.load`` returns (tensors, ``nn.Parameter``, ``torch.Size``,
 ``torch.device``, torch dtypes) built by torchfree's own unpickler: nothing in the file is ever
-imported or run. Tensors are made zero-copy over the mapped (or read) storage records, one
-``torch.UntypedStorage`` per record, so views share storage exactly as torch's do.
+imported or run. Tensors are made zero-copy over the read (or, with ``mmap=True``, mapped)
+storage records, one ``torch.UntypedStorage`` per record, so views share storage exactly as
+torch's do. ``mmap`` defaults as torch's: a file is mapped only when asked.
 
 ``patched()`` (or ``install()`` / ``uninstall()``) routes ``torch.load`` / ``torch.save`` to this
 module, for libraries that call them internally.
@@ -13,19 +14,21 @@ torch is imported on first use: ``import torchfree`` never imports it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import os
 import pickle
 import secrets
+import sys
 import threading
 import warnings
 from collections import OrderedDict
 
 from . import _core
 from ._core import CheckpointError, UnsafeGlobalError
-from ._files import _fsync_dir
-from ._load import Source, options
+from ._files import _fsync_dir, check_file_object
+from ._load import Source, _is_index_json, options
 
 __all__ = ["load", "save", "patched", "install", "uninstall"]
 
@@ -284,19 +287,25 @@ def _helpers(torch, map_location, restore, weights_only, strict, cuda):
         target = torch.from_numpy(np.empty(0, dtype=descr)).dtype
         return t.to(dtype=target)
 
-    def finish(obj, nstorages):
-        """Storages the file holds outside tensors (torch gives them as TypedStorage)."""
-        if nstorages <= len(storages):
-            return obj
-        return _replace_storages(obj, lambda s: typed(s))
+    def finish(obj):
+        """Storages the file holds outside tensors (torch gives them as TypedStorage): the core
+        calls this only when obj holds one."""
+        return _replace_storages(obj, typed, {})
+
+    typed_made = {}  # torchfree.Storage -> its TypedStorage: one object per storage, as torch's
 
     def typed(s):
+        ts = typed_made.get(s)
+        if ts is not None:
+            return ts
         entry = storages.get(s)
         if entry is None:
             entry = storages[s] = untyped(s)
         elif type(entry) is not tuple:
             entry = storages[s] = (entry.untyped_storage(), True)
-        return torch.storage.TypedStorage(wrap_storage=entry[0], dtype=_storage_dtype(torch, s), _internal=True)
+        ts = typed_made[s] = torch.storage.TypedStorage(wrap_storage=entry[0], dtype=_storage_dtype(torch, s),
+                                                        _internal=True)
+        return ts
 
     def torchscript():
         if weights_only:
@@ -323,6 +332,10 @@ def _helpers(torch, map_location, restore, weights_only, strict, cuda):
         "device_tensor": device_tensor,
         "torchscript": torchscript,
         "finish": finish,
+        # copying from a file, a storage's bytes are read after unpickling, all at once, only
+        # where map_location leaves it on the CPU (or cuda staging copies it afterwards): a
+        # callable or a device restore gets it, bytes and all, while its tensor is made
+        "defer": (lambda loc: True) if cuda is not None else cpu_fast,
     }
     if strict:
         def opaque_global(qualname):
@@ -342,32 +355,36 @@ def _storage_dtype(torch, s):
     return dt
 
 
-def _replace_storages(obj, convert, depth=0):
-    """obj with every torchfree.Storage in dicts, lists and tuples replaced by convert(storage)."""
-    if isinstance(obj, torchfree_Storage()):
+def _replace_storages(obj, convert, done, depth=0):
+    """obj with every torchfree.Storage in dicts, lists and tuples replaced by convert(storage).
+
+    ``done`` maps id(container) -> what it became: each container is walked once (a pickle's
+    memo can make a deep DAG of them), and a tuple met twice becomes one new tuple. As deep as
+    the core's check (FINISH_MAX_DEPTH in src/archive.c)."""
+    if type(obj) is _core.Storage:
         return convert(obj)
-    if depth > 200:
+    if depth > 200 or not (isinstance(obj, (dict, list)) or type(obj) is tuple):
         return obj
+    key = id(obj)
+    if key in done:
+        return done[key][1]
+    done[key] = (obj, obj)  # (the original kept alive, so its id is not reused; the result)
     if isinstance(obj, dict):
         for k, v in obj.items():
-            r = _replace_storages(v, convert, depth + 1)
+            r = _replace_storages(v, convert, done, depth + 1)
             if r is not v:
                 obj[k] = r
         return obj
     if isinstance(obj, list):
         for i, v in enumerate(obj):
-            r = _replace_storages(v, convert, depth + 1)
+            r = _replace_storages(v, convert, done, depth + 1)
             if r is not v:
                 obj[i] = r
         return obj
-    if type(obj) is tuple:
-        items = [_replace_storages(v, convert, depth + 1) for v in obj]
-        return obj if all(a is b for a, b in zip(items, obj)) else tuple(items)
-    return obj
-
-
-def torchfree_Storage():
-    return _core.Storage
+    items = [_replace_storages(v, convert, done, depth + 1) for v in obj]
+    if any(a is not b for a, b in zip(items, obj)):
+        done[key] = (obj, tuple(items))
+    return done[key][1]
 
 
 # ---- pinned staging to a GPU ---------------------------------------------------------------
@@ -440,45 +457,191 @@ def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=No
     the file to run code.
 
     Args:
-        f: a path, a bytes-like object or a binary file object (as ``torchfree.load``).
+        f: a path, a bytes-like object or a binary file object (as ``torchfree.load``; a file
+            object is left just past a legacy checkpoint, as torch leaves it), or a Hugging Face
+            ``*.bin.index.json`` (its shards' state_dicts as one OrderedDict).
         map_location: as ``torch.load``: ``None``, a device string or ``torch.device``
             (``"cuda:1"``: storages are copied through pinned staging buffers), a dict
             ``{saved: target}``, or a callable ``fn(storage, location)`` given each torch
             ``UntypedStorage`` (on the CPU) and its saved location tag.
-        pickle_module: must be ``None`` (torchfree runs its own unpickler).
-        weights_only: ``None`` or ``True``: torch's weights-only allowlist (torchfree's);
-            ``False``: unknown classes become inert ``torchfree.Opaque`` placeholders (never
-            imported or called; use ``torch.load`` for real classes).
-        mmap: ``None`` maps a path copy-on-write (zero-copy); ``True`` requires mapping;
-            ``False`` reads every storage into memory the tensors own.
+        pickle_module: ``None``, or a module torchfree's unpickler stands in for: the standard
+            ``pickle`` (``torch.serialization.pickle``), or ``torch._weights_only_unpickler``
+            (weights-only rules); one with an ``Unpickler`` of its own raises ``TypeError``.
+        weights_only: ``True``: torch's weights-only allowlist (torchfree's); ``False``: unknown
+            classes become inert ``torchfree.Opaque`` placeholders (never imported or called;
+            use ``torch.load`` for real classes); ``None``: as torch 2.13 decides it (``True``,
+            ``False`` with a pickle_module, TORCH_FORCE_WEIGHTS_ONLY_LOAD /
+            TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD), with torch's warnings and errors.
+        mmap: as ``torch.load``: ``None`` follows torch's setting
+            (``torch.utils.serialization.config.load.mmap``, ``False`` unless changed), so by
+            default every storage is read (in parallel) into memory the tensors own and the
+            file is closed on return; ``True`` maps the file copy-on-write (zero-copy; a
+            legacy file or a non-path raises, as in torch). Tensors over a mapping need the
+            file as it is: torchfree's writers replace such a file (a new file renamed over
+            it), but a plain ``torch.save`` or ``open(f, "wb")`` of that path truncates it and
+            the next read of a tensor kills the process (SIGBUS), as with ``torch.load(mmap=True)``.
         pickle_load_args: ``encoding`` (Python 2 pickles), as ``torch.load``.
 
     Raises:
         What ``torch.load`` raises for devices (e.g. ``RuntimeError`` for a CUDA checkpoint on a
         machine without CUDA), torchfree's ``CheckpointError`` family for bad or unsafe files.
     """
+    weights_only = _resolve_weights_only(_torch(), weights_only, pickle_module, pickle_load_args)
     return _load(f, map_location, pickle_module, weights_only, mmap, pickle_load_args, strict=False)
 
 
+_mmap_config = None
+
+
+def _default_mmap(torch) -> bool:
+    """torch.load's ``mmap=None``: torch 2.13's ``torch.utils.serialization.config.load.mmap``
+    (False unless set: torch copies by default), read at each call as torch does."""
+    global _mmap_config
+    if _mmap_config is None:
+        try:
+            from torch.utils.serialization import config
+        except ImportError:  # torch < 2.5 has no such setting and never maps by default
+            return False
+        _mmap_config = config
+    return bool(_mmap_config.load.mmap)
+
+
+_TRUE_VALUES = ("1", "y", "yes", "true")  # torch.load's for its environment variables
+
+
+def _resolve_weights_only(torch, weights_only, pickle_module, pickle_load_args, pending=None) -> bool:
+    """torch.load's weights_only, by torch 2.13's rules, with its warnings and errors: ``None``
+    is True without a pickle_module (False with one); TORCH_FORCE_WEIGHTS_ONLY_LOAD makes it
+    True, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD makes ``None`` False (with torch's warning); both set
+    raise; True with a pickle_module raises. Called by the public entry points only (warnings
+    point at their caller); with a ``pending`` list the warnings are put there instead, for the
+    caller to give unless torch's own load, which gives them itself, takes the call."""
+
+    def warn(msg, category):
+        if pending is not None:
+            pending.append((msg, category))
+        else:
+            warnings.warn(msg, category, stacklevel=4)
+
+    not_set = weights_only is None
+    if not_set:
+        # torch's _default_to_weights_only: fbcode builds (no torch.version.git_version) say False
+        weights_only = pickle_module is None and hasattr(torch.version, "git_version")
+    force = os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    force_no = os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in _TRUE_VALUES
+    if force and force_no:
+        raise RuntimeError("Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or `TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` "
+                           "should be set, but both were set.")
+    if force:
+        weights_only = True
+    elif force_no and not_set:
+        warn("Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected, since the"
+             "`weights_only` argument was not explicitly passed to `torch.load`, forcing weights_only=False.",
+             UserWarning)
+        weights_only = False
+    if weights_only and pickle_module is not None:
+        raise RuntimeError("Can not safely load weights when explicit pickle_module is specified")
+    if pickle_load_args and weights_only:
+        warn("pickle_load_args only works if `weights_only=False`.", UserWarning)
+    return bool(weights_only)
+
+
+def _stand_in(torch, pickle_module):
+    """How torchfree's unpickler stands in for ``pickle_module`` (torch.load uses its
+    ``Unpickler`` and, for legacy files, its ``load``): ``"pickle"`` for the standard library's
+    (``pickle``, ``torch.serialization.pickle``), ``"weights_only"`` for torch's restricted
+    ``torch._weights_only_unpickler``, None for any other (one with an Unpickler of its own,
+    dill: torchfree cannot run its code)."""
+    unpickler, load = getattr(pickle_module, "Unpickler", None), getattr(pickle_module, "load", None)
+    if unpickler in (pickle.Unpickler, pickle._Unpickler) and load in (pickle.load, pickle._load):
+        return "pickle"
+    wou = getattr(torch, "_weights_only_unpickler", None)
+    if wou is not None and unpickler is wou.Unpickler and load is wou.load:
+        return "weights_only"
+    return None
+
+
+def _check_seekable(f) -> None:
+    """torch.serialization._check_seekable: torch.load reads only objects it can seek in, and
+    raises these errors for the others (torchfree's own readers take non-seekable streams)."""
+    try:
+        f.seek(f.tell())
+    except (io.UnsupportedOperation, AttributeError) as e:
+        for p in ("seek", "tell"):
+            if p in str(e):
+                raise type(e)(str(e) + ". You can only torch.load from a file that is seekable. Please pre-load "
+                              "the data into a buffer like io.BytesIO and try to load from it instead.") from None
+        raise
+
+
+def _mmap_shared(torch) -> bool:
+    """torch.serialization.set_default_mmap_options(mmap.MAP_SHARED) is in force."""
+    get = getattr(torch.serialization, "get_default_mmap_options", None)
+    shared = getattr(torch.serialization, "MAP_SHARED", None)
+    return get is not None and shared is not None and get() == shared
+
+
+def _default_byteorder(torch):
+    """The byte order torch.load gives a zip without a byteorder record:
+    torch.serialization.set_default_load_endianness (None and LITTLE: little)."""
+    get = getattr(torch.serialization, "get_default_load_endianness", None)
+    e = get() if get is not None else None
+    if e is None:
+        return "little"
+    name = getattr(e, "name", None)
+    if name not in ("LITTLE", "BIG", "NATIVE"):
+        raise ValueError("Invalid load endianness type")
+    return name.lower()
+
+
 def _load(f, map_location, pickle_module, weights_only, mmap, pickle_load_args, strict):
+    """torch.load once its weights_only is resolved (_resolve_weights_only). strict (patched):
+    raise _NeedsTorch for what only torch can do, and follow torch where torchfree's own readers
+    do more (non-seekable streams, bytes)."""
     torch = _torch()
     if pickle_module is not None:
-        raise TypeError("torchfree.torch.load runs its own unpickler: pickle_module must be None")
+        kind = _stand_in(torch, pickle_module)
+        if kind is None:
+            why = f"pickle_module {getattr(pickle_module, '__name__', type(pickle_module).__name__)} has an unpickler of its own"
+            if strict:
+                raise _NeedsTorch(why)
+            raise TypeError(f"torchfree.torch.load runs its own unpickler, which cannot stand in for {why} "
+                            "(use torch.load, or patched(), which hands such calls to it)")
+        if kind == "weights_only":
+            weights_only = True  # torch's restricted unpickler, asked for by name
     extra = set(pickle_load_args) - {"encoding"}
     if extra:
         raise TypeError(f"unsupported arguments: {sorted(extra)}")
-    if weights_only is None:
-        weights_only = True
+    if _is_index_json(f):
+        return _load_sharded(torch, f, map_location, weights_only, mmap, pickle_load_args, strict)
+    return _load_one(torch, f, map_location, weights_only, mmap, pickle_load_args, strict)
+
+
+def _load_one(torch, f, map_location, weights_only, mmap, pickle_load_args, strict):
+    pos = None
+    if not isinstance(f, (str, os.PathLike)):
+        if strict:
+            _check_seekable(f)  # what torch.load does with a non-path (bytes included)
+        if hasattr(f, "read"):
+            try:
+                pos = f.tell()
+            except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                pos = None  # a non-seekable stream (torchfree.torch.load reads it; torch does not)
     cuda = _cuda_target(torch, map_location)
     restore = _restorer(torch, map_location)
     helpers, staged = _helpers(torch, map_location, restore, weights_only, strict, cuda)
     meta = isinstance(map_location, (str, torch.device)) and str(map_location) == "meta"
     opts = options("meta" if meta else None, weights_only, None, pickle_load_args.get("encoding", "utf-8"), None)
-    src = Source(f, mmap)
+    opts["torch"] = helpers
+    mmap = _default_mmap(torch) if mmap is None else mmap
+    src = Source(f, mmap, shared=bool(mmap) and _mmap_shared(torch))
     try:
-        loader = _core.load_zip if src.format == "zip" else _core.load_legacy
-        opts["torch"] = helpers
-        obj = loader(*src.args(), **src.kwargs(), **opts)
+        if src.format == "zip":
+            obj = _core.load_zip(*src.args(), **src.kwargs(), **opts, default_byteorder=_default_byteorder(torch))
+        else:
+            obj, end = _core.load_legacy(*src.args(), **src.kwargs(), **opts, with_end=True)
+            if pos is not None:
+                f.seek(pos + end)  # where torch.load leaves it: just past the checkpoint
     finally:
         src.close()
     if staged:
@@ -487,20 +650,329 @@ def _load(f, map_location, pickle_module, weights_only, mmap, pickle_load_args, 
     return obj
 
 
-# ---- save --------------------------------------------------------------------------------
+def _load_sharded(torch, path, map_location, weights_only, mmap, pickle_load_args, strict):
+    """A Hugging Face ``*.bin.index.json``: the shards' state_dicts merged into one OrderedDict,
+    in the index's shard order (as ``torchfree.load``), each shard loaded as one torch.load."""
+    from . import FormatError
+    from ._scan import _ShardIndex
+
+    idx = _ShardIndex(path)
+    out = OrderedDict()
+    for shard in idx.shards:
+        part = _load_one(torch, idx.files[shard], map_location, weights_only, mmap, pickle_load_args, strict)
+        if not isinstance(part, dict):
+            raise FormatError(f"shard {shard} holds a {type(part).__name__}, not a state_dict")
+        out.update(part)
+    return out
+
+
+# ---- save: torchfree's writer for torch objects ------------------------------------------
+#
+# torch.save's object goes to the C writer (torchfree.save's) as the objects it takes, made to
+# pickle exactly as torch's pickler does: each torch storage becomes a torchfree.Storage over
+# its bytes (the writer writes a Storage whole, as torch does), each plain tensor an ndarray
+# view of it (offset, shape and strides of the tensor), a Parameter / torch.Size / torch.device
+# / dtype the REDUCE or GLOBAL torch's __reduce_ex__ gives (SaveCall / SaveGlobal). Anything
+# else (modules and other classes, tensors with requires_grad, Python attributes, hooks or
+# conj/neg bits, quantized / sparse / nested / meta / non-CPU tensors, complex32 and bit
+# dtypes, bare UntypedStorages, an empty view past its storage's end) goes to torch's writer.
+
+_NATIVE_DTYPES = ("float64", "float32", "float16", "bfloat16", "complex128", "complex64", "int64", "int32",
+                  "int16", "int8", "uint8", "bool", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2",
+                  "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+_native_dtype_table = None
+
+
+def _native_dtypes(torch):
+    """torch dtype -> (torchfree dtype id, the numpy dtype the writer writes as that dtype)."""
+    global _native_dtype_table
+    if _native_dtype_table is None:
+        import ml_dtypes
+
+        from ._np import np
+
+        table = {}
+        for name in _NATIVE_DTYPES:
+            dt = getattr(torch, name, None)
+            npd = getattr(ml_dtypes, name, None) if name == "bfloat16" or name.startswith("float8") else name
+            if isinstance(dt, torch.dtype) and npd is not None:
+                table[dt] = (_core.DTYPE_NAMES.index(name), np.dtype(npd))
+        _native_dtype_table = table
+    return _native_dtype_table
+
+
+class _Foreign(Exception):
+    """The object holds something torchfree's writer does not write as torch.save does."""
+
+
+_ATOMS = (type(None), bool, int, float, str)
+_IN_PROGRESS = object()
+
+
+class _ToWriter:
+    """The objects torchfree's C writer takes for a torch object, pickled as torch pickles it.
+
+    Each object is converted once (``done``: id -> (object, result); the object is kept so its
+    id is not reused), so objects met twice stay one object and the pickle memo matches torch's.
+    Raises _Foreign for what only torch's writer writes as torch does, and torch's RuntimeError
+    for two views of the same bytes as different dtypes."""
+
+    def __init__(self, torch):
+        from ._rebuild import SaveCall, SaveGlobal
+
+        self.torch = torch
+        self.dtypes = _native_dtypes(torch)
+        self.SaveCall, self.SaveGlobal = SaveCall, SaveGlobal
+        self.done = {}
+        self.storages = {}  # untyped storage _cdata -> (torchfree.Storage over its bytes, {dtype: Storage})
+        self.ptr_dtype = {}  # data_ptr -> torch dtype: torch.save's check
+        self.spans = []  # (data_ptr, nbytes) of every storage with bytes
+
+    def convert(self, o, depth=0):
+        if type(o) in _ATOMS:
+            return o
+        hit = self.done.get(id(o))
+        if hit is not None:
+            if hit[1] is _IN_PROGRESS:
+                raise _Foreign("a tuple that holds itself")
+            return hit[1]
+        if depth > 400:
+            raise _Foreign("objects nested more than 400 deep")
+        self.done[id(o)] = (o, _IN_PROGRESS)
+        r = self._convert(o, depth + 1)
+        self.done[id(o)] = (o, r)
+        return r
+
+    def _convert(self, o, depth):
+        torch, t = self.torch, type(o)
+        if t is torch.Tensor:
+            return self._tensor(o)
+        if t is list:
+            new = []
+            self.done[id(o)] = (o, new)  # a list that holds itself
+            new.extend(self.convert(v, depth) for v in o)
+            return new
+        if t is dict or t is OrderedDict:
+            new = t()
+            self.done[id(o)] = (o, new)
+            for k, v in o.items():
+                if type(k) not in _ATOMS and type(k) is not bytes:
+                    raise _Foreign(f"a dict key of type {type(k).__name__}")
+                new[k] = self.convert(v, depth)
+            if t is OrderedDict:
+                for k, v in vars(o).items():  # state_dict()'s _metadata
+                    setattr(new, k, self.convert(v, depth))
+            return new
+        if t is tuple:
+            return tuple(self.convert(v, depth) for v in o)
+        if t is bytes:
+            if not o:
+                raise _Foreign("b''")  # pickle's bytes(), which torchfree writes otherwise
+            return o
+        if t is bytearray or t is complex or t is set and all(type(v) in _ATOMS for v in o):
+            return o  # the writer pickles these itself (a set only of atoms: its order is theirs)
+        if t is torch.nn.Parameter:
+            if torch._utils._get_obj_state(o) or o._backward_hooks:
+                raise _Foreign("a Parameter with Python attributes or hooks")
+            data = o.data
+            return self.SaveCall(self.SaveGlobal("torch._utils", "_rebuild_parameter"),
+                                 (self.convert(data, depth), o.requires_grad, OrderedDict()))
+        if t is torch.Size:
+            return self.SaveCall(self.SaveGlobal("torch", "Size"), (tuple(o),))
+        if t is torch.dtype:
+            name = str(o)
+            if not name.startswith("torch."):
+                raise _Foreign(f"dtype {name}")
+            return self.SaveGlobal("torch", name[6:])
+        if t is torch.device:
+            return self.SaveCall(self.SaveGlobal("torch", "device"), o.__reduce__()[1])
+        if isinstance(o, torch.storage.TypedStorage):  # torch.FloatStorage and the others too
+            if o.device.type != "cpu":
+                raise _Foreign(f"a {o.device.type} storage")
+            return self._storage(o._untyped_storage, o.dtype)
+        raise _Foreign(f"an object of type {t.__module__}.{t.__qualname__}")
+
+    def _tensor(self, t):
+        torch = self.torch
+        if (t.device.type != "cpu" or t.layout is not torch.strided or t.is_quantized or t.is_nested
+                or t.requires_grad or t.__dict__ or t._backward_hooks or t.is_conj() or t.is_neg()
+                or t._is_zerotensor()):
+            raise _Foreign("a tensor that is not a plain CPU tensor (device, layout, requires_grad, attributes, "
+                           "hooks, conj/neg bits)")
+        entry = self.dtypes.get(t.dtype)
+        if entry is None:
+            raise _Foreign(f"a tensor of dtype {t.dtype}")
+        storage = self._storage(t.untyped_storage(), t.dtype)
+        from ._np import np
+
+        item = entry[1].itemsize
+        try:
+            return np.ndarray(tuple(t.shape), entry[1], buffer=storage, offset=t.storage_offset() * item,
+                              strides=tuple(x * item for x in t.stride()))
+        except (ValueError, TypeError) as e:  # e.g. an empty view past its storage's end
+            raise _Foreign(f"a tensor numpy cannot view ({e})") from None
+
+    def _storage(self, us, dtype):
+        """The torchfree.Storage over an untyped storage's bytes (one per storage)."""
+        ptr, n = us.data_ptr(), us.nbytes()
+        if ptr != 0:
+            if self.ptr_dtype.setdefault(ptr, dtype) != dtype:
+                raise RuntimeError("Cannot save multiple tensors or storages that view the same data as different types")
+        key = us._cdata
+        hit = self.storages.get(key)
+        entry = self.dtypes.get(dtype)
+        if entry is None:
+            raise _Foreign(f"a storage of dtype {dtype}")
+        if hit is not None:
+            s, variants = hit
+            if dtype not in variants:
+                if n:  # pragma: no cover - torch's check above raised (bytes at a non-zero address)
+                    raise _Foreign("one storage with bytes viewed as two dtypes")
+                # an empty storage used as another dtype: one record, each use naming its dtype,
+                # as torch writes it (a Storage over the first one is the same storage to the writer)
+                variants[dtype] = _core.storage_over(s, entry[0])
+            return variants[dtype]
+        torch = self.torch
+        raw = torch.empty(0, dtype=torch.uint8).set_(us, 0, (n,), (1,)).numpy()
+        try:
+            s = _core.storage_over(raw, entry[0])
+        except ValueError as e:  # not a whole number of elements
+            raise _Foreign(str(e)) from None
+        self.storages[key] = (s, {dtype: s})
+        if n:
+            self.spans.append((ptr, n))
+        return s
+
+    def check_spans(self):
+        """Two torch storages over overlapping bytes (slices of one storage) are two records in
+        torch's file; the writer would make one."""
+        self.spans.sort()
+        for (a, n), (b, _) in zip(self.spans, self.spans[1:]):
+            if b < a + n:
+                raise _Foreign("storages that overlap")
+
+
+def _native_refusal(torch, pickle_module, pickle_protocol, disable_byteorder):
+    """Why torch.save's settings need torch's own writer, or None."""
+    if getattr(pickle_module, "Pickler", None) is not pickle.Pickler:
+        return "pickle_module is not the standard pickle"
+    if pickle_protocol != 2:
+        return f"pickle_protocol={pickle_protocol!r}"
+    if disable_byteorder:
+        return "_disable_byteorder_record=True"
+    ser = torch.serialization
+    tls = getattr(ser, "_serialization_tls", None)
+    if tls is not None and getattr(tls, "skip_data", False):
+        return "torch.serialization.skip_data"
+    if getattr(ser, "get_crc32_options", lambda: True)() is not True:
+        return "torch.serialization.set_crc32_options(False)"
+    if getattr(ser, "_get_storage_alignment", lambda: 64)() != 64:
+        return "a storage alignment other than 64"
+    if sys.byteorder != "little":
+        return "a big-endian host"
+    return None
+
+
+class _WriteWatch:
+    """f's write, noting whether the writer has called it (a refusal before that leaves f as it
+    was, so torch's writer may take over)."""
+
+    __slots__ = ("write", "called")
+
+    def __init__(self, f):
+        real = f.write
+        self.called = False
+
+        def write(b):
+            self.called = True
+            return real(b)
+
+        self.write = write
+
+
+def _save_native(torch, obj, f, pickle_module, pickle_protocol, use_zip, disable_byteorder):
+    """Write obj to f (a path, or a binary file object) with torchfree's writer as torch.save
+    would; None when written, else why torch's writer must write it (nothing written then)."""
+    why = _native_refusal(torch, pickle_module, pickle_protocol, disable_byteorder)
+    if why is not None:
+        return why
+    conv = _ToWriter(torch)
+    try:
+        tree = conv.convert(obj)
+        conv.check_spans()
+    except _Foreign as e:
+        return str(e)
+    legacy = not use_zip
+    if isinstance(f, str):
+        from ._save import _archive_name
+
+        # (save() gives a fresh file in a fresh folder: nothing maps it)
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            try:
+                _core.save(tree, fd, _archive_name(f), legacy, sync=True)  # save() fsyncs it next
+            except (TypeError, ValueError) as e:
+                if os.lseek(fd, 0, os.SEEK_CUR) == 0:
+                    return f"torchfree's writer refused it: {e}"
+                raise
+        finally:
+            os.close(fd)
+        return None
+    watch = _WriteWatch(f)
+    try:
+        _core.save(tree, watch, "archive", legacy)
+    except (TypeError, ValueError) as e:
+        if not watch.called:
+            return f"torchfree's writer refused it: {e}"
+        raise
+    f.flush()  # as torch.save's writer of a buffer
+    return None
+
+
+def _check_save_target(f, use_zip):
+    """torch.save's checks of a file object, with its errors."""
+    if not hasattr(f, "write"):
+        raise AttributeError("expected 'f' to be string, path, or a file-like object with a 'write' attribute")
+    if use_zip and not callable(f.write):
+        raise TypeError(f"Buffer of {str(type(f)).strip('<>')} has no callable attribute 'write'")
 
 
 def save(obj, f, pickle_module=pickle, pickle_protocol=2, _use_new_zipfile_serialization=True,
          _disable_byteorder_record=False):
-    """``torch.save``, crash-safe for paths: the bytes are torch.save's own (written by torch's
-    pickler and zip writer), into a temporary file with the target's name in a fresh folder next
-    to it, fsynced, then renamed over the target (and the folder fsynced), so a crash leaves
-    the old file or the new one. File objects are written as ``torch.save`` writes them."""
+    """``torch.save``, crash-safe for paths: torch.save's bytes (see below for who writes them),
+    into a temporary file with the target's name in a fresh folder next to it, fsynced, then
+    renamed over the target (and the folder fsynced), so a crash leaves the old file or the new one, and tensors or arrays that map the old file (a load with
+    ``mmap=True``) keep its bytes. File objects are written as ``torch.save`` writes them,
+    except one whose file this process maps: that raises ``OSError`` (``errno.ETXTBSY``)
+    before anything is written.
+
+    The bytes are written by torchfree's own writer (torchfree.save's) where torch's pickle of
+    the object holds only what it writes as torch does (containers, Python scalars, plain CPU
+    tensors and TypedStorages, Parameters, torch.Size, devices and dtypes, with
+    pickle_module=pickle, protocol 2, the zip or the legacy format); by torch's own writer for
+    anything else."""
+    _save(obj, f, (pickle_module, pickle_protocol, _use_new_zipfile_serialization, _disable_byteorder_record))
+
+
+def _write(torch, real_save, obj, f, args):
+    """obj to f (a path or a file object) by torchfree's writer, or by torch's where it must.
+
+    No warning when torch's writer writes it: its bytes are what torch.save writes, nothing is
+    less safe, and code that saves a module expects torch.save to be silent (PyTorch's own
+    test_serialization_save_warnings). The reasons are counted in ``_fallbacks``."""
+    why = _save_native(torch, obj, f, *args)
+    if why is not None:
+        _fallbacks[("save", why)] += 1
+        real_save(obj, f, *args)
+
+
+def _save(obj, f, args):
     torch = _torch()
-    args = (pickle_module, pickle_protocol, _use_new_zipfile_serialization, _disable_byteorder_record)
     real_save = _originals.get("save", torch.save)
     if not isinstance(f, (str, bytes, os.PathLike)):
-        return real_save(obj, f, *args)
+        _check_save_target(f, args[2])
+        check_file_object(f)  # a file this process maps is never written in place
+        return _write(torch, real_save, obj, f, args)
     path = os.fsdecode(os.fspath(f))
     target = os.path.realpath(path) if os.path.islink(path) else path
     directory = os.path.dirname(os.path.abspath(target))
@@ -513,7 +985,7 @@ def save(obj, f, pickle_module=pickle, pickle_protocol=2, _use_new_zipfile_seria
     os.mkdir(tmpdir, 0o700)
     tmp = os.path.join(tmpdir, base)  # the same file name: torch names the archive after it
     try:
-        real_save(obj, tmp, *args)
+        _write(torch, real_save, obj, tmp, args)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             if mode is not None:
@@ -538,9 +1010,11 @@ _originals: dict = {}
 _lock = threading.RLock()
 _depth = 0
 _warned: set = set()
+_fallbacks: collections.Counter = collections.Counter()  # ("load" / "save", reason) -> calls handed to torch
 
 
 def _warn_once(reason: str) -> None:
+    _fallbacks[("load", reason)] += 1
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"torchfree.torch: falling back to torch's own load ({reason})", stacklevel=3)
@@ -548,31 +1022,40 @@ def _warn_once(reason: str) -> None:
 
 def _patched_load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **pickle_load_args):
     real = _originals["load"]
+    # torch's rules and errors now; its warnings are given below unless torch's own load takes
+    # the call with the caller's arguments (it gives them itself then: they come once)
+    pending = []
+    resolved = _resolve_weights_only(_torch(), weights_only, pickle_module, pickle_load_args, pending)
 
     def fallback(reason):
         _warn_once(reason)
         return real(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
 
-    if pickle_module is not None:
-        return fallback("pickle_module is given")
     if set(pickle_load_args) - {"encoding"}:
         return fallback(f"unsupported arguments {sorted(pickle_load_args)}")
     pos = None
-    if not isinstance(f, (str, os.PathLike, bytes, bytearray, memoryview)):
+    if not isinstance(f, (str, os.PathLike)):
         try:
             pos = f.tell()
         except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-            return fallback("an unseekable file object")
+            pos = None  # _load raises torch's error for it
+    handed = False
     try:
-        return _load(f, map_location, None, weights_only, mmap, pickle_load_args, strict=True)
+        return _load(f, map_location, pickle_module, resolved, mmap, pickle_load_args, strict=True)
     except (_NeedsTorch, UnsafeGlobalError) as e:
+        handed = True
         if pos is not None:
             f.seek(pos)
         return fallback(f"{type(e).__name__}: {e}")
+    finally:
+        if not handed:
+            for msg, category in pending:
+                warnings.warn(msg, category, stacklevel=2)  # the caller of torch.load, as torch's
 
 
-def _patched_save(obj, f, *args, **kwargs):
-    return save(obj, f, *args, **kwargs)
+def _patched_save(obj, f, pickle_module=pickle, pickle_protocol=2, _use_new_zipfile_serialization=True,
+                  _disable_byteorder_record=False):
+    _save(obj, f, (pickle_module, pickle_protocol, _use_new_zipfile_serialization, _disable_byteorder_record))
 
 
 def install() -> None:
@@ -601,10 +1084,12 @@ def uninstall() -> None:
 @contextlib.contextmanager
 def patched():
     """``with torchfree.torch.patched():`` calls of ``torch.load`` / ``torch.save`` in the block
-    (also inside libraries) run on torchfree, falling back to torch's own function, with a
-    one-time warning, for what torchfree does not handle (``pickle_module``, classes that
-    need their real code under ``weights_only=False``, globals outside torchfree's
-    allowlist, TorchScript archives)."""
+    (also inside libraries) run on torchfree. A load falls back to torch's own, with a one-time
+    warning per reason, for what torchfree does not handle (a ``pickle_module`` with an
+    unpickler of its own, classes that need their real code under ``weights_only=False``,
+    globals outside torchfree's allowlist, TorchScript archives); a save, silently, to torch's
+    writer for objects torchfree's does not write (see ``save``). Where torchfree's readers do
+    more than torch.load (non-seekable streams, bytes), torch's errors are raised."""
     install()
     try:
         yield
