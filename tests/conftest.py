@@ -28,8 +28,10 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = TESTS / "data"
+# real files vendored from the format research and torchvision 0.14.1 (see their README.md)
+SAMPLES = DATA / "samples"
+CORPUS = DATA / "corpus"
 
 # Make an in-place build (``python setup.py build_ext --inplace``) importable without installing.
 if importlib.util.find_spec("torchfree") is None:  # pragma: no cover - depends on how it is built

@@ -11,7 +11,7 @@ Three runs go at once for TORCHFREE_FUZZ_SECONDS (default 20) seconds:
   ASan + UBSan pass of .ci/run fuzzes the sanitized extension (with the mutation loop, as the
   preloaded sanitizer runtime takes atheris' coverage callbacks).
 
-All seeded with tests/data, tests/hostile and the shared corpus (tests/fuzz/make_seeds.py).
+All seeded with tests/data (with the vendored samples and corpus) and tests/hostile (tests/fuzz/make_seeds.py).
 """
 
 from __future__ import annotations

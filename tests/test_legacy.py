@@ -21,10 +21,9 @@ import pytest
 
 import ckpt_tools
 import torchfree
-from conftest import SAVEABLE_DTYPES, SHARED, assert_same, count_tensors
+from conftest import SAMPLES, SAVEABLE_DTYPES, assert_same, count_tensors
 from test_oracle import random_tensor
 
-SAMPLES = SHARED / "spec" / "pytorch-checkpoint-samples"
 # dtypes torch writes with a typed storage (v2), which torch itself reads back from a legacy stream
 V2 = ["float64", "float32", "float16", "bfloat16", "complex128", "complex64", "int64", "int32", "int16",
       "int8", "uint8", "bool"]

@@ -1,5 +1,5 @@
-"""Real files: the research samples (shared/spec/pytorch-checkpoint-samples/) and the torchvision
-corpus (shared/corpus/, MANIFEST.jsonl), compared with torch.load(path, map_location="cpu",
+"""Real files: the research samples (tests/data/samples/) and the torchvision
+corpus (tests/data/corpus/, MANIFEST.jsonl), compared with torch.load(path, map_location="cpu",
 weights_only=False); plus corrupted inputs (truncations and byte flips) that must raise a
 CheckpointError subclass and never crash. The corruption tests do not need torch.
 """
@@ -15,10 +15,8 @@ import pytest
 
 import ckpt_tools
 import torchfree
-from conftest import SHARED, assert_same, count_tensors
+from conftest import CORPUS, SAMPLES, assert_same, count_tensors
 
-SAMPLES = SHARED / "spec" / "pytorch-checkpoint-samples"
-CORPUS = SHARED / "corpus"
 ZIP_MAGIC = b"PK\x03\x04"
 
 needs_torch = pytest.mark.needs_torch
@@ -45,7 +43,7 @@ CORPUS_OTHER = [r for r in _manifest() if r["format"] != "zip"]
 
 
 def test_inventory():
-    """The shared data this module relies on is present (guards against silently testing nothing)."""
+    """The vendored data this module relies on is present (guards against silently testing nothing)."""
     assert len(SAMPLE_ZIP) == 8, SAMPLE_ZIP
     assert {p.name for p in SAMPLE_OTHER} >= {"legacy113.pt", "legacy211.pt", "old_tar_format.pt",
                                                "cuda211_legacy.pt"}

@@ -17,19 +17,16 @@ import pytest
 import torchfree
 
 DATA = Path(__file__).resolve().parent / "data"
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = sorted(p for p in DATA.glob("*.pt"))
 
 
 def corpus_zips():
-    out = sorted(p for p in (SHARED / "spec" / "pytorch-checkpoint-samples").glob("*.pt")
+    out = sorted(p for p in (DATA / "samples").glob("*.pt")
                  if p.read_bytes()[:4] == b"PK\x03\x04")
-    manifest = SHARED / "corpus" / "MANIFEST.jsonl"
-    if manifest.exists():
-        for line in manifest.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["format"] == "zip":
-                out.append(SHARED / "corpus" / rec["path"])
+    for line in (DATA / "corpus" / "MANIFEST.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["format"] == "zip":
+            out.append(DATA / "corpus" / rec["path"])
     return out
 
 
@@ -55,7 +52,6 @@ def test_scan_agrees_with_load_on_fixtures(path):
     assert str(info).splitlines()[0].startswith(str(path))
 
 
-@pytest.mark.skipif(not SHARED.exists(), reason="the shared corpus folder is not next to this checkout")
 def test_scan_agrees_with_load_on_corpus():
     paths = corpus_zips()
     assert len(paths) > 50

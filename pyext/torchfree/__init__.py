@@ -49,7 +49,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY))
 
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (the one place the version is written)
 
 __all__ = [
     "load",

@@ -2,8 +2,8 @@
 
     python tests/fuzz/make_seeds.py OUTDIR
 
-OUTDIR/zip: whole files: tests/data/*.pt, the zip samples and corpus files of shared/
-(when present), tests/hostile/* (the attack corpus), and a few archives built here.
+OUTDIR/zip: whole files: tests/data/*.pt, the vendored samples and corpus files
+(tests/data/samples, tests/data/corpus), tests/hostile/* (the attack corpus), and a few archives built here.
 OUTDIR/pickle: the data.pkl of every zip above, the pickles of tests/hostile/pickles.py
 attacks, and pickles of protocols 0-5 made here with Python's pickle.
 Files are named by the SHA-1 of their bytes, so reruns are idempotent.
@@ -23,16 +23,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 REPO = TESTS.parent
-SHARED = REPO.parent / "shared"
 
 
 def zip_sources():
     yield from sorted((TESTS / "data").glob("*.pt"))
     yield from sorted((TESTS / "data").glob("*.bin"))
     yield from sorted((TESTS / "hostile").glob("*.pt"))
-    for d in (SHARED / "spec" / "pytorch-checkpoint-samples", SHARED / "corpus"):
-        if d.is_dir():
-            yield from sorted(p for p in d.rglob("*") if p.is_file() and p.suffix not in (".md", ".jsonl", ".json"))
+    for d in (TESTS / "data" / "samples", TESTS / "data" / "corpus"):
+        yield from sorted(p for p in d.rglob("*") if p.is_file() and p.suffix not in (".md", ".jsonl", ".json"))
 
 
 def handmade_zips():
