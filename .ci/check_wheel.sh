@@ -56,7 +56,7 @@ rm -rf "$RUN/tests/.cache"
 # folder of links to the few basic tools the tests and bench/suite.py may run; CC/CXX point to false.
 NOCC="$WORK/nocc-bin"
 mkdir -p "$NOCC"
-for tool in sh bash env cat cp mv rm ls mkdir rmdir touch sleep true false uname id chmod head tail wc sort tr; do
+for tool in sh bash env cat cp mv rm ls mkdir rmdir touch sleep true false uname id chmod chattr head tail wc sort tr; do
     p=$(command -v "$tool" 2>/dev/null) && ln -s "$p" "$NOCC/$tool"
 done
 CLEANPATH="$WORK/venv/bin:$NOCC"

@@ -68,6 +68,162 @@ static const GlobalRow rows[] = {
 #undef WO
 #undef TS
 
+/* Python 2 -> 3 names, as pickle's fix_imports maps them in protocol 0-2 pickles: CPython's
+ * Lib/_compat_pickle.py (3.11), NAME_MAPPING first, else IMPORT_MAPPING on the module. */
+typedef struct {
+    const char *module, *name;       /* Python 2 */
+    const char *to_module, *to_name; /* Python 3 */
+} Py2Name;
+
+static const Py2Name py2_names[] = {
+    {"__builtin__", "xrange", "builtins", "range"},
+    {"__builtin__", "reduce", "functools", "reduce"},
+    {"__builtin__", "intern", "sys", "intern"},
+    {"__builtin__", "unichr", "builtins", "chr"},
+    {"__builtin__", "unicode", "builtins", "str"},
+    {"__builtin__", "long", "builtins", "int"},
+    {"itertools", "izip", "builtins", "zip"},
+    {"itertools", "imap", "builtins", "map"},
+    {"itertools", "ifilter", "builtins", "filter"},
+    {"itertools", "ifilterfalse", "itertools", "filterfalse"},
+    {"itertools", "izip_longest", "itertools", "zip_longest"},
+    {"UserDict", "IterableUserDict", "collections", "UserDict"},
+    {"UserList", "UserList", "collections", "UserList"},
+    {"UserString", "UserString", "collections", "UserString"},
+    {"whichdb", "whichdb", "dbm", "whichdb"},
+    {"_socket", "fromfd", "socket", "fromfd"},
+    {"_multiprocessing", "Connection", "multiprocessing.connection", "Connection"},
+    {"multiprocessing.process", "Process", "multiprocessing.context", "Process"},
+    {"multiprocessing.forking", "Popen", "multiprocessing.popen_fork", "Popen"},
+    {"urllib", "ContentTooShortError", "urllib.error", "ContentTooShortError"},
+    {"urllib", "getproxies", "urllib.request", "getproxies"},
+    {"urllib", "pathname2url", "urllib.request", "pathname2url"},
+    {"urllib", "quote_plus", "urllib.parse", "quote_plus"},
+    {"urllib", "quote", "urllib.parse", "quote"},
+    {"urllib", "unquote_plus", "urllib.parse", "unquote_plus"},
+    {"urllib", "unquote", "urllib.parse", "unquote"},
+    {"urllib", "url2pathname", "urllib.request", "url2pathname"},
+    {"urllib", "urlcleanup", "urllib.request", "urlcleanup"},
+    {"urllib", "urlencode", "urllib.parse", "urlencode"},
+    {"urllib", "urlopen", "urllib.request", "urlopen"},
+    {"urllib", "urlretrieve", "urllib.request", "urlretrieve"},
+    {"urllib2", "HTTPError", "urllib.error", "HTTPError"},
+    {"urllib2", "URLError", "urllib.error", "URLError"},
+    {"exceptions", "ArithmeticError", "builtins", "ArithmeticError"},
+    {"exceptions", "AssertionError", "builtins", "AssertionError"},
+    {"exceptions", "AttributeError", "builtins", "AttributeError"},
+    {"exceptions", "BaseException", "builtins", "BaseException"},
+    {"exceptions", "BufferError", "builtins", "BufferError"},
+    {"exceptions", "BytesWarning", "builtins", "BytesWarning"},
+    {"exceptions", "DeprecationWarning", "builtins", "DeprecationWarning"},
+    {"exceptions", "EOFError", "builtins", "EOFError"},
+    {"exceptions", "EnvironmentError", "builtins", "EnvironmentError"},
+    {"exceptions", "Exception", "builtins", "Exception"},
+    {"exceptions", "FloatingPointError", "builtins", "FloatingPointError"},
+    {"exceptions", "FutureWarning", "builtins", "FutureWarning"},
+    {"exceptions", "GeneratorExit", "builtins", "GeneratorExit"},
+    {"exceptions", "IOError", "builtins", "IOError"},
+    {"exceptions", "ImportError", "builtins", "ImportError"},
+    {"exceptions", "ImportWarning", "builtins", "ImportWarning"},
+    {"exceptions", "IndentationError", "builtins", "IndentationError"},
+    {"exceptions", "IndexError", "builtins", "IndexError"},
+    {"exceptions", "KeyError", "builtins", "KeyError"},
+    {"exceptions", "KeyboardInterrupt", "builtins", "KeyboardInterrupt"},
+    {"exceptions", "LookupError", "builtins", "LookupError"},
+    {"exceptions", "MemoryError", "builtins", "MemoryError"},
+    {"exceptions", "NameError", "builtins", "NameError"},
+    {"exceptions", "NotImplementedError", "builtins", "NotImplementedError"},
+    {"exceptions", "OSError", "builtins", "OSError"},
+    {"exceptions", "OverflowError", "builtins", "OverflowError"},
+    {"exceptions", "PendingDeprecationWarning", "builtins", "PendingDeprecationWarning"},
+    {"exceptions", "ReferenceError", "builtins", "ReferenceError"},
+    {"exceptions", "RuntimeError", "builtins", "RuntimeError"},
+    {"exceptions", "RuntimeWarning", "builtins", "RuntimeWarning"},
+    {"exceptions", "StopIteration", "builtins", "StopIteration"},
+    {"exceptions", "SyntaxError", "builtins", "SyntaxError"},
+    {"exceptions", "SyntaxWarning", "builtins", "SyntaxWarning"},
+    {"exceptions", "SystemError", "builtins", "SystemError"},
+    {"exceptions", "SystemExit", "builtins", "SystemExit"},
+    {"exceptions", "TabError", "builtins", "TabError"},
+    {"exceptions", "TypeError", "builtins", "TypeError"},
+    {"exceptions", "UnboundLocalError", "builtins", "UnboundLocalError"},
+    {"exceptions", "UnicodeDecodeError", "builtins", "UnicodeDecodeError"},
+    {"exceptions", "UnicodeEncodeError", "builtins", "UnicodeEncodeError"},
+    {"exceptions", "UnicodeError", "builtins", "UnicodeError"},
+    {"exceptions", "UnicodeTranslateError", "builtins", "UnicodeTranslateError"},
+    {"exceptions", "UnicodeWarning", "builtins", "UnicodeWarning"},
+    {"exceptions", "UserWarning", "builtins", "UserWarning"},
+    {"exceptions", "ValueError", "builtins", "ValueError"},
+    {"exceptions", "Warning", "builtins", "Warning"},
+    {"exceptions", "ZeroDivisionError", "builtins", "ZeroDivisionError"},
+    {"multiprocessing", "AuthenticationError", "multiprocessing.context", "AuthenticationError"},
+    {"multiprocessing", "BufferTooShort", "multiprocessing.context", "BufferTooShort"},
+    {"multiprocessing", "ProcessError", "multiprocessing.context", "ProcessError"},
+    {"multiprocessing", "TimeoutError", "multiprocessing.context", "TimeoutError"},
+    {"__builtin__", "basestring", "builtins", "str"},
+    {"exceptions", "StandardError", "builtins", "Exception"},
+    {"UserDict", "UserDict", "collections", "UserDict"},
+    {"socket", "_socketobject", "socket", "SocketType"},
+};
+
+static const char *const py2_modules[][2] = {
+    {"__builtin__", "builtins"},
+    {"copy_reg", "copyreg"},
+    {"Queue", "queue"},
+    {"SocketServer", "socketserver"},
+    {"ConfigParser", "configparser"},
+    {"repr", "reprlib"},
+    {"tkFileDialog", "tkinter.filedialog"},
+    {"tkSimpleDialog", "tkinter.simpledialog"},
+    {"tkColorChooser", "tkinter.colorchooser"},
+    {"tkCommonDialog", "tkinter.commondialog"},
+    {"Dialog", "tkinter.dialog"},
+    {"Tkdnd", "tkinter.dnd"},
+    {"tkFont", "tkinter.font"},
+    {"tkMessageBox", "tkinter.messagebox"},
+    {"ScrolledText", "tkinter.scrolledtext"},
+    {"Tkconstants", "tkinter.constants"},
+    {"Tix", "tkinter.tix"},
+    {"ttk", "tkinter.ttk"},
+    {"Tkinter", "tkinter"},
+    {"markupbase", "_markupbase"},
+    {"_winreg", "winreg"},
+    {"thread", "_thread"},
+    {"dummy_thread", "_dummy_thread"},
+    {"dbhash", "dbm.bsd"},
+    {"dumbdbm", "dbm.dumb"},
+    {"dbm", "dbm.ndbm"},
+    {"gdbm", "dbm.gnu"},
+    {"xmlrpclib", "xmlrpc.client"},
+    {"SimpleXMLRPCServer", "xmlrpc.server"},
+    {"httplib", "http.client"},
+    {"htmlentitydefs", "html.entities"},
+    {"HTMLParser", "html.parser"},
+    {"Cookie", "http.cookies"},
+    {"cookielib", "http.cookiejar"},
+    {"BaseHTTPServer", "http.server"},
+    {"test.test_support", "test.support"},
+    {"commands", "subprocess"},
+    {"urlparse", "urllib.parse"},
+    {"robotparser", "urllib.robotparser"},
+    {"urllib2", "urllib.request"},
+    {"anydbm", "dbm"},
+    {"_abcoll", "collections.abc"},
+    {"cPickle", "pickle"},
+    {"_elementtree", "xml.etree.ElementTree"},
+    {"FileDialog", "tkinter.filedialog"},
+    {"SimpleDialog", "tkinter.simpledialog"},
+    {"DocXMLRPCServer", "xmlrpc.server"},
+    {"SimpleHTTPServer", "http.server"},
+    {"CGIHTTPServer", "http.server"},
+    {"UserDict", "collections"},
+    {"UserList", "collections"},
+    {"UserString", "collections"},
+    {"whichdb", "dbm"},
+    {"StringIO", "io"},
+    {"cStringIO", "io"},
+};
+
 static const char *const legacy_tensor_prefixes[] = {
     "Double", "Float", "Half", "Long", "Int", "Short", "Char", "Byte", "Bool", "BFloat16",
 };
@@ -107,18 +263,31 @@ static DtypeId legacy_tensor_dtype(const char *name, size_t nlen) {
     return DT_NONE;
 }
 
-void globals_lookup(const char *module, size_t mlen, const char *name, size_t nlen,
+/* pickle's fix_imports: the Python 3 name of a Python 2 (module, name), in place. */
+static void py2_rename(const char **module, size_t *mlen, const char **name, size_t *nlen) {
+    for (size_t i = 0; i < sizeof(py2_names) / sizeof(py2_names[0]); i++) {
+        if (eqn(*module, *mlen, py2_names[i].module) && eqn(*name, *nlen, py2_names[i].name)) {
+            *module = py2_names[i].to_module;
+            *mlen = strlen(*module);
+            *name = py2_names[i].to_name;
+            *nlen = strlen(*name);
+            return;
+        }
+    }
+    for (size_t i = 0; i < sizeof(py2_modules) / sizeof(py2_modules[0]); i++) {
+        if (eqn(*module, *mlen, py2_modules[i][0])) {
+            *module = py2_modules[i][1];
+            *mlen = strlen(*module);
+            return;
+        }
+    }
+}
+
+void globals_lookup(const char *module, size_t mlen, const char *name, size_t nlen, int fix_imports,
                     GlobalHit *hit, char *canon, size_t canon_size) {
-    /* Python 2 -> 3 names, as pickle's fix_imports and torch's tables. */
-    if (eqn(module, mlen, "__builtin__")) {
-        module = "builtins";
-        mlen = 8;
-        if (eqn(name, nlen, "xrange")) { name = "range"; nlen = 5; }
-        else if (eqn(name, nlen, "unicode")) { name = "str"; nlen = 3; }
-    } else if (eqn(module, mlen, "copy_reg")) {
-        module = "copyreg";
-        mlen = 7;
-    } else if (eqn(module, mlen, "torch.tensor")) {
+    if (fix_imports) py2_rename(&module, &mlen, &name, &nlen);
+    /* modules torch and numpy renamed since (whatever the protocol, as torch's tables) */
+    if (eqn(module, mlen, "torch.tensor")) {
         module = "torch._tensor";
         mlen = 13;
     } else if (eqn(module, mlen, "numpy.core.multiarray")) {

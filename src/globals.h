@@ -49,10 +49,12 @@ typedef struct {
     int flags;
 } GlobalHit;
 
-/* Translate Python 2 names and look (module, name) up. Fills hit (id
- * G_UNKNOWN when absent). `canon` receives "module.name" after the 2->3
- * mapping (NUL-terminated, truncated to canon_size). */
-void globals_lookup(const char *module, size_t mlen, const char *name, size_t nlen,
+/* Translate Python 2 names (when fix_imports: pickle does it for protocol
+ * 0-2 pickles) and renamed torch/numpy modules, and look (module, name) up.
+ * Fills hit (id G_UNKNOWN when absent). `canon` receives "module.name" after
+ * the mapping (NUL-terminated, truncated to canon_size; a Python 2 module's
+ * Python 3 name is at most 32 bytes longer). */
+void globals_lookup(const char *module, size_t mlen, const char *name, size_t nlen, int fix_imports,
                     GlobalHit *hit, char *canon, size_t canon_size);
 
 /* 1 when the module must never be trusted, even through safe_globals

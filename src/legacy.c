@@ -695,7 +695,7 @@ static int pop_flag(PyObject **kwargs, const char *name, int *out) {
  * with_end it returns (obj, end): end is the offset just past a legacy stream's last storage
  * (where torch.load leaves a file object), the buffer's size for a tar. */
 PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs) {
-    Loader L;
+    Loader L = {0}; /* loader_close below also runs when numpy fails to import (no loader_open) */
     PyObject *obj = NULL, *kw = kwargs ? PyDict_Copy(kwargs) : NULL;
     int lazy, collect, with_end;
     if ((kwargs != NULL && kw == NULL) || pop_flag(&kw, "lazy", &lazy) < 0 || pop_flag(&kw, "collect_globals", &collect) < 0 ||

@@ -117,6 +117,8 @@ typedef struct Loader {
     int ml_kind;
     PyObject *map_location; /* str, dict or the user's callable (owned) */
     int weights_only;
+    int proto;              /* the running pickle's protocol (its last PROTO; 0 before one): below 3,
+                             * Python 2 names are mapped as pickle's fix_imports does */
     PyObject *safe_globals; /* dict "module.name" -> object, or NULL (owned) */
     PyObject *encoding;     /* str, or NULL for "bytes" (owned) */
     TfLimits lim;

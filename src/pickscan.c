@@ -173,6 +173,7 @@ static TfStatus ps_global(Ps *s, const uint8_t *module, size_t mlen, const uint8
     g->name = module ? (const char *)name : NULL;
     g->name_len = module ? nlen : 0;
     g->op = (uint8_t)s->op;
+    g->protocol = (uint8_t)(o->protocol < 0 ? 0 : o->protocol);
     return TF_OK;
 }
 

@@ -28,6 +28,8 @@ typedef struct {
     const char *name;
     size_t name_len;
     uint8_t op;         /* the opcode byte */
+    uint8_t protocol;   /* the pickle's protocol there (its last PROTO, 0 before one): below 3,
+                         * globals_lookup maps Python 2 names */
 } PickGlobal;
 
 typedef struct {

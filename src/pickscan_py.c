@@ -90,7 +90,7 @@ PyObject *mod_pickle_globals(PyObject *module, PyObject *args, PyObject *kwargs)
             s = PyUnicode_FromString("?");
         } else {
             GlobalHit hit;
-            size_t need = g->module_len + g->name_len + 32; /* the 2->3 renames grow a module by 1 at most */
+            size_t need = g->module_len + g->name_len + 32; /* the 2->3 renames grow a name by 10 bytes at most */
             if (need > canon_cap) {
                 char *c = PyMem_Realloc(canon, need);
                 if (c == NULL) {
@@ -100,7 +100,8 @@ PyObject *mod_pickle_globals(PyObject *module, PyObject *args, PyObject *kwargs)
                 canon = c;
                 canon_cap = need;
             }
-            globals_lookup(g->module, g->module_len, g->name, g->name_len, &hit, canon, canon_cap);
+            globals_lookup(g->module, g->module_len, g->name, g->name_len, g->protocol < 3, &hit, canon,
+                           canon_cap);
             s = PyUnicode_FromString(canon); /* printable ASCII: checked by the walk */
         }
         if (s == NULL) goto error;

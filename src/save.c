@@ -152,6 +152,17 @@ static PyObject *path_string(Saver *S) {
     return r;
 }
 
+/* The __module__ of tp when it is torch's ("torch" or "torch.<sub>"), else NULL (no error set):
+ * a torch object given to save() is pointed to torchfree.torch.save. New reference. */
+static PyObject *torch_module_of(PyTypeObject *tp) {
+    PyObject *mod = PyObject_GetAttrString((PyObject *)tp, "__module__");
+    const char *m = mod != NULL && PyUnicode_Check(mod) ? PyUnicode_AsUTF8(mod) : NULL;
+    if (m != NULL && strncmp(m, "torch", 5) == 0 && (m[5] == '\0' || m[5] == '.')) return mod;
+    PyErr_Clear();
+    Py_XDECREF(mod);
+    return NULL;
+}
+
 /* Raise exc("<message> at key path 'p'"); returns -1. */
 static int raise_at(Saver *S, PyObject *exc, const char *fmt, ...) {
     va_list ap;
@@ -594,6 +605,15 @@ static int collect(Saver *S, PyObject *obj) {
                         "cannot save a numpy scalar (%s): torch.load(weights_only=True) refuses numpy "
                         "objects; use .item() for a Python number or np.asarray() for a 0-d array",
                         tp->tp_name);
+    PyObject *mod = torch_module_of(tp);
+    if (mod != NULL) {
+        int r = raise_at(S, PyExc_TypeError,
+                         "cannot save an object of type %U.%s: torchfree.save writes numpy objects; save torch "
+                         "objects with torchfree.torch.save (torch.save's stand-in), or pass tensor.numpy()",
+                         mod, tp->tp_name);
+        Py_DECREF(mod);
+        return r;
+    }
     return raise_at(S, PyExc_TypeError,
                     "cannot save an object of type %s: torch.load(weights_only=True) could not rebuild it "
                     "(supported: dict, OrderedDict, Counter, list, tuple, set, str, bytes, bytearray, int, "

@@ -4,7 +4,8 @@
  * opcode family, all state in the Loader. Differences that make it safe:
  * GLOBAL never imports (globals.c resolves names to our own ids), REDUCE /
  * NEWOBJ / BUILD run only our own code (tensor.c) or callables the user
- * trusted through safe_globals, APPEND/SETITEM only touch exact lists/dicts,
+ * trusted through safe_globals, APPEND/SETITEM only touch exact lists/dicts
+ * (and, with pickle's semantics, instances of classes trusted through safe_globals),
  * the memo is dense, and every length is checked against the input and the
  * limits before anything is allocated. No C recursion: nesting lives on the
  * VM stack. */
@@ -333,8 +334,10 @@ static int do_global(Loader *L, const char *module, size_t mlen, const char *nam
             return tf_raise(L, L->st->UnpicklingError, "GLOBAL name has a non-printable or non-ASCII byte");
     }
     GlobalHit hit;
-    char canon[2 * 4096 + 2];
-    globals_lookup(module, mlen, name, nlen, &hit, canon, sizeof(canon));
+    char canon[2 * 4096 + 34]; /* a Python 2 name's Python 3 name is at most 32 bytes longer */
+    /* Python 2 names: pickle maps them in protocol 0-2 pickles only; torch's weights-only
+     * unpickler at every protocol (weights_only follows it) */
+    globals_lookup(module, mlen, name, nlen, L->proto < 3 || L->weights_only, &hit, canon, sizeof(canon));
     if (L->globals_seen != NULL) {
         PyObject *c = PyUnicode_FromString(canon);
         if (c == NULL || PySet_Add(L->globals_seen, c) < 0) {
@@ -343,7 +346,9 @@ static int do_global(Loader *L, const char *module, size_t mlen, const char *nam
         }
         Py_DECREF(c);
     }
-    if (L->safe_globals != NULL && !globals_blocked_module(module, mlen)) {
+    /* blocked by its name in the file and by the name it maps to (commands -> subprocess) */
+    if (L->safe_globals != NULL && !globals_blocked_module(module, mlen) &&
+        !globals_blocked_module(canon, strlen(canon))) {
         PyObject *user = PyDict_GetItemString(L->safe_globals, canon); /* borrowed */
         if (user != NULL) return vm_push(L, globalref_new(L, G_UNKNOWN, -1, canon, user));
     }
@@ -919,6 +924,58 @@ static int op_build(Loader *L) {
 
 /* ---- containers ---------------------------------------------------------- */
 
+/* 1 when o's class is one the user trusted through safe_globals (exactly that class,
+ * as torch checks type(obj) in safe globals): SETITEM/APPEND then get pickle's semantics. */
+static int is_trusted_instance(Loader *L, PyObject *o) {
+    if (L->safe_globals == NULL) return 0;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(L->safe_globals, &pos, &key, &value))
+        if (value == (PyObject *)Py_TYPE(o)) return 1;
+    return 0;
+}
+
+/* pickle's load_setitems on a trusted object: obj[key] = value through its class. */
+static int setitems_user(Loader *L, PyObject *target, Py_ssize_t start) {
+    for (Py_ssize_t i = start; i < L->sp; i += 2)
+        if (PyObject_SetItem(target, L->stack[i], L->stack[i + 1]) < 0) return reraise_user(L, "SETITEM", target);
+    return 0;
+}
+
+/* pickle's (_pickle.c's) do_append on a trusted object: extend(items) when the class has
+ * extend, else append(item) for each item. */
+static int appends_user(Loader *L, PyObject *target, Py_ssize_t start) {
+    PyObject *fn = PyObject_GetAttrString(target, "extend");
+    if (fn != NULL) {
+        PyObject *items = PyList_New(L->sp - start);
+        if (items == NULL) {
+            Py_DECREF(fn);
+            return -1;
+        }
+        for (Py_ssize_t i = start; i < L->sp; i++) PyList_SET_ITEM(items, i - start, Py_NewRef(L->stack[i]));
+        PyObject *r = PyObject_CallOneArg(fn, items);
+        Py_DECREF(fn);
+        Py_DECREF(items);
+        if (r == NULL) return reraise_user(L, "APPEND", target);
+        Py_DECREF(r);
+        return 0;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return reraise_user(L, "APPEND", target);
+    PyErr_Clear();
+    fn = PyObject_GetAttrString(target, "append");
+    if (fn == NULL) return reraise_user(L, "APPEND", target);
+    for (Py_ssize_t i = start; i < L->sp; i++) {
+        PyObject *r = PyObject_CallOneArg(fn, L->stack[i]);
+        if (r == NULL) {
+            Py_DECREF(fn);
+            return reraise_user(L, "APPEND", target);
+        }
+        Py_DECREF(r);
+    }
+    Py_DECREF(fn);
+    return 0;
+}
+
 static int setitems_into(Loader *L, PyObject *target, Py_ssize_t start) {
     Py_ssize_t n = L->sp - start;
     if (n % 2 != 0) return tf_raise(L, L->st->UnpicklingError, "SETITEMS with an odd number of items");
@@ -940,6 +997,8 @@ static int setitems_into(Loader *L, PyObject *target, Py_ssize_t start) {
             r = res ? 0 : -1;
             Py_XDECREF(res);
         }
+    } else if (is_trusted_instance(L, target)) {
+        if (setitems_user(L, target, start) < 0) return -1;
     } else {
         return tf_raise(L, L->st->UnpicklingError, "SETITEM on a %s (only dicts accept items)",
                         Py_TYPE(target)->tp_name);
@@ -967,6 +1026,8 @@ static int appends_into(Loader *L, PyObject *target, Py_ssize_t start) {
             if (res == NULL) return -1;
             Py_DECREF(res);
         }
+    } else if (is_trusted_instance(L, target)) {
+        if (appends_user(L, target, start) < 0) return -1;
     } else {
         return tf_raise(L, L->st->UnpicklingError, "APPEND on a %s (only lists accept items)",
                         Py_TYPE(target)->tp_name);
@@ -1103,7 +1164,7 @@ VM_HOT int vm_step(Loader *L, int op, int *stop) {
     case OP_PROTO:
         NEED(1);
         if (*L->pk > 5) return tf_raise(L, L->st->UnpicklingError, "unsupported pickle protocol %d", *L->pk);
-        L->pk++;
+        L->proto = *L->pk++;
         return 0;
     case OP_FRAME:
         NEED(8);
@@ -1436,6 +1497,7 @@ PyObject *vm_run_at(Loader *L, const uint8_t *data, size_t len, size_t *used) {
     }
     L->pk_start = L->pk = data;
     L->pk_end = data + len;
+    L->proto = 0; /* as a fresh pickle.Unpickler: protocol 0 until a PROTO says otherwise */
     int stop = 0;
     while (!stop) {
         if (L->pk >= L->pk_end) {

@@ -12,7 +12,7 @@ import stat as _stat
 from _weakref import ref as _ref  # weakref.ref itself; `import weakref` costs ~1.5 ms
 
 __all__ = ["atomic_write", "write_through_file", "note_mapping", "is_mapped", "open_rewrite",
-           "check_file_object"]
+           "check_file_object", "check_parent"]
 
 
 # ---- files this process maps --------------------------------------------------------------
@@ -124,7 +124,25 @@ def _cannot_replace(target: str, e: OSError) -> OSError:
 # ---- atomic writes ------------------------------------------------------------------------
 
 
-def atomic_write(path, write, *, sync=True, mapped=False) -> None:
+def _parent_of(path: str) -> str:
+    """The folder part of ``path`` as torch.save names it: everything before the last ``/``."""
+    return path[:path.rfind("/")] if "/" in path else ""
+
+
+def check_parent(path: str) -> None:
+    """Raise ``FileNotFoundError`` naming ``path`` when the folder it would be written in does not
+    exist (or is not a folder): "Parent directory nodir does not exist", as torch.save says it."""
+    parent = _parent_of(path)
+    if parent and not os.path.isdir(parent):
+        raise FileNotFoundError(errno.ENOENT, f"Parent directory {parent} does not exist", path)
+
+
+def _named(e: OSError, path: str, what: str, hint: str = "") -> OSError:
+    """``e`` again, naming ``path`` (the user's) instead of the temporary file."""
+    return type(e)(e.errno, f"{what}: {e.strerror or e}{hint}", path)
+
+
+def atomic_write(path, write, *, sync=True, mapped=False, in_place_hint="") -> None:
     """Call ``write(fd)`` on a new temporary file next to ``path``, fsync it, rename it over
     ``path`` and fsync the folder.
 
@@ -132,9 +150,12 @@ def atomic_write(path, write, *, sync=True, mapped=False) -> None:
     what a plain ``open()`` would give). On any error the temporary file is removed and the old
     file is left as it was. ``sync=False`` skips both fsyncs (the rename alone: for a target that
     must be replaced because it is mapped, not for crash safety); ``mapped=True`` says so in the
-    error raised when the temporary file cannot be made or renamed.
+    error raised when the temporary file cannot be made or renamed. Errors name ``path``, never the
+    temporary file; ``in_place_hint`` is added to the error when only the folder is not writable
+    (the temporary file cannot be made there, the file itself could be written in place).
     """
     path = os.fsdecode(os.fspath(path))
+    check_parent(path)
     target = os.path.realpath(path) if os.path.islink(path) else path
     directory = os.path.dirname(os.path.abspath(target))
     try:
@@ -153,7 +174,12 @@ def atomic_write(path, write, *, sync=True, mapped=False) -> None:
         except OSError as e:
             if mapped:
                 raise _cannot_replace(target, e) from e
-            raise
+            hint = ""
+            if (in_place_hint and e.errno in (errno.EACCES, errno.EPERM) and mode is not None
+                    and os.access(target, os.W_OK)):
+                hint = f"; the file itself is writable: {in_place_hint}"
+            raise _named(e, path, f"cannot create a temporary file in the folder {directory!r} to write it "
+                                  "atomically", hint) from e
     else:  # pragma: no cover - 100 collisions of 48 random bits
         raise FileExistsError(f"cannot create a temporary file next to {target!r}")
     try:
@@ -170,7 +196,7 @@ def atomic_write(path, write, *, sync=True, mapped=False) -> None:
         except OSError as e:
             if mapped:
                 raise _cannot_replace(target, e) from e
-            raise
+            raise _named(e, path, "cannot rename the temporary file over it") from e
     except BaseException:
         try:
             os.unlink(tmp)

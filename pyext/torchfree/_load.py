@@ -22,6 +22,9 @@ def load(f, map_location=None, *, mmap=None, weights_only=True, safe_globals=Non
          limits=None):
     """Load a checkpoint written by ``torch.save`` and return it with numpy arrays for tensors.
 
+    A safetensors file (told by its header, whatever its name) gives what
+    ``torchfree.safetensors.load_file`` returns (``MetaArray``s with ``map_location="meta"``).
+
     Args:
         f: a path (``str`` or ``os.PathLike``), a bytes-like object (``bytes``, ``bytearray``,
             ``memoryview``, ``mmap``) or a binary file object (read from its current position).
@@ -48,6 +51,9 @@ def load(f, map_location=None, *, mmap=None, weights_only=True, safe_globals=Non
         from ._scan import load_sharded
 
         return load_sharded(f, mmap=mmap, **opts)
+    st = safetensors_input(f)
+    if st is not None:
+        return load_safetensors(*st, map_location, mmap)
     src = Source(f, mmap)
     try:
         loader = _core.load_zip if src.format == "zip" else _core.load_legacy
@@ -58,6 +64,98 @@ def load(f, map_location=None, *, mmap=None, weights_only=True, safe_globals=Non
 
 def _is_index_json(f) -> bool:
     return isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".index.json")
+
+
+def is_safetensors(head: bytes, size: int) -> bool:
+    """Whether an input whose first bytes are ``head`` (of ``size`` bytes in all) is a safetensors
+    file: an 8-byte little-endian header length N, then N bytes of JSON starting with ``{``. A zip,
+    a legacy stream or a tar never has ``{`` at byte 8 after a length that fits; a ``{`` there after a
+    length that does not fit, in nothing torch writes, is a damaged safetensors header (its reader
+    then says what is wrong)."""
+    if len(head) < 9 or head[8:9] != b"{" or head.startswith(_ZIP_MAGIC):
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= size - 8 or not _format_of(head)
+
+
+def safetensors_input(f):
+    """``("path", path)`` or ``("buffer", bytes-like)`` when ``f`` is a safetensors file, else None
+    (told by content, not by name; a file object is then read whole from its position)."""
+    if isinstance(f, (str, os.PathLike)):
+        try:
+            fd = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+        except OSError:
+            return None  # Source says why
+        try:
+            st = os.fstat(fd)
+            if not _stat.S_ISREG(st.st_mode):
+                return None
+            head = os.pread(fd, 9, 0)
+        finally:
+            os.close(fd)
+        return ("path", os.fspath(f)) if is_safetensors(head, st.st_size) else None
+    if isinstance(f, (bytes, bytearray, memoryview, _mmap.mmap)):
+        view = memoryview(f)
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        return ("buffer", f) if is_safetensors(bytes(view[:9]), view.nbytes) else None
+    if hasattr(f, "read") and hasattr(f, "seek"):
+        start = _tell(f)
+        if start is None:
+            return None
+        end = f.seek(0, io.SEEK_END)
+        f.seek(start)
+        head = f.read(9)
+        f.seek(start)
+        if not isinstance(head, bytes) or not is_safetensors(head, end - start):
+            return None
+        return "buffer", _read_rest(f)
+    return None
+
+
+def safetensors_meta(map_location) -> bool:
+    """Whether ``map_location`` sends a safetensors file's tensors (all saved on "cpu") to "meta"."""
+    kind, ml = _map_location(map_location)
+    if kind == _ML_CALL:
+        raise TypeError("map_location as a callable needs torch storages, which a safetensors file does not "
+                        "have: pass a location string or a dict")
+    if kind == _ML_DICT:
+        ml = ml.get("cpu", "cpu")
+    return kind != _ML_NONE and ml.split(":")[0] == "meta"
+
+
+def safetensors_entries(buf):
+    """(header entries, data start) of safetensors bytes, checked."""
+    from . import safetensors as st
+
+    view = memoryview(buf).cast("B")
+    size = len(view)
+    n, start = st._split(size, bytes(view[:8]) if size >= 8 else b"", "<bytes>")
+    return st.parse_header(bytes(view[8:start]), size - start, "<bytes>")[0], start
+
+
+def load_safetensors(kind, src, map_location=None, mmap=None):
+    """load() of a safetensors file: what ``torchfree.safetensors.load_file`` returns (an OrderedDict
+    of arrays), or ``MetaArray``s for ``map_location="meta"``."""
+    import collections
+
+    from . import safetensors as st
+    from ._types import MetaArray
+
+    meta = safetensors_meta(map_location)
+    if kind == "path":
+        if meta:
+            entries = st.read_header(src)[0]
+        else:
+            return st.load_file(src, mmap=mmap is not False)
+    else:
+        if mmap:
+            raise ValueError("f must be a file path in order to use the mmap argument")
+        if meta:
+            entries = safetensors_entries(src)[0]
+        else:  # arrays over a buffer of our own: writable, as load's arrays are
+            return st.load(src if isinstance(src, bytearray) else bytearray(src))
+    return collections.OrderedDict((e.name, MetaArray(e.array_shape, e.dtype)) for e in entries)
 
 
 def _map_location(m):
@@ -115,7 +213,13 @@ def _format_of(head: bytes) -> str:
         return "zip"
     if head[257:262] == b"ustar" or head[:1] == b"\x80":  # tar, or a pickle's PROTO opcode
         return "legacy"
+    if head.startswith(_TEXT_MAGIC):  # a legacy stream pickled with protocol 0 or 1
+        return "legacy"
     return ""
+
+
+# the magic number 0x1950a86a20f9469cfc6c as protocol 0/1 pickle it (LONG; INT as Python 2 may)
+_TEXT_MAGIC = (b"L119547037146038801333356L\n.", b"L119547037146038801333356\n.", b"I119547037146038801333356\n.")
 
 
 def _not_zip(head: bytes):

@@ -1,3 +1,4 @@
+import collections
 import mmap as _mmap
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -6,6 +7,7 @@ from typing import IO, Any, Literal, Protocol, type_check_only
 from typing_extensions import Buffer, TypeAlias
 
 from ._core import Storage, _Src
+from .safetensors import _Entry
 
 # The argument types of load / scan / open, shared by their stubs.
 
@@ -40,6 +42,13 @@ def load(
     encoding: str = "utf-8",
     limits: _Limits | None = None,
 ) -> Any: ...
+def is_safetensors(head: bytes, size: int) -> bool: ...
+def safetensors_input(f: object) -> tuple[Literal["path"], str] | tuple[Literal["buffer"], Buffer] | None: ...
+def safetensors_meta(map_location: _MapLocation) -> bool: ...
+def safetensors_entries(buf: Buffer) -> tuple[list[_Entry], int]: ...
+def load_safetensors(
+    kind: Literal["path", "buffer"], src: str | Buffer, map_location: _MapLocation = None, mmap: bool | None = None
+) -> collections.OrderedDict[str, Any]: ...
 def options(
     map_location: _MapLocation = None,
     weights_only: bool = True,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from . import _core
-from ._files import atomic_write, check_file_object, open_rewrite
+from ._files import atomic_write, check_file_object, check_parent, open_rewrite
 
 __all__ = ["save"]
 
@@ -70,7 +70,10 @@ def save(obj, f, *, pickle_protocol=2, format="zip", atomic=True):
         OverflowError: an int of more than 255 bytes.
         OSError: from writing; ``errno.ETXTBSY`` for a file object whose file this process
             maps; a mapped path that cannot be replaced by renaming (its folder not writable)
-            raises with the file left as it was.
+            raises with the file left as it was. Errors name ``f``, never the temporary file;
+            ``FileNotFoundError`` ("Parent directory ... does not exist") for a missing folder;
+            with ``atomic=True`` a writable file in a folder that is not writable raises an error
+            that says ``atomic=False`` would write it.
     """
     if pickle_protocol != 2:
         raise ValueError(
@@ -85,6 +88,7 @@ def save(obj, f, *, pickle_protocol=2, format="zip", atomic=True):
         if atomic:
             _save_atomic(obj, path, name, legacy)
             return
+        check_parent(path)
         fd = open_rewrite(path)
         if fd is None:  # arrays of this process map the file: a new file, renamed over it
             atomic_write(path, lambda fd: _core.save(obj, fd, name, legacy), sync=False, mapped=True)
@@ -118,4 +122,5 @@ def _archive_name(path: str) -> str:
 
 def _save_atomic(obj, path: str, name: str, legacy: bool) -> None:
     # sync=True: writeback starts while writing, so the fsync that follows is short
-    atomic_write(path, lambda fd: _core.save(obj, fd, name, legacy, sync=True))
+    atomic_write(path, lambda fd: _core.save(obj, fd, name, legacy, sync=True),
+                 in_place_hint="save(..., atomic=False) writes it in place (without the crash safety)")

@@ -19,7 +19,7 @@ from collections import namedtuple
 from ._np import np
 
 from . import _core
-from ._load import Source, options
+from ._load import Source, load_safetensors, options, safetensors_entries, safetensors_input, safetensors_meta
 from ._types import MetaArray, Opaque
 
 __all__ = ["flatten", "scan", "open", "Checkpoint", "CheckpointInfo", "TensorInfo", "StorageInfo", "RecordInfo"]
@@ -442,6 +442,9 @@ def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:
     """
     if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".index.json"):
         return _ShardIndex(f).scan(map_location=map_location, limits=limits)
+    st = safetensors_input(f)
+    if st is not None:  # told by its header, whatever the name
+        return _scan_safetensors(*st)
     if callable(map_location) and not isinstance(map_location, (str, dict)):
         map_location = None
     # the pickle's containers come and go within this call: no collection pass over them
@@ -454,6 +457,14 @@ def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:
             gc.enable()
 
 
+def _scan_safetensors(kind, src) -> CheckpointInfo:
+    from . import safetensors as st
+
+    if kind == "path":
+        return st.scan(src)
+    return st._info(None, *safetensors_entries(src))
+
+
 def _scan(f, map_location, limits) -> CheckpointInfo:
     src = Source(f, False, lazy=True)
     try:
@@ -464,6 +475,24 @@ def _scan(f, map_location, limits) -> CheckpointInfo:
         try:
             obj = archive.unpickle(lazy=True, collect_globals=True)
             return _info_from(archive, obj, src.path, archive.storages(), _max_depth(opts))
+        finally:
+            archive.close()
+    finally:
+        src.close()
+
+
+def weights_only_check(f, safe_globals=None, encoding="utf-8", limits=None) -> None:
+    """Raise what ``load(f)`` (weights_only=True) raises for the globals it refuses, reading no
+    tensor byte (``open`` reads tensors past them; the CLI's diff and convert keep load's rules)."""
+    src = Source(f, False, lazy=True)
+    try:
+        opts = options(None, True, safe_globals, encoding, limits)
+        if src.format != "zip":
+            _core.load_legacy(*src.args(), **src.kwargs(), **opts, lazy=True)
+            return
+        archive = _core.Archive(*src.args(), **src.kwargs(), **opts)
+        try:
+            archive.unpickle(lazy=True)
         finally:
             archive.close()
     finally:
@@ -488,7 +517,9 @@ class Checkpoint:
                                safe_globals=safe_globals, encoding=encoding, limits=limits)
         self._src = Source(f, mmap, lazy=True)
         try:
-            opts = options(map_location, weights_only, safe_globals, encoding, limits)
+            # tensors are read past unknown globals, as scan lists them: those stay inert Opaques
+            # (nothing is run); .load() applies weights_only's rules to the whole object
+            opts = options(map_location, False, safe_globals, encoding, limits)
             if self._src.format != "zip":
                 self._archive = _LoadedArchive(self._src, opts)
                 self._obj = self._archive.obj
@@ -620,12 +651,109 @@ def open(f, map_location=None, *, mmap=None, weights_only=True, safe_globals=Non
     """Open a checkpoint lazily: ``with torchfree.open(path) as ckpt: w = ckpt["fc1.weight"]``.
 
     A Hugging Face ``*.bin.index.json`` opens its shards as one checkpoint; each shard is read only
-    when one of its tensors is asked for.
+    when one of its tensors is asked for. Unknown globals never raise here (they stay inert, as
+    ``scan`` lists them): every tensor can be read; ``.load()`` keeps ``weights_only``'s rules. A
+    safetensors file (told by its header) opens too, one tensor read per ``ckpt[name]``.
     """
     kw = dict(mmap=mmap, weights_only=weights_only, safe_globals=safe_globals, encoding=encoding, limits=limits)
     if isinstance(f, (str, os.PathLike)) and os.fspath(f).endswith(".index.json"):
         return ShardedCheckpoint(f, map_location, **kw)
+    st = safetensors_input(f)
+    if st is not None:  # told by its header, whatever the name
+        return _SafetensorsCheckpoint(f, st, map_location, **kw)
     return Checkpoint(f, map_location, **kw)
+
+
+class _SafetensorsCheckpoint(Checkpoint):
+    """open() of a safetensors file: the header is read and checked at open, ``ckpt[name]`` reads
+    that tensor alone (``torchfree.safetensors.safe_open`` for a path, a view of the bytes
+    otherwise). There are no torch storages: ``.storages`` is empty."""
+
+    def __init__(self, f, st, map_location=None, *, mmap=None, weights_only=True, safe_globals=None,
+                 encoding="utf-8", limits=None):
+        from . import safetensors as sf
+
+        self._f, self._kind = f, st[0]
+        self._load_args = dict(map_location=map_location, mmap=mmap)
+        self._meta = safetensors_meta(map_location)
+        self._info = None
+        self._cache = weakref.WeakValueDictionary()
+        if self._kind == "path":
+            self._path, self._buf = st[1], None
+            if self._meta:  # the header alone
+                entries, self._file = sf.read_header(self._path)[0], None
+            else:
+                self._file = sf.safe_open(self._path, mmap=mmap is not False)
+                entries = list(self._file.entries.values())
+        else:
+            if mmap:
+                raise ValueError("f must be a file path in order to use the mmap argument")
+            self._path, self._file = None, None
+            self._buf = st[1] if isinstance(st[1], bytearray) else bytearray(st[1])  # arrays the caller may write
+            entries, self._start = safetensors_entries(self._buf)
+        self._names = collections.OrderedDict((e.name, e) for e in entries)
+        self._closed = False
+
+    def _leaf(self, name):
+        return self._names[name]
+
+    def __getitem__(self, name):
+        self._check_open()
+        arr = self._cache.get(name)
+        if arr is not None:
+            return arr
+        e = self._names[name]
+        if self._meta:
+            return MetaArray(e.array_shape, e.dtype)
+        if self._file is not None:
+            arr = self._file.get_tensor(name)
+        else:
+            from . import safetensors as sf
+
+            arr = sf._array(self._buf, e, self._start, "<bytes>")
+        self._cache[name] = arr
+        return arr
+
+    @property
+    def info(self) -> CheckpointInfo:
+        if self._info is None:
+            self._check_open()
+            if self._path is not None:
+                from . import safetensors as sf
+
+                self._info = sf.scan(self._path)
+            else:
+                self._info = _scan_safetensors("buffer", self._buf)
+        return self._info
+
+    @property
+    def storages(self) -> list:
+        self._check_open()
+        return []
+
+    def read_storage(self, storage):
+        raise TypeError("a safetensors file has no torch storages")
+
+    def load(self):
+        """The whole file, as ``torchfree.load`` returns it."""
+        self._check_open()
+        # a buffer's arrays are copies: the arrays handed out by ckpt[name] view self._buf
+        src = ("path", self._path) if self._path is not None else ("buffer", memoryview(self._buf))
+        return load_safetensors(*src, **self._load_args)
+
+    def _check_open(self):
+        if self._closed:
+            raise ValueError("the checkpoint is closed")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._closed = True
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._names)} tensors"
+        return f"<torchfree.Checkpoint {self._path or type(self._f).__name__} (safetensors, {state})>"
 
 
 # ---- sharded checkpoints (Hugging Face *.bin.index.json) ------------------------------------
@@ -696,11 +824,8 @@ class ShardedCheckpoint:
         return len(self._index.weight_map)
 
     def __contains__(self, name) -> bool:
-        try:
-            self._leaf(name)
-        except KeyError:
-            return False
-        return True.weight_map
+        # the index names every tensor, as Checkpoint's names do: no shard is opened to answer
+        return name in self._index.weight_map
 
     def __getitem__(self, name):
         return self._shard(self._index.weight_map[name])[name]

@@ -232,6 +232,7 @@ class Tensors:
         self._owner = None
         if self.format == "pt":
             import torchfree
+            from ._scan import weights_only_check
 
             try:
                 if self.path.endswith(".index.json"):
@@ -244,6 +245,8 @@ class Tensors:
                     for shard in idx.shards:
                         with _about(idx.files[shard]):
                             ck = torchfree.open(idx.files[shard], weights_only=not unsafe)
+                            if not unsafe:  # open reads tensors past unknown globals; load would not
+                                weights_only_check(idx.files[shard])
                             self._h.members.append(ck)
                             for t in ck.info.tensors:
                                 if t.name in self._owner:
@@ -252,6 +255,8 @@ class Tensors:
                                 infos.append(t)
                 else:
                     self._h = torchfree.open(self.path, weights_only=not unsafe)
+                    if not unsafe:
+                        weights_only_check(self.path)
                     infos = self._h.info.tensors
             except UnsafeGlobalError as e:
                 raise _unsafe_hint(self.path, e) from None

@@ -33,7 +33,7 @@ import sys
 import numpy as np
 
 from ._core import FormatError
-from ._files import atomic_write, check_file_object, note_mapping, open_rewrite, write_through_file
+from ._files import atomic_write, check_file_object, check_parent, note_mapping, open_rewrite, write_through_file
 
 __all__ = ["save", "save_file", "load", "load_file", "safe_open", "scan", "metadata", "read_header", "DTYPES",
            "MAX_HEADER"]
@@ -216,6 +216,7 @@ def save_file(tensors, filename, metadata=None, *, progress=None) -> None:
         with open(filename, "wb") as fh:
             write(fh)
         return
+    check_parent(os.fsdecode(os.fspath(filename)))  # "Parent directory ... does not exist"
     fd = open_rewrite(filename)
     if fd is None:  # mapped by arrays of this process: a new file, renamed over it
         atomic_write(filename, write_through_file(write), sync=False, mapped=True)
@@ -579,7 +580,7 @@ class _ShardedFile(_Entries):
 def scan(filename):
     """A ``torchfree.CheckpointInfo`` of a safetensors file (header only), or of the shards of a
     ``*.safetensors.index.json``."""
-    from ._scan import CheckpointInfo, RecordInfo, StorageInfo, TensorInfo, _ShardIndex
+    from ._scan import CheckpointInfo, StorageInfo, TensorInfo, _ShardIndex
 
     path = os.fspath(filename)
     if path.endswith(".index.json"):
@@ -594,6 +595,13 @@ def scan(filename):
                                         t.storage_offset, t.nbytes, t.location, t.torch_dtype) for t in part.tensors]
         return info
     entries, meta, start, size = read_header(path)
+    return _info(path, entries, start)
+
+
+def _info(path, entries, start):
+    """The ``CheckpointInfo`` of a checked header's entries (``path`` None for bytes)."""
+    from ._scan import CheckpointInfo, RecordInfo, StorageInfo, TensorInfo
+
     info = CheckpointInfo(path, "safetensors", "little")
     info.records = [RecordInfo("header", False, start, start, 0)]
     by_offset = {id(e): i for i, e in enumerate(sorted(entries, key=lambda e: (e.begin, e.end)))}

@@ -966,6 +966,18 @@ def _write(torch, real_save, obj, f, args):
         real_save(obj, f, *args)
 
 
+def _check_parent(path, use_zip):
+    """torch.save's error when the folder of ``path`` is not there (nothing else is checked): the
+    zip writer's RuntimeError for an ASCII name, else the error of its open()."""
+    parent = path[:path.rfind("/")] if "/" in path else ""
+    if not parent or path.endswith("/") or os.path.isdir(parent):
+        return
+    if use_zip and path.isascii():
+        raise RuntimeError(f"Parent directory {parent} does not exist.")
+    with open(path, "wb"):  # fails (FileNotFoundError, NotADirectoryError) as torch's open does
+        pass
+
+
 def _save(obj, f, args):
     torch = _torch()
     real_save = _originals.get("save", torch.save)
@@ -974,6 +986,7 @@ def _save(obj, f, args):
         check_file_object(f)  # a file this process maps is never written in place
         return _write(torch, real_save, obj, f, args)
     path = os.fsdecode(os.fspath(f))
+    _check_parent(path, args[2])
     target = os.path.realpath(path) if os.path.islink(path) else path
     directory = os.path.dirname(os.path.abspath(target))
     base = os.path.basename(target)

@@ -23,7 +23,7 @@ static void check_names(const PickScan *ps, const uint8_t *data, size_t size) {
         if (n < data || g->name_len > size || n + g->name_len > data + size) abort();
         if (g->module_len <= 4096 && g->name_len <= 4096) {
             GlobalHit hit;
-            globals_lookup(g->module, g->module_len, g->name, g->name_len, &hit, canon, sizeof canon);
+            globals_lookup(g->module, g->module_len, g->name, g->name_len, g->protocol < 3, &hit, canon, sizeof canon);
             if (hit.id < G_UNKNOWN || hit.id >= G_COUNT) abort();
         }
     }
