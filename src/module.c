@@ -450,9 +450,9 @@ static PyModuleDef_Slot core_slots[] = {
 #if PY_VERSION_HEX >= 0x030C0000
     {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
 #endif
-#if PY_VERSION_HEX >= 0x030D0000
-    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
-#endif
+    /* No Py_mod_gil slot: a free-threaded build keeps the GIL on while torchfree is imported. The
+     * per-call Loader is not shared, but the lazy numpy/ml_dtypes setup and the module state's
+     * caches are filled without a lock (issue 19). */
     {0, NULL},
 };
 

@@ -105,8 +105,17 @@ def test_info_table_and_json(path):
     r = run("info", path, check=0)
     assert r.stdout == str(torchfree.scan(path)) + "\n"
     assert r.stderr == ""
-    r = run("info", path, "--json", check=0)
-    assert json.loads(r.stdout) == json.loads(torchfree.scan(path).to_json())
+    info = torchfree.scan(path)
+    r = run("info", path, "--json", "--records", check=0)
+    assert json.loads(r.stdout) == json.loads(info.to_json())
+    d = json.loads(run("info", path, "--json", check=0).stdout)
+    full = info.to_dict()
+    assert {k: d.pop(k) for k in ("tensor_count", "storage_count")} == {"tensor_count": len(info.tensors),
+                                                                         "storage_count": len(info.storages)}
+    assert d.pop("tensors") == [{"name": t["name"], "dtype": t["torch_dtype"], "shape": t["shape"],
+                                 "stride": t["stride"], "storage": t["storage_key"], "offset": t["storage_offset"],
+                                 "nbytes": t["nbytes"], "location": t["location"]} for t in full["tensors"]]
+    assert d == {k: v for k, v in full.items() if k not in ("tensors", "records", "storages")}
 
 
 def test_info_safetensors_and_npz(tmp_path):
@@ -123,8 +132,8 @@ def test_info_safetensors_and_npz(tmp_path):
     np.savez(z, **{"a.b": np.arange(6.0).reshape(2, 3), "c": np.asfortranarray(np.ones((2, 3), np.int32))})
     d = json.loads(run("info", z, "--json", check=0).stdout)
     assert d["format"] == "npz"
-    assert {t["name"]: (t["dtype"], t["shape"], t["strides"]) for t in d["tensors"]} == {
-        "a.b": ("float64", [2, 3], [24, 8]), "c": ("int32", [2, 3], [4, 8])}
+    assert {t["name"]: (t["dtype"], t["shape"], t["stride"]) for t in d["tensors"]} == {
+        "a.b": ("float64", [2, 3], [3, 1]), "c": ("int32", [2, 3], [1, 2])}
 
 
 # ---- errors ------------------------------------------------------------------------------------

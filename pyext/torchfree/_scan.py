@@ -210,6 +210,10 @@ def _lazy_list(attr):
     return property(get, set)
 
 
+_TEXT_ROWS = 60  # rows print(info) shows: the first 50 and the last 10 of a longer table
+_HTML_ROWS = 500  # rows the notebook view shows: the first 450 and the last 50
+
+
 class CheckpointInfo:
     """What ``scan`` found: container, records, storages, tensors and globals.
 
@@ -315,8 +319,27 @@ class CheckpointInfo:
                 f"{len(self._storage_list())} storages, {_human(self.total_bytes)}, {self.param_count:,} elements")
 
     def __str__(self) -> str:
-        table = _core.info_table(self.tensors)  # C, for what scan made: 50,000 rows in ~10 ms
-        lines = [self._header(), "", self._table() if table is None else table]
+        return self.to_text(max_rows=_TEXT_ROWS)
+
+    def to_text(self, max_rows: "int | None" = None) -> str:
+        """The header, the tensor table and the totals: what ``print(info)`` shows. With
+        ``max_rows`` (``print`` uses 60, as the notebook view caps its table) a longer table keeps
+        its first and last rows around a "... N more tensors" line; ``None`` lists every tensor
+        (``torchfree info``)."""
+        ts = self.tensors
+        cut = max_rows is not None and len(ts) > max(max_rows, 2)
+        if cut:
+            tail = max(max_rows // 6, 1)
+            head = max_rows - tail
+            ts = ts[:head] + ts[len(ts) - tail:]
+        table = _core.info_table(ts)  # C, for what scan made: 50,000 rows in ~10 ms
+        if table is None:
+            table = self._table(ts)
+        if cut:
+            rows = table.split("\n")
+            rows.insert(2 + head, f"... {len(self.tensors) - head - tail:,} more tensors")
+            table = "\n".join(rows)
+        lines = [self._header(), "", table]
         totals = ", ".join(f"{k} {_human(v)}" for k, v in self.dtype_totals.items())
         lines += ["", f"by dtype: {totals or '-'}"]
         odd = [g for g in self.globals if not _is_torch_global(g)]
@@ -324,10 +347,10 @@ class CheckpointInfo:
             lines.append(f"other globals: {', '.join(odd)}")
         return "\n".join(lines)
 
-    def _table(self) -> str:
-        """The table of __str__, made here for tensors scan did not make (shards, TensorInfos made
-        by hand) or with non-ASCII cells."""
-        ts = self.tensors
+    def _table(self, ts=None) -> str:
+        """The table of to_text (of every tensor, or of ts), made here for tensors scan did not make
+        (shards, TensorInfos made by hand) or with non-ASCII cells."""
+        ts = self.tensors if ts is None else ts
         human = _memo(_human)
         cols = [
             ["name"] + [t.name or "<root>" for t in ts],
@@ -366,17 +389,25 @@ class CheckpointInfo:
             f"<tr><td>{e(t.name)}</td><td>{e(_human(t.nbytes))}</td>"
             f'<td><div style="width:{200 * t.nbytes / top:.0f}px;height:.7em;background:#4e79a7"></div></td></tr>'
             for t in biggest)
-        rows = "".join(
-            f"<tr><td>{e(t.name)}</td><td>{e(t.torch_dtype)}</td><td>{e(str(tuple(t.shape)))}</td>"
-            f"<td>{e(str(t.storage_key))}</td><td>{t.storage_offset}</td><td>{e(_human(t.nbytes))}</td>"
-            f"<td>{e(t.location)}</td></tr>" for t in self.tensors[:500])
-        more = f"<p>… {len(self.tensors) - 500} more tensors</p>" if len(self.tensors) > 500 else ""
+        def row(t):
+            return (f"<tr><td>{e(t.name)}</td><td>{e(t.torch_dtype)}</td><td>{e(str(tuple(t.shape)))}</td>"
+                    f"<td>{e(str(t.storage_key))}</td><td>{t.storage_offset}</td><td>{e(_human(t.nbytes))}</td>"
+                    f"<td>{e(t.location)}</td></tr>")
+
+        ts = self.tensors
+        if len(ts) > _HTML_ROWS:  # the first and the last rows, as print() shows them
+            tail = _HTML_ROWS // 10
+            head = _HTML_ROWS - tail
+            rows = ("".join(map(row, ts[:head])) + f'<tr><td colspan="7">… {len(ts) - _HTML_ROWS:,} more tensors'
+                    "</td></tr>" + "".join(map(row, ts[len(ts) - tail:])))
+        else:
+            rows = "".join(map(row, ts))
         return (
             f'<div class="torchfree-info"><p><b>{e(self._header())}</b></p>'
             f'<div style="display:flex;height:1em;width:100%;border:1px solid #ccc">{bar}</div>'
             f"<p>{legend}</p><p><b>largest tensors</b></p><table>{big_rows}</table>"
             "<table><thead><tr><th>name</th><th>dtype</th><th>shape</th><th>storage</th><th>offset</th>"
-            f"<th>size</th><th>location</th></tr></thead><tbody>{rows}</tbody></table>{more}</div>")
+            f"<th>size</th><th>location</th></tr></thead><tbody>{rows}</tbody></table></div>")
 
 
 def _is_torch_global(g: str) -> bool:

@@ -64,6 +64,8 @@ reveal_type(info.records[0].compressed)
 reveal_type(info.dtype_totals)
 # -> dict[str, int]
 print(info, info.total_bytes, info.param_count, info.to_json(indent=2), info.globals)
+reveal_type(info.to_text(max_rows=20))
+# -> str
 
 with torchfree.open("huge.pt", map_location="meta") as by_path:
     reveal_type(by_path)
