@@ -12,6 +12,7 @@ from setuptools import Extension, setup
 
 SOURCES = [
     "src/common.c",
+    "src/limits.c",
     "src/dtypes.c",
     "src/globals.c",
     "src/zipread.c",

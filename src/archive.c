@@ -58,24 +58,6 @@ static int read_version_and_byteorder(Loader *L) {
     return 0;
 }
 
-static int parse_limits(Loader *L, PyObject *limits) {
-    TfLimits d = TF_LIMITS_DEFAULT;
-    L->lim = d;
-    if (limits == NULL || limits == Py_None) return 0;
-    uint64_t *fields[] = {&L->lim.pickle_bytes, &L->lim.memo, &L->lim.stack, &L->lim.marks,
-                          &L->lim.records, &L->lim.name, &L->lim.ndim, &L->lim.total_bytes};
-    if (!PyTuple_Check(limits) || PyTuple_GET_SIZE(limits) != 8) {
-        PyErr_SetString(PyExc_TypeError, "limits must be an 8-tuple");
-        return -1;
-    }
-    for (int i = 0; i < 8; i++) {
-        unsigned long long v = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(limits, i));
-        if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-        *fields[i] = v;
-    }
-    return 0;
-}
-
 /* Release everything the Loader holds (safe on a zeroed or half-opened one). */
 void loader_close(Loader *L) {
     storage_batch_abort(L); /* its thread writes into storages of L->pending */
@@ -164,7 +146,7 @@ int loader_open(Loader *L, ModuleState *st, PyObject *args, PyObject *kwargs, co
         PyErr_SetString(PyExc_TypeError, "bad map_location");
         return -1;
     }
-    if (parse_limits(L, limits) < 0) return -1;
+    if (tf_parse_limits(limits, &L->lim) < 0) return -1;
     if (torch != Py_None) {
         /* torch mode: every tensor is made by torch["tensor"], dtype values are torch["dtypes"] */
         PyObject *tt = PyDict_Check(torch) ? PyDict_GetItemString(torch, "tensor") : NULL;

@@ -43,19 +43,43 @@
 #define TF_LIMIT_TOTAL_BYTES (UINT64_C(1) << 40)
 #endif
 
-typedef struct {
-    uint64_t pickle_bytes;
-    uint64_t memo;
-    uint64_t stack;
-    uint64_t marks;
-    uint64_t records;
-    uint64_t name;
-    uint64_t ndim;
-    uint64_t total_bytes;
-} TfLimits;
+/* The limits, in the order of TfLimits: X(field and LIMITS name, default). Everything else is
+ * made from this list: the struct, its defaults, the count, the names (tf_limit_names) and, in the
+ * CPython layer, LIMITS and the parser of load(..., limits={...}). */
+#define TF_LIMITS(X)                           \
+    X(pickle_bytes, TF_LIMIT_PICKLE_BYTES)     \
+    X(memo, TF_LIMIT_MEMO)                     \
+    X(stack, TF_LIMIT_STACK)                   \
+    X(marks, TF_LIMIT_MARKS)                   \
+    X(records, TF_LIMIT_RECORDS)               \
+    X(name, TF_LIMIT_NAME)                     \
+    X(ndim, TF_LIMIT_NDIM)                     \
+    X(total_bytes, TF_LIMIT_TOTAL_BYTES)
 
-#define TF_LIMITS_DEFAULT                                                              \
-    {TF_LIMIT_PICKLE_BYTES, TF_LIMIT_MEMO, TF_LIMIT_STACK, TF_LIMIT_MARKS,              \
-     TF_LIMIT_RECORDS, TF_LIMIT_NAME, TF_LIMIT_NDIM, TF_LIMIT_TOTAL_BYTES}
+#define TF_LIMIT_FIELD_(n, d) uint64_t n;
+typedef struct {
+    TF_LIMITS(TF_LIMIT_FIELD_)
+} TfLimits;
+#undef TF_LIMIT_FIELD_
+
+#define TF_LIMIT_DEFAULT_(n, d) d,
+#define TF_LIMITS_DEFAULT {TF_LIMITS(TF_LIMIT_DEFAULT_)}
+
+#define TF_LIMIT_ONE_(n, d) +1
+enum { TF_LIMIT_COUNT = 0 TF_LIMITS(TF_LIMIT_ONE_) };
+#undef TF_LIMIT_ONE_
+
+/* The field of limit i (in TF_LIMITS order), or NULL past the end. */
+static inline uint64_t *tf_limit_field(TfLimits *lim, int i) {
+    int at = 0;
+#define TF_LIMIT_AT_(n, d) \
+    if (at++ == i) return &lim->n;
+    TF_LIMITS(TF_LIMIT_AT_)
+#undef TF_LIMIT_AT_
+    return (uint64_t *)0;
+}
+
+/* Their names, as LIMITS and load(..., limits=) spell them (limits.c). */
+extern const char *const tf_limit_names[TF_LIMIT_COUNT];
 
 #endif

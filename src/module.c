@@ -102,6 +102,51 @@ int tf_raise_from(Loader *L, PyObject *exc, const char *fmt, ...) {
     return -1;
 }
 
+PyObject *tf_limits_dict(const TfLimits *lim) {
+    TfLimits d = TF_LIMITS_DEFAULT;
+    if (lim == NULL) lim = &d;
+    PyObject *out = PyDict_New();
+    for (int i = 0; out != NULL && i < TF_LIMIT_COUNT; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(*tf_limit_field((TfLimits *)lim, i));
+        if (v == NULL || PyDict_SetItemString(out, tf_limit_names[i], v) < 0) Py_CLEAR(out);
+        Py_XDECREF(v);
+    }
+    return out;
+}
+
+int tf_parse_limits(PyObject *limits, TfLimits *out) {
+    TfLimits d = TF_LIMITS_DEFAULT;
+    *out = d;
+    if (limits == NULL || limits == Py_None) return 0;
+    if (!PyDict_Check(limits)) {
+        PyErr_SetString(PyExc_TypeError, "limits must be a dict of LIMITS names to ints");
+        return -1;
+    }
+    Py_ssize_t used = 0;
+    for (int i = 0; i < TF_LIMIT_COUNT; i++) {
+        PyObject *o = PyDict_GetItemString(limits, tf_limit_names[i]); /* borrowed */
+        if (o == NULL) continue;
+        unsigned long long x = PyLong_AsUnsignedLongLong(o);
+        if (x == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+        *tf_limit_field(out, i) = x;
+        used++;
+    }
+    if (used != PyDict_GET_SIZE(limits)) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(limits, &pos, &k, &v)) {
+            int known = 0;
+            for (int i = 0; i < TF_LIMIT_COUNT; i++)
+                known |= PyUnicode_Check(k) && PyUnicode_CompareWithASCIIString(k, tf_limit_names[i]) == 0;
+            if (!known) {
+                PyErr_Format(PyExc_TypeError, "unknown limit %R", k);
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
 int tf_raise_err(Loader *L, const TfErr *err) {
     ModuleState *st = L->st;
     switch (err->status) {
@@ -358,12 +403,7 @@ static int core_exec(PyObject *m) {
         !st->str_shape || !st->str_dtype)
         goto done;
     /* limits, as LIMITS = {name: default} */
-    PyObject *lim = Py_BuildValue("{sKsKsKsKsKsKsKsK}", "pickle_bytes", (unsigned long long)TF_LIMIT_PICKLE_BYTES,
-                                  "memo", (unsigned long long)TF_LIMIT_MEMO, "stack", (unsigned long long)TF_LIMIT_STACK,
-                                  "marks", (unsigned long long)TF_LIMIT_MARKS, "records",
-                                  (unsigned long long)TF_LIMIT_RECORDS, "name", (unsigned long long)TF_LIMIT_NAME,
-                                  "ndim", (unsigned long long)TF_LIMIT_NDIM, "total_bytes",
-                                  (unsigned long long)TF_LIMIT_TOTAL_BYTES);
+    PyObject *lim = tf_limits_dict(NULL);
     if (lim == NULL || PyModule_AddObject(m, "LIMITS", lim) < 0) {
         Py_XDECREF(lim);
         goto done;

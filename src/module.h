@@ -187,6 +187,10 @@ int tf_raise(Loader *L, PyObject *exc, const char *fmt, ...);
 int tf_raise_from(Loader *L, PyObject *exc, const char *fmt, ...);
 /* Raise from a TfErr of the Python-free layer; returns -1. */
 int tf_raise_err(Loader *L, const TfErr *err);
+/* limits: None or a dict of LIMITS names to ints (the rest keep their defaults). */
+int tf_parse_limits(PyObject *limits, TfLimits *out);
+/* {name: value} of lim (of the defaults for NULL): LIMITS. New reference. */
+PyObject *tf_limits_dict(const TfLimits *lim);
 PyObject *tf_helper(ModuleState *st, const char *name); /* borrowed, or NULL + exception */
 /* helpers[name](*args) (args: a tuple, borrowed; NULL passes the error on). New reference.
  * A failure that is not ours becomes an UnpicklingError naming the helper. */

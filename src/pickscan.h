@@ -63,7 +63,7 @@ PyObject *mod_pickle_globals(PyObject *module, PyObject *args, PyObject *kwargs)
     "first use, after the Python 2 -> 3 renames. A STACK_GLOBAL whose operands are not\n"               \
     "string literals of the pickle is listed as '?'.\n\n"                                                \
     "Args:\n    data: the pickle (any bytes-like object).\n"                                            \
-    "    limits: a dict overriding entries of LIMITS (or the 8-tuple load_zip takes).\n\n"              \
+    "    limits: a dict overriding entries of LIMITS.\n\n"              \
     "Raises:\n    UnpicklingError: the pickle is malformed in a way the VM would refuse too.\n"         \
     "    LimitError: a limit was exceeded."
 #endif

@@ -5,52 +5,6 @@
 
 #include "pickscan.h"
 
-static const char *const limit_names[] = {"pickle_bytes", "memo", "stack", "marks",
-                                          "records", "name", "ndim", "total_bytes"};
-
-/* limits: None, a dict of overrides (names of LIMITS) or load_zip's 8-tuple. */
-static int parse_limits(PyObject *limits, TfLimits *lim) {
-    TfLimits d = TF_LIMITS_DEFAULT;
-    uint64_t *fields[8] = {&lim->pickle_bytes, &lim->memo, &lim->stack, &lim->marks,
-                           &lim->records, &lim->name, &lim->ndim, &lim->total_bytes};
-    *lim = d;
-    if (limits == NULL || limits == Py_None) return 0;
-    if (PyTuple_Check(limits) && PyTuple_GET_SIZE(limits) == 8) {
-        for (int i = 0; i < 8; i++) {
-            unsigned long long v = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(limits, i));
-            if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-            *fields[i] = v;
-        }
-        return 0;
-    }
-    if (!PyDict_Check(limits)) {
-        PyErr_SetString(PyExc_TypeError, "limits must be a dict of LIMITS names to ints");
-        return -1;
-    }
-    Py_ssize_t pos = 0, used = 0;
-    PyObject *k, *v;
-    for (int i = 0; i < 8; i++) {
-        PyObject *o = PyDict_GetItemString(limits, limit_names[i]); /* borrowed */
-        if (o == NULL) continue;
-        unsigned long long x = PyLong_AsUnsignedLongLong(o);
-        if (x == (unsigned long long)-1 && PyErr_Occurred()) return -1;
-        *fields[i] = x;
-        used++;
-    }
-    if (used != PyDict_GET_SIZE(limits)) {
-        while (PyDict_Next(limits, &pos, &k, &v)) {
-            int known = 0;
-            for (int i = 0; i < 8; i++)
-                known |= PyUnicode_Check(k) && PyUnicode_CompareWithASCIIString(k, limit_names[i]) == 0;
-            if (!known) {
-                PyErr_Format(PyExc_TypeError, "unknown limit %R", k);
-                return -1;
-            }
-        }
-    }
-    return 0;
-}
-
 PyObject *mod_pickle_globals(PyObject *module, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"", "limits", NULL};
     ModuleState *st = PyModule_GetState(module);
@@ -64,7 +18,7 @@ PyObject *mod_pickle_globals(PyObject *module, PyObject *args, PyObject *kwargs)
     size_t canon_cap = 0;
 
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|$O:pickle_globals", kwlist, &view, &limits)) return NULL;
-    if (parse_limits(limits, &lim) < 0) {
+    if (tf_parse_limits(limits, &lim) < 0) {
         PyBuffer_Release(&view);
         return NULL;
     }

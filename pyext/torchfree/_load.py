@@ -14,7 +14,6 @@ from ._files import note_mapping
 # must match src/module.h
 _SRC_MAP, _SRC_COPY, _SRC_FD, _SRC_PYFILE = 0, 1, 2, 3
 _ML_NONE, _ML_STR, _ML_DICT, _ML_CALL = 0, 1, 2, 3
-_LIMIT_NAMES = ("pickle_bytes", "memo", "stack", "marks", "records", "name", "ndim", "total_bytes")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -193,14 +192,13 @@ def _safe_globals(sg):
 
 
 def _limits(lim):
+    """load(..., limits=) checked and completed: {name: int} for every name of LIMITS."""
     if lim is None:
         return None
-    unknown = set(lim) - set(_LIMIT_NAMES)
+    unknown = set(lim) - set(_core.LIMITS)
     if unknown:
-        raise TypeError(f"unknown limits: {sorted(unknown)}; known: {list(_LIMIT_NAMES)}")
-    merged = dict(_core.LIMITS)
-    merged.update({k: int(v) for k, v in lim.items()})
-    return tuple(merged[k] for k in _LIMIT_NAMES)
+        raise TypeError(f"unknown limits: {sorted(unknown)}; known: {list(_core.LIMITS)}")
+    return {**_core.LIMITS, **{k: int(v) for k, v in lim.items()}}
 
 
 _HEAD = 512  # enough to see a tar header's "ustar" at byte 257

@@ -61,7 +61,7 @@ def _children(obj):
 def _max_depth(opts) -> int:
     """How deep the walk may go: the loader's ``marks`` limit (container nesting)."""
     lim = opts.get("limits") if opts else None
-    return int(lim[3]) if lim else _core.LIMITS["marks"]
+    return int(lim["marks"]) if lim else _core.LIMITS["marks"]
 
 
 _PAIRS, _INDEX, _INFOS, _FIND = 0, 1, 2, 3
