@@ -274,6 +274,10 @@ static PyObject *mod_set_helpers(PyObject *module, PyObject *args) {
     }
     Py_XSETREF(st->OpaqueType, Py_NewRef(opaque));
     Py_XSETREF(st->MetaArrayType, Py_NewRef(meta));
+    PyObject *quant = PyDict_GetItemString(helpers, "QuantizedArray");
+    PyObject *sparse = PyDict_GetItemString(helpers, "SparseArray");
+    Py_XSETREF(st->QuantizedArrayType, quant != NULL && PyType_Check(quant) ? Py_NewRef(quant) : NULL);
+    Py_XSETREF(st->SparseArrayType, sparse != NULL && PyType_Check(sparse) ? Py_NewRef(sparse) : NULL);
     if ((PyDict_GET_SIZE(descrs) > 0 && tf_numpy(st) < 0) || fill_dtypes(st, descrs) < 0) return NULL;
     Py_RETURN_NONE;
 }
@@ -446,6 +450,8 @@ static int core_traverse(PyObject *m, visitproc visit, void *arg) {
     Py_VISIT(st->helpers);
     Py_VISIT(st->OpaqueType);
     Py_VISIT(st->MetaArrayType);
+    Py_VISIT(st->QuantizedArrayType);
+    Py_VISIT(st->SparseArrayType);
     for (int i = 0; i < DT_COUNT; i++) {
         Py_VISIT(st->descr[i]);
         Py_VISIT(st->dtype_value[i]);
@@ -469,6 +475,8 @@ static int core_clear(PyObject *m) {
     Py_CLEAR(st->helpers);
     Py_CLEAR(st->OpaqueType);
     Py_CLEAR(st->MetaArrayType);
+    Py_CLEAR(st->QuantizedArrayType);
+    Py_CLEAR(st->SparseArrayType);
     Py_CLEAR(st->str_storage);
     Py_CLEAR(st->str_meta);
     Py_CLEAR(st->str_metadata_attr);

@@ -37,6 +37,8 @@ typedef struct {
     int ml_loaded;                   /* the ml_dtypes descriptors were asked for (tf_ml_dtypes) */
     PyObject *OpaqueType;            /* helpers["Opaque"], cached for the hot type checks */
     PyObject *MetaArrayType;         /* helpers["MetaArray"] */
+    PyObject *QuantizedArrayType;    /* helpers["QuantizedArray"]: a tensor leaf to walk() */
+    PyObject *SparseArrayType;       /* helpers["SparseArray"]: a tensor leaf to walk() */
     PyObject *str_storage, *str_meta, *str_metadata_attr, *str_conj, *str_neg, *str_shape, *str_dtype;
 } ModuleState;
 

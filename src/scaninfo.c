@@ -23,11 +23,12 @@
 
 enum {
     TI_NAME, TI_DTYPE, TI_SHAPE, TI_STRIDES, TI_STRIDE, TI_KEY, TI_OFFSET, TI_NBYTES, TI_LOCATION,
-    TI_TORCH_DTYPE, TI_CONJ, TI_NEG, TI_N
+    TI_TORCH_DTYPE, TI_CONJ, TI_NEG, TI_LAYOUT, TI_QUANT, TI_NNZ, TI_PARTS, TI_N
 };
 
 static char *ti_fields[] = {"name", "dtype", "shape", "strides", "stride", "storage_key", "storage_offset",
-                            "nbytes", "location", "torch_dtype", "conj", "neg", NULL};
+                            "nbytes", "location", "torch_dtype", "conj", "neg", "layout", "quant", "nnz", "parts",
+                            NULL};
 
 typedef struct {
     PyObject_VAR_HEAD     /* ob_size: 2 * nd numbers in dims (0 when made from Python) */
@@ -68,12 +69,16 @@ static PyObject *TensorInfo_new(PyTypeObject *type, PyObject *args, PyObject *kw
     PyObject *a[TI_N] = {NULL};
     a[TI_CONJ] = Py_False;
     a[TI_NEG] = Py_False;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOO|OO:TensorInfo", ti_fields, &a[0], &a[1], &a[2],
-                                     &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11]))
+    a[TI_QUANT] = Py_None;
+    a[TI_NNZ] = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOOOO|OOOOOO:TensorInfo", ti_fields, &a[0], &a[1], &a[2],
+                                     &a[3], &a[4], &a[5], &a[6], &a[7], &a[8], &a[9], &a[10], &a[11], &a[12],
+                                     &a[13], &a[14], &a[15]))
         return NULL;
+    /* layout and parts left out: made on first access, as for a TensorInfo made from a TensorRef */
     TensorInfoObject *self = (TensorInfoObject *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
-    for (int i = 0; i < TI_N; i++) self->v[i] = Py_NewRef(a[i]);
+    for (int i = 0; i < TI_N; i++) self->v[i] = Py_XNewRef(a[i]);
     return (PyObject *)self;
 }
 
@@ -138,6 +143,10 @@ static PyObject *field_get(TensorInfoObject *self, int i) {
             if (st == NULL && !PyErr_Occurred()) PyErr_SetString(PyExc_SystemError, "TensorInfo dtype missing");
             break;
         }
+        case TI_LAYOUT: x = PyUnicode_FromString("torch.strided"); break;
+        case TI_QUANT:
+        case TI_NNZ: x = Py_NewRef(Py_None); break;
+        case TI_PARTS: x = PyTuple_New(0); break;
         default: PyErr_SetString(PyExc_SystemError, "TensorInfo field missing"); break;
         }
         if (x == NULL) return NULL;
@@ -190,6 +199,15 @@ static PyGetSetDef TensorInfo_getset[] = {
      (void *)(intptr_t)TI_CONJ},
     {"neg", (getter)TensorInfo_field, NULL, "torch's lazy neg bit (load applies it to a copy)",
      (void *)(intptr_t)TI_NEG},
+    {"layout", (getter)TensorInfo_field, NULL,
+     "torch's layout: 'torch.strided', or 'torch.sparse_coo' / '_csr' / '_csc' / '_bsr' / '_bsc'",
+     (void *)(intptr_t)TI_LAYOUT},
+    {"quant", (getter)TensorInfo_field, NULL, "a quantized tensor's QuantInfo (qscheme, scale, zero_point, axis); None",
+     (void *)(intptr_t)TI_QUANT},
+    {"nnz", (getter)TensorInfo_field, NULL, "a sparse tensor's number of specified elements; None", (void *)(intptr_t)TI_NNZ},
+    {"parts", (getter)TensorInfo_field, NULL,
+     "TensorInfos of the arrays a sparse or per-channel quantized tensor is made of (torch's accessor names)",
+     (void *)(intptr_t)TI_PARTS},
     {"numel", (getter)TensorInfo_numel, NULL, "number of elements", NULL},
     {NULL},
 };
@@ -419,6 +437,10 @@ static int kind_of(Walk *w, PyObject *o) {
     if (arr < 0) return K_ERROR;
     if (arr || PyObject_TypeCheck(o, (PyTypeObject *)st->MetaArrayType)) return K_LEAF;
     if (PyList_Check(o) || PyTuple_Check(o)) return PySequence_Fast_GET_SIZE(o) ? K_SEQ : K_SKIP;
+    /* quantized and sparse tensors are tensors: one leaf each (their parts are not listed apart) */
+    if ((st->QuantizedArrayType != NULL && PyObject_TypeCheck(o, (PyTypeObject *)st->QuantizedArrayType)) ||
+        (st->SparseArrayType != NULL && PyObject_TypeCheck(o, (PyTypeObject *)st->SparseArrayType)))
+        return K_LEAF;
     if (PyObject_TypeCheck(o, (PyTypeObject *)st->OpaqueType)) return K_OPAQUE;
     return K_SKIP;
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -38,10 +39,17 @@ def check_scan_matches_load(path, **kw):
         a = flat[t.name]
         assert t.dtype == a.dtype, (path, t.name)
         assert tuple(t.shape) == a.shape, (path, t.name)
+        if isinstance(a, torchfree.SparseArray):  # listed with its parts (issue 19, item 6)
+            assert (t.layout, t.nnz, t.strides) == (a.layout, a.nnz, ())
+            assert t.nbytes == sum(p.nbytes for p in t.parts)
+            continue
+        if isinstance(a, torchfree.QuantizedArray):
+            assert t.quant.qscheme == a.qscheme
+            a = a.int_repr
         if a.size:
             assert tuple(t.strides) == a.strides, (path, t.name)
         assert t.nbytes == a.nbytes
-    assert info.param_count == sum(a.size for a in flat.values())
+    assert info.param_count == sum(math.prod(a.shape) for a in flat.values())
     return info
 
 

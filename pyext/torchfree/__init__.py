@@ -24,7 +24,8 @@ from ._types import MetaArray, NestedArray, Opaque, QuantizedArray, SparseArray
 # imported on first use (PEP 562), so that ``import torchfree`` costs little beyond numpy
 _LAZY = {
     "save": "_save",
-    "Checkpoint": "_scan", "CheckpointInfo": "_scan", "TensorInfo": "_scan", "flatten": "_scan",
+    "Checkpoint": "_scan", "CheckpointInfo": "_scan", "TensorInfo": "_scan", "QuantInfo": "_scan",
+    "flatten": "_scan",
     "open": "_scan", "scan": "_scan",
     "IncompatibleKeys": "statedict", "StateDictDiff": "statedict", "StateDictError": "statedict",
     "add_prefix": "statedict", "compare_state_dicts": "statedict", "load_state_dict": "statedict",
@@ -60,6 +61,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointInfo",
     "TensorInfo",
+    "QuantInfo",
     "Storage",
     "Opaque",
     "MetaArray",

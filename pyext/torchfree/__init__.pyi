@@ -12,7 +12,7 @@ from ._core import (
 )
 from ._load import load
 from ._save import save
-from ._scan import Checkpoint, CheckpointInfo, TensorInfo, flatten, open, scan
+from ._scan import Checkpoint, CheckpointInfo, QuantInfo, TensorInfo, flatten, open, scan
 from ._types import MetaArray, NestedArray, Opaque, QuantizedArray, SparseArray
 from .statedict import (
     IncompatibleKeys,
@@ -40,6 +40,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointInfo",
     "TensorInfo",
+    "QuantInfo",
     "Storage",
     "Opaque",
     "MetaArray",

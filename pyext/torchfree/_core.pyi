@@ -8,6 +8,7 @@ from typing import IO, Any, Literal, TypeVar, final, overload
 import numpy as np
 from typing_extensions import Buffer, Self, TypeAlias, disjoint_base
 
+from ._scan import QuantInfo
 from ._types import MetaArray
 
 _TupleT = TypeVar("_TupleT", bound=tuple[Any, ...])
@@ -82,6 +83,10 @@ class TensorInfoBase:
         torch_dtype: str,
         conj: bool = False,
         neg: bool = False,
+        layout: str = "torch.strided",
+        quant: QuantInfo | None = None,
+        nnz: int | None = None,
+        parts: tuple[TensorInfoBase, ...] = (),
     ) -> Self: ...
     @property
     def name(self) -> str: ...
@@ -107,6 +112,14 @@ class TensorInfoBase:
     def conj(self) -> bool: ...
     @property
     def neg(self) -> bool: ...
+    @property
+    def layout(self) -> str: ...
+    @property
+    def quant(self) -> QuantInfo | None: ...
+    @property
+    def nnz(self) -> int | None: ...
+    @property
+    def parts(self) -> tuple[TensorInfoBase, ...]: ...
     @property
     def numel(self) -> int: ...
 

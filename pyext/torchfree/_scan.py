@@ -20,9 +20,10 @@ from ._np import np
 
 from . import _core
 from ._load import Source, load_safetensors, options, safetensors_entries, safetensors_input, safetensors_meta
-from ._types import MetaArray, Opaque
+from ._types import MetaArray, Opaque, QuantizedArray, SparseArray
 
-__all__ = ["flatten", "scan", "open", "Checkpoint", "CheckpointInfo", "TensorInfo", "StorageInfo", "RecordInfo"]
+__all__ = ["flatten", "scan", "open", "Checkpoint", "CheckpointInfo", "TensorInfo", "StorageInfo", "RecordInfo",
+           "QuantInfo"]
 
 
 # ---- flatten ---------------------------------------------------------------------------
@@ -74,10 +75,14 @@ def _walk(obj, sep=".", refs=False, max_depth=None):
 
 
 def flatten(obj, sep: str = ".") -> "collections.OrderedDict[str, np.ndarray]":
-    """Every array in nested containers (and in Opaque states) by dotted path.
+    """Every tensor in nested containers (and in Opaque states) by dotted path.
 
     ``{"model_state_dict.fc1.weight": array, "optimizer_state_dict.state.0.momentum_buffer": ...}``.
     A bare array flattens to ``{"": array}``. The names are the ones ``scan`` and ``open`` use.
+    A quantized or sparse tensor is one entry, the ``QuantizedArray`` / ``SparseArray`` itself
+    (its integers, scales, indices and values are not listed apart), as torch's ``state_dict()``
+    holds the quantized tensor: a dynamic-quantized Linear's weight is
+    ``"0._packed_params._packed_params.0"``, its bias ``"...1"``.
     """
     return collections.OrderedDict(_walk(obj, sep))
 
@@ -98,6 +103,17 @@ class StorageInfo(namedtuple("StorageInfo", "key dtype nbytes location record"))
     __slots__ = ()
 
 
+class QuantInfo(namedtuple("QuantInfo", "qscheme scale zero_point axis")):
+    """A quantized tensor's quantizer, as ``TensorInfo.quant``: ``qscheme`` (torch's name, such as
+    ``"torch.per_tensor_affine"``), ``scale`` and ``zero_point`` (a float and an int per tensor,
+    as torch's ``q_scale()`` / ``q_zero_point()``; per channel, tuples of floats and of ints (floats
+    for ``per_channel_affine_float_qparams``), as ``q_per_channel_scales()`` /
+    ``q_per_channel_zero_points()``), and ``axis`` (None per tensor, else ``q_per_channel_axis()``).
+    """
+
+    __slots__ = ()
+
+
 class TensorInfo(_core.TensorInfoBase):
     """One tensor, as ``load`` would return it, without its bytes.
 
@@ -107,11 +123,29 @@ class TensorInfo(_core.TensorInfoBase):
     (the tensor's own elements), ``location``, ``torch_dtype``, ``conj``/``neg`` (torch's lazy
     bits: load applies them to a copy), and ``numel``. Scan makes these in C; the tuples are
     built on first access.
+
+    Quantized and sparse tensors are listed too, as ``load`` returns them
+    (``torchfree.QuantizedArray`` / ``SparseArray``):
+
+    - quantized: ``dtype`` is torch's name (``"torch.qint8"``), ``torch_dtype`` ``"qint8"``;
+      shape, strides, storage and ``nbytes`` are those of its integers (``int_repr``); ``quant``
+      is its ``QuantInfo``; a per-channel tensor's ``parts`` are the TensorInfos of its scales
+      and zero points (``<name>.q_per_channel_scales`` / ``<name>.q_per_channel_zero_points``)
+      when the file holds them as tensors.
+    - sparse: ``layout`` is torch's (``"torch.sparse_coo"``, ``"torch.sparse_csr"``, ...), ``shape``
+      the dense shape, ``dtype`` that of its values, ``nnz`` its number of specified elements,
+      ``strides``/``stride`` ``()`` and ``storage_key`` None (torch's sparse tensors have neither);
+      ``parts`` are the TensorInfos of its arrays under torch's accessor names
+      (``<name>.indices``, ``<name>.values``; ``<name>.crow_indices``, ``<name>.col_indices``, ...),
+      each with its own storage; ``nbytes`` is theirs in all.
+
+    For every other tensor ``layout`` is ``"torch.strided"``, ``quant`` and ``nnz`` None and
+    ``parts`` ``()``.
     """
 
     __slots__ = ()
     _fields = ("name", "dtype", "shape", "strides", "stride", "storage_key", "storage_offset", "nbytes",
-               "location", "torch_dtype", "conj", "neg")
+               "location", "torch_dtype", "conj", "neg", "layout", "quant", "nnz", "parts")
 
     def _astuple(self) -> tuple:
         return _ti_fields(self)
@@ -137,8 +171,57 @@ class TensorInfo(_core.TensorInfoBase):
 _ti_fields = operator.attrgetter(*TensorInfo._fields)
 
 
+def _array_info(name, a, dtype=None, torch_dtype=None, shape=None, **kw) -> TensorInfo:
+    """TensorInfo of an ndarray: its storage record's key, offset and location when it views one
+    (a part of a quantized or sparse tensor a lazy archive rebuilt), else "pickle"."""
+    key, offset, location = None, 0, "pickle"
+    base = a.base
+    if isinstance(base, _core.Storage):
+        key, location = base.key, base.location
+        if a.size and base.nbytes:
+            start = np.frombuffer(base, np.uint8).__array_interface__["data"][0]
+            offset = (a.__array_interface__["data"][0] - start) // max(a.itemsize, 1)
+    item = a.itemsize
+    return TensorInfo(name, a.dtype if dtype is None else dtype, a.shape if shape is None else shape, a.strides,
+                      tuple(s // item for s in a.strides) if item else a.strides, key, offset, a.nbytes, location,
+                      _torch_name(a.dtype) if torch_dtype is None else torch_dtype, **kw)
+
+
 def _tensor_info(name, leaf) -> TensorInfo:
     """TensorInfo of a leaf that is not a TensorRef (the C walk makes those)."""
+    if isinstance(leaf, QuantizedArray):
+        if leaf.axis is None:
+            quant = QuantInfo(leaf.qscheme, leaf.scale, leaf.zero_point, None)
+            parts = ()
+        else:
+            zp = leaf.zero_point.tolist()
+            quant = QuantInfo(leaf.qscheme, tuple(leaf.scale.tolist()), tuple(zp), leaf.axis)
+            parts = tuple(_array_info(f"{name}.{what}", a)
+                          for what, a in (("q_per_channel_scales", leaf.scale),
+                                          ("q_per_channel_zero_points", leaf.zero_point))
+                          if isinstance(a.base, _core.Storage))
+        shape = leaf.shape if leaf.int_repr.shape == leaf.shape else None  # quint4x2: packed bytes
+        info = _array_info(name, leaf.int_repr, leaf.dtype, leaf.dtype.removeprefix("torch."), quant=quant,
+                           parts=parts)
+        if shape is None:  # sub-byte: the tensor's shape, torch's contiguous strides of it
+            stride, c = [], 1
+            for s in reversed(leaf.shape):
+                stride.append(c)
+                c *= s
+            stride = tuple(reversed(stride))
+            info = TensorInfo(name, leaf.dtype, leaf.shape, (), stride, info.storage_key, info.storage_offset,
+                              info.nbytes, info.location, info.torch_dtype, quant=quant, parts=parts)
+        return info
+    if isinstance(leaf, SparseArray):
+        if leaf.layout == "torch.sparse_coo":
+            arrays = (("indices", leaf.indices), ("values", leaf.values))
+        else:
+            c, p = _SPARSE_PART_NAMES[leaf.layout]
+            arrays = ((c, leaf.compressed_indices), (p, leaf.plain_indices), ("values", leaf.values))
+        parts = tuple(_array_info(f"{name}.{what}", a) for what, a in arrays)
+        values = parts[-1]
+        return TensorInfo(name, leaf.dtype, leaf.shape, (), (), None, 0, sum(p.nbytes for p in parts),
+                          values.location, values.torch_dtype, layout=leaf.layout, nnz=leaf.nnz, parts=parts)
     if isinstance(leaf, MetaArray):
         dt = leaf.dtype
         item = dt.itemsize if isinstance(dt, np.dtype) else 0
@@ -153,6 +236,29 @@ def _tensor_info(name, leaf) -> TensorInfo:
     return TensorInfo(name, leaf.dtype, leaf.shape, leaf.strides,
                       tuple(s // leaf.itemsize for s in leaf.strides) if leaf.itemsize else leaf.strides, None, 0,
                       leaf.nbytes, "pickle", _torch_name(leaf.dtype))
+
+
+_SPARSE_PART_NAMES = {
+    "torch.sparse_csr": ("crow_indices", "col_indices"),
+    "torch.sparse_csc": ("ccol_indices", "row_indices"),
+    "torch.sparse_bsr": ("crow_indices", "col_indices"),
+    "torch.sparse_bsc": ("ccol_indices", "row_indices"),
+}
+
+
+def _rare(t) -> str:
+    """The table's quantizer / layout cell of a TensorInfo."""
+    q = t.quant
+    if q is not None:
+        scheme = q.qscheme.removeprefix("torch.")
+        if q.axis is None:
+            return f"{scheme} scale={q.scale!r} zero_point={q.zero_point}"
+        sc = ", ".join(f"{v:.6g}" for v in q.scale[:3]) + (", ..." if len(q.scale) > 3 else "")
+        zp = ", ".join(str(v) for v in q.zero_point[:3]) + (", ..." if len(q.zero_point) > 3 else "")
+        return f"{scheme} axis={q.axis} scales=[{sc}] zero_points=[{zp}]"
+    if t.nnz is not None:
+        return f"{t.layout.removeprefix('torch.')} nnz={t.nnz}"
+    return ""
 
 
 def _tensor_infos(obj, max_depth=None) -> list:
@@ -303,6 +409,12 @@ class CheckpointInfo:
                     "storage_offset": t.storage_offset,
                     "nbytes": t.nbytes,
                     "location": t.location,
+                    "layout": t.layout,
+                    "quant": None if t.quant is None else t.quant._asdict(),
+                    "nnz": t.nnz,
+                    "parts": [{"name": p.name, "dtype": dt(p.dtype), "shape": list(p.shape),
+                               "storage_key": p.storage_key, "storage_offset": p.storage_offset,
+                               "nbytes": p.nbytes} for p in t.parts],
                 }
                 for t in self.tensors
             ],
@@ -361,8 +473,12 @@ class CheckpointInfo:
             ["size"] + [human(t.nbytes) for t in ts],
             ["location"] + [t.location for t in ts],
         ]
+        if any(t.quant is not None or t.nnz is not None for t in ts):  # quantizers, sparse layouts
+            cols[3] = ["storage"] + [",".join(str(p.storage_key) for p in t.parts) if t.nnz is not None
+                                     else cols[3][i + 1] for i, t in enumerate(ts)]
+            cols.append(["quantizer / layout"] + [_rare(t) for t in ts])
         widths = [max(map(len, c)) for c in cols]
-        fmt = "  ".join(f"{{:{'<' if j in (0, 1, 3, 6) else '>'}{w}}}" for j, w in enumerate(widths)).format
+        fmt = "  ".join(f"{{:{'<' if j in (0, 1, 3, 6, 7) else '>'}{w}}}" for j, w in enumerate(widths)).format
         rows = [fmt(*r).rstrip() for r in zip(*cols)]
         rows.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(rows)
@@ -825,7 +941,8 @@ class _ShardIndex:
                               for s in p.storages]
             info.tensors += [TensorInfo(t.name, t.dtype, t.shape, t.strides, t.stride,
                                         None if t.storage_key is None else f"{shard}:{t.storage_key}",
-                                        t.storage_offset, t.nbytes, t.location, t.torch_dtype, t.conj, t.neg)
+                                        t.storage_offset, t.nbytes, t.location, t.torch_dtype, t.conj, t.neg,
+                                        t.layout, t.quant, t.nnz, t.parts)
                              for t in p.tensors]
             info.globals = sorted(set(info.globals) | set(p.globals))
         return info

@@ -7,13 +7,15 @@ from typing_extensions import Self, TypeAlias
 
 from ._core import Storage, TensorInfoBase
 from ._load import _Data, _FileLike, _Limits, _MapLocation, _Path, _SafeGlobals
-from ._types import MetaArray
+from ._types import MetaArray, QuantizedArray, SparseArray
 
-__all__ = ["flatten", "scan", "open", "Checkpoint", "CheckpointInfo", "TensorInfo", "StorageInfo", "RecordInfo"]
+__all__ = ["flatten", "scan", "open", "Checkpoint", "CheckpointInfo", "TensorInfo", "StorageInfo", "RecordInfo",
+           "QuantInfo"]
 
 _T = TypeVar("_T")
-# a tensor of a checkpoint, as load returns it: an array, or a MetaArray (map_location="meta")
-_Tensor: TypeAlias = np.ndarray[Any, Any] | MetaArray
+# a tensor of a checkpoint, as load returns it: an array, a MetaArray (map_location="meta"), or a
+# quantized or sparse tensor
+_Tensor: TypeAlias = np.ndarray[Any, Any] | MetaArray | QuantizedArray | SparseArray
 
 def flatten(obj: object, sep: str = ".") -> collections.OrderedDict[str, _Tensor]: ...
 
@@ -30,6 +32,12 @@ class StorageInfo(NamedTuple):
     nbytes: int
     location: str
     record: str
+
+class QuantInfo(NamedTuple):
+    qscheme: str
+    scale: float | tuple[float, ...]
+    zero_point: int | tuple[int, ...] | tuple[float, ...]
+    axis: int | None
 
 class TensorInfo(TensorInfoBase):
     _fields: ClassVar[tuple[str, ...]]

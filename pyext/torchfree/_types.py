@@ -158,12 +158,12 @@ class QuantizedArray:
             raise TypeError(f"per-channel scales of dtype {scale.dtype}")
         if np.issubdtype(zero_point.dtype, np.floating):
             self.qscheme = "torch.per_channel_affine_float_qparams"
-            scale = scale.astype(np.float32)
-            zero_point = zero_point.astype(np.float32)
+            scale = scale.astype(np.float32, copy=False)
+            zero_point = zero_point.astype(np.float32, copy=False)
         elif np.issubdtype(zero_point.dtype, np.integer):
             self.qscheme = "torch.per_channel_affine"
-            scale = scale.astype(np.float64)
-            zero_point = zero_point.astype(np.int64)
+            scale = scale.astype(np.float64, copy=False)
+            zero_point = zero_point.astype(np.int64, copy=False)
         else:
             raise TypeError(f"per-channel zero_points of dtype {zero_point.dtype}")
         if qscheme is not None and qscheme != self.qscheme:

@@ -703,14 +703,41 @@ def _out_format(path, to) -> str:
                    f"({', '.join(TORCH_EXTS)}, .safetensors, .npz) or --to")
 
 
+def _quantized_parts(name, q):
+    """[(name, array)] a quantized tensor is written as in safetensors and npz: its integers
+    (torch's ``int_repr()``) under its own name, then ``<name>.scale`` and ``<name>.zero_point``
+    (0-d float64 / int64 per tensor, as ``q_scale()`` / ``q_zero_point()``; per channel the 1-D
+    ``q_per_channel_scales()`` / ``q_per_channel_zero_points()`` arrays) and, per channel,
+    ``<name>.axis`` (0-d int64): the names torch's quantized modules give their own scale and
+    zero_point in ``state_dict()``. Sub-byte dtypes (quint4x2, quint2x4) are refused."""
+    import numpy as np
+
+    where = name or "<root>"
+    if q.dtype in ("torch.quint4x2", "torch.quint2x4"):
+        raise CLIError(f"{where}: a {q.dtype} tensor packs several values a byte; safetensors and npz "
+                       "cannot hold it (convert to .pt)")
+    out = [(name, q.int_repr)]
+    pre = f"{name}." if name else ""
+    if q.axis is None:
+        out += [(pre + "scale", np.array(q.scale, dtype=np.float64)),
+                (pre + "zero_point", np.array(q.zero_point, dtype=np.int64))]
+    else:
+        out += [(pre + "scale", np.ascontiguousarray(q.scale)), (pre + "zero_point", np.ascontiguousarray(q.zero_point)),
+                (pre + "axis", np.array(q.axis, dtype=np.int64))]
+    return out
+
+
 def _flat_tensors(obj, note):
-    """``OrderedDict`` dotted name -> ndarray of a loaded checkpoint; non-tensor leaves are noted."""
+    """``OrderedDict`` dotted name -> ndarray of a loaded checkpoint; non-tensor leaves are noted.
+
+    A quantized tensor becomes its integers plus ``.scale`` / ``.zero_point`` (``.axis``) arrays
+    (``_quantized_parts``); a sparse tensor is refused, naming it."""
     import collections
 
     import numpy as np
 
     from ._scan import _children
-    from ._types import MetaArray
+    from ._types import MetaArray, QuantizedArray, SparseArray
 
     flat = collections.OrderedDict()
     dropped = []
@@ -725,6 +752,15 @@ def _flat_tensors(obj, note):
             continue
         if isinstance(o, MetaArray):
             raise CLIError(f"{name or '<root>'}: a meta tensor has no data to convert")
+        if isinstance(o, QuantizedArray):
+            for k, a in _quantized_parts(name, o):
+                if k in flat:
+                    raise CLIError(f"two tensors would both be named {k!r}: cannot flatten this checkpoint")
+                flat[k] = a
+            continue
+        if isinstance(o, SparseArray):
+            raise CLIError(f"{name or '<root>'}: a sparse tensor ({o.layout}) cannot be converted: safetensors "
+                           "and npz hold dense tensors only (convert to .pt, which keeps it sparse)")
         kids = _children(o)
         if kids is None or (not kids and not isinstance(o, (dict, list, tuple))):
             if o is not None:

@@ -57,6 +57,13 @@ reveal_type(tensor_info.shape)
 # -> tuple[int, ...]
 reveal_type(tensor_info.storage_key)
 # -> str | None
+quant_info: torchfree.QuantInfo | None = tensor_info.quant
+reveal_type(tensor_info.layout)
+# -> str
+reveal_type(tensor_info.nnz)
+# -> int | None
+reveal_type(tensor_info.parts)
+# -> tuple[torchfree._core.TensorInfoBase, ...]
 reveal_type(info.storages[0])
 # -> tuple[str, numpy.dtype[Any] | str, int, str, str, fallback=torchfree._scan.StorageInfo]
 reveal_type(info.records[0].compressed)
@@ -71,19 +78,19 @@ with torchfree.open("huge.pt", map_location="meta") as by_path:
     reveal_type(by_path)
     # -> torchfree._scan.Checkpoint | torchfree._scan.ShardedCheckpoint
     reveal_type(by_path["model.embed_tokens.weight"])
-    # -> numpy.ndarray[Any, Any] | torchfree._types.MetaArray
+    # -> numpy.ndarray[Any, Any] | torchfree._types.MetaArray | torchfree._types.QuantizedArray | torchfree._types.SparseArray
 with open("huge.pt", "rb") as fh, torchfree.open(fh, mmap=False) as lazy:
     reveal_type(lazy)
     # -> torchfree._scan.Checkpoint
     reveal_type(lazy.get("fc1.bias", 0))
-    # -> numpy.ndarray[Any, Any] | torchfree._types.MetaArray | int
+    # -> numpy.ndarray[Any, Any] | torchfree._types.MetaArray | torchfree._types.QuantizedArray | torchfree._types.SparseArray | int
     checkpoint: torchfree.Checkpoint = lazy
     storage = lazy.read_storage(lazy.storages[0])
     print(storage.location, storage.dtype, storage.is_meta, memoryview(storage).nbytes, lazy.info, lazy.load())
     raw: np.ndarray[Any, Any] = storage.numpy()
 
 reveal_type(torchfree.flatten(ckpt, sep="/"))
-# -> collections.OrderedDict[str, numpy.ndarray[Any, Any] | torchfree._types.MetaArray]
+# -> collections.OrderedDict[str, numpy.ndarray[Any, Any] | torchfree._types.MetaArray | torchfree._types.QuantizedArray | torchfree._types.SparseArray]
 
 # ---- what load returns for what numpy has no word for -------------------------------------------
 
