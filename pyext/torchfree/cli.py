@@ -333,9 +333,9 @@ def _info_unpaused(args) -> int:
     fmt = detect(args.file)
     meta = None
     if fmt == "pt":
-        from . import scan
+        from ._scan import scan_state_dict_names
 
-        info = scan(args.file)
+        info = scan_state_dict_names(args.file)  # a pickled model's tensors by state_dict names
     elif fmt == "safetensors":
         from . import safetensors as st
 
@@ -625,7 +625,7 @@ def _flat_tensors(obj, note):
 
     import numpy as np
 
-    from ._scan import _children
+    from ._scan import _state_dict_children as _children  # a pickled model: its state_dict names
     from ._types import MetaArray
 
     flat = collections.OrderedDict()
@@ -659,6 +659,23 @@ def _flat_tensors(obj, note):
         more = f" and {len(dropped) - 8} more" if len(dropped) > 8 else ""
         note(f"{len(dropped)} non-tensor value(s) not converted: {', '.join(dropped[:8])}{more}")
     return flat
+
+
+def _models_as_state_dicts(obj):
+    """A whole pickled model (or one under a key of the top-level dict) as its state_dict
+    (``torchfree.module_state_dict``): what a .pt can hold without the model's classes."""
+    import collections
+
+    from .statedict import _module_state, module_state_dict
+
+    if _module_state(obj) is not None:
+        return module_state_dict(obj)
+    if isinstance(obj, dict) and any(_module_state(v) is not None for v in obj.values()):
+        out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
+        for k, v in obj.items():
+            out[k] = module_state_dict(v) if _module_state(v) is not None else v
+        return out
+    return obj
 
 
 def _read_input(path, fmt, unsafe):
@@ -723,6 +740,7 @@ def cmd_convert(args) -> int:
 
         if in_fmt != "pt":
             obj = collections.OrderedDict(obj)
+        obj = _models_as_state_dicts(obj)
         flat = flatten(obj)
         total = sum(int(getattr(a, "nbytes", 0)) for a in flat.values())
     else:
