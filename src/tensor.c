@@ -611,7 +611,10 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
             Py_XDECREF(targs);
             return r;
         }
-        PyObject *hargs = Py_BuildValue("(ONO)", type, inner, ARG(3));
+        /* a wrapper subclass's inner is a storage-less placeholder: its data is in the state */
+        int wrapper = ((GlobalRef *)func)->id == G_REBUILD_WRAPPER_SUBCLASS;
+        PyObject *hargs = wrapper ? Py_BuildValue("(ONOO)", type, inner, ARG(3), Py_True)
+                                  : Py_BuildValue("(ONO)", type, inner, ARG(3));
         if (hargs == NULL) return NULL;
         PyObject *r = helper_call(L, "subclass", hargs);
         Py_DECREF(hargs);

@@ -248,7 +248,7 @@ def test_info_and_convert(torch, tmp_path):
     r = _cli("info", "--json", path)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    quant = {t["name"]: t["quant"] for t in d["tensors"] if t["quant"]}
+    quant = {t["name"]: t["quant"] for t in d["tensors"] if t.get("quant")}
     assert set(quant) == {"c.10", "fc._packed_params._packed_params.0"}
     w = eager["fc._packed_params._packed_params"][0]
     assert quant["fc._packed_params._packed_params.0"]["scale"] == w.q_per_channel_scales().tolist()

@@ -30,6 +30,7 @@ _LAZY = {
     "IncompatibleKeys": "statedict", "StateDictDiff": "statedict", "StateDictError": "statedict",
     "add_prefix": "statedict", "compare_state_dicts": "statedict", "load_state_dict": "statedict",
     "optimizer_state_by_name": "statedict", "optimizer_state_from_names": "statedict",
+    "module_state_dict": "statedict",
     "rename_keys": "statedict", "rename_map": "statedict", "select_prefix": "statedict",
     "strip_prefix": "statedict",
 }
@@ -84,6 +85,7 @@ __all__ = [
     "compare_state_dicts",
     "optimizer_state_by_name",
     "optimizer_state_from_names",
+    "module_state_dict",
     "StateDictError",
     "IncompatibleKeys",
     "StateDictDiff",

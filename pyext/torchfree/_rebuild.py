@@ -42,10 +42,16 @@ def opaque_append(obj: Opaque, value) -> None:
     obj.list.append(value)
 
 
-def subclass(type_, data, state):
-    """A tensor subclass: an Opaque naming the class, its data in .args[0]."""
+def subclass(type_, data, state, wrapper=False):
+    """A tensor subclass: an Opaque naming the class, its data in .args[0]. For a wrapper
+    subclass (``_rebuild_wrapper_subclass``: TwoTensor, DTensor, ...) .args[0] is a MetaArray of
+    the outer shape and dtype, a placeholder with no data: the real tensors are in .state (its
+    ``__tensor_flatten__`` attributes), and ``flatten`` / ``scan`` list only those."""
     if isinstance(type_, Opaque):
-        return Opaque(type_.module, type_.name, args=(data,), state=state)
+        o = Opaque(type_.module, type_.name, args=(data,), state=state)
+        if wrapper:
+            o.wrapper_subclass = True
+        return o
     # a class the user trusted through safe_globals: keep the data, as numpy
     return data
 

@@ -53,7 +53,7 @@ def _children(obj):
         for o in reversed(chain):
             out += [(str(k), v) for k, v in o.items.items()]
             out += [(str(i), v) for i, v in enumerate(o.list)]
-            if o.args:
+            if o.args and not o.wrapper_subclass:  # a wrapper's args: its placeholder
                 out += [(f"args.{i}", v) for i, v in enumerate(o.args)]
         return out
     return None
@@ -261,8 +261,8 @@ def _rare(t) -> str:
     return ""
 
 
-def _tensor_infos(obj, max_depth=None) -> list:
-    return _core.walk(obj, _INFOS, ".", _children, True, TensorInfo, _tensor_info,
+def _tensor_infos(obj, max_depth=None, children=None) -> list:
+    return _core.walk(obj, _INFOS, ".", children or _children, True, TensorInfo, _tensor_info,
                       max_depth or _core.LIMITS["marks"])
 
 
@@ -530,19 +530,19 @@ def _is_torch_global(g: str) -> bool:
     return g.startswith(("torch.", "collections.OrderedDict", "_codecs.", "builtins."))
 
 
-def _info_from(archive, obj, path, storages, max_depth=None) -> CheckpointInfo:
-    tensors = _tensor_infos(obj, max_depth)
+def _info_from(archive, obj, path, storages, max_depth=None, children=None) -> CheckpointInfo:
+    tensors = _tensor_infos(obj, max_depth, children)
     recs = _Later(_core.record_infos, archive.record_table(), RecordInfo)
     sinfo = _Later(_core.storage_infos, storages, archive.prefix + "/data/", StorageInfo)
     fmt = "torchscript" if archive.torchscript else "zip"
     return CheckpointInfo(path, fmt, archive.byteorder, recs, sinfo, tensors, archive.globals())
 
 
-def _legacy_scan(src, opts):
+def _legacy_scan(src, opts, children=None):
     """scan() of a legacy stream or tar: the pickles run, no storage byte is copied."""
     obj, storages, globs, fmt = _core.load_legacy(*src.args(), **src.kwargs(), **opts, lazy=True,
                                                   collect_globals=True)
-    tensors = _tensor_infos(obj, _max_depth(opts))
+    tensors = _tensor_infos(obj, _max_depth(opts), children)
     sinfo = _Later(_core.storage_infos, list(storages), "storage ", StorageInfo)
     return CheckpointInfo(src.path, fmt, "little", [], sinfo, tensors, globs)
 
@@ -580,6 +580,43 @@ class _LoadedArchive:
         self.obj = self._storages = None
 
 
+def _state_dict_children(obj, found=None):
+    """_children, with a pickled nn.Module's children its state_dict entries (module_state_dict);
+    ``found`` (a list) gets each such module."""
+    from .statedict import _module_state, module_state_dict
+
+    if _module_state(obj) is not None:
+        if found is not None:
+            found.append(obj)
+        return list(module_state_dict(obj).items())
+    return _children(obj)
+
+
+def scan_state_dict_names(f) -> CheckpointInfo:
+    """scan(f), with the tensors of a whole pickled model (``torch.save(model)``) named as
+    ``model.state_dict()`` names them (``torchfree.module_state_dict``): the names ``torchfree
+    info`` shows. Non-persistent buffers and other module attributes are not listed, nor counted
+    in the storages and totals."""
+    if isinstance(f, (str, os.PathLike)) and (os.fspath(f).endswith(".index.json") or not os.path.isfile(f)):
+        return scan(f)  # shards, folders: their own names
+    found: list = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        info = _scan(f, None, None, lambda o: _state_dict_children(o, found))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if found:  # storages only what is left out views: not in the listing, not in the totals
+        keys = {t.storage_key for t in info.tensors}
+        v = info._storages
+        if type(v) is _Later:
+            v.args = ([s for s in v.args[0] if s.key in keys],) + v.args[1:]
+        else:
+            info._storages = [s for s in v if s.key in keys]
+    return info
+
+
 def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:
     """Describe a checkpoint from its container index and pickle only: no tensor byte is read.
 
@@ -612,16 +649,16 @@ def _scan_safetensors(kind, src) -> CheckpointInfo:
     return st._info(None, *safetensors_entries(src))
 
 
-def _scan(f, map_location, limits) -> CheckpointInfo:
+def _scan(f, map_location, limits, children=None) -> CheckpointInfo:
     src = Source(f, False, lazy=True)
     try:
         opts = options(map_location, weights_only=False, limits=limits)
         if src.format != "zip":
-            return _legacy_scan(src, opts)
+            return _legacy_scan(src, opts, children)
         archive = _core.Archive(*src.args(), **src.kwargs(), **opts)
         try:
             obj = archive.unpickle(lazy=True, collect_globals=True)
-            return _info_from(archive, obj, src.path, archive.storages(), _max_depth(opts))
+            return _info_from(archive, obj, src.path, archive.storages(), _max_depth(opts), children)
         finally:
             archive.close()
     finally:

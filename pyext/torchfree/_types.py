@@ -15,10 +15,14 @@ class Opaque:
     Nothing of the class is imported or run: ``module`` and ``name`` say what
     the checkpoint named, ``args`` holds what it would have been called with,
     ``state`` what ``__setstate__`` would have received, and items or list
-    entries the pickle set on it are kept in ``items`` / ``list``.
+    entries the pickle set on it are kept in ``items`` / ``list``. ``wrapper_subclass`` is True
+    for a wrapper tensor subclass (``_rebuild_wrapper_subclass``: TwoTensor, DTensor, ...), whose
+    ``args[0]`` is a ``MetaArray`` placeholder (the outer shape and dtype; no data) and whose
+    tensors are in ``state``.
     """
 
     __slots__ = ("module", "name", "args", "kwargs", "state", "items", "list", "_is_global", "__dict__")
+    wrapper_subclass = False  # set on the instance when it is one
 
     def __init__(self, module: str, name: str, args=None, state=None):
         self.module = module

@@ -25,6 +25,7 @@ class Opaque:
     state: Any
     items: dict[Any, Any]
     list: builtins.list[Any]
+    wrapper_subclass: bool
     def __init__(self, module: str, name: str, args: tuple[Any, ...] | None = None, state: Any = None) -> None: ...
     @property
     def qualname(self) -> str: ...

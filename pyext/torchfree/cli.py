@@ -342,9 +342,9 @@ def _info_unpaused(args) -> int:
     fmt = detect(args.file)
     meta = None
     if fmt == "pt":
-        from . import scan
+        from ._scan import scan_state_dict_names
 
-        info = scan(args.file)
+        info = scan_state_dict_names(args.file)  # a pickled model's tensors by state_dict names
     elif fmt == "safetensors":
         from . import safetensors as st
 
@@ -377,7 +377,8 @@ def _info_unpaused(args) -> int:
 def _info_json(info, meta=None) -> str:
     """``info --json``: the totals, then one compact object per tensor, one per line (a 48,000-tensor
     checkpoint in about the time of the text table). Tensor entries: name, dtype (torch's name),
-    shape, stride (elements), storage (key, or null), offset (elements), nbytes, location."""
+    shape, stride (elements), storage (key, or null), offset (elements), nbytes, location; quantized
+    and sparse tensors add layout, quant (qscheme, scale, zero_point, axis), nnz and parts."""
     from json import dumps
     from json.encoder import encode_basestring as enc
 
@@ -403,9 +404,17 @@ def _info_json(info, meta=None) -> str:
             r = memo[v] = enc(v) if isinstance(v, str) else "[" + ",".join(map(str, v)) + "]"
         return r
 
+    def rare(t):  # quantized and sparse tensors: their layout, quantizer, nnz and parts
+        parts = [{"name": p.name, "dtype": p.torch_dtype, "shape": list(p.shape), "storage": p.storage_key,
+                  "offset": p.storage_offset, "nbytes": p.nbytes} for p in t.parts]
+        return "," + dumps({"layout": t.layout, "quant": None if t.quant is None else t.quant._asdict(),
+                            "nnz": t.nnz, "parts": parts}, separators=(",", ":"))[1:-1]
+
     rows = [f'{{"name":{enc(t.name)},"dtype":{cell(t.torch_dtype)},"shape":{cell(t.shape)},'
             f'"stride":{cell(t.stride)},"storage":{"null" if (k := t.storage_key) is None else enc(str(k))},'
-            f'"offset":{t.storage_offset},"nbytes":{t.nbytes},"location":{cell(t.location)}}}' for t in info.tensors]
+            f'"offset":{t.storage_offset},"nbytes":{t.nbytes},"location":{cell(t.location)}'
+            f'{"" if t.quant is None and t.layout == "torch.strided" else rare(t)}}}'
+            for t in info.tensors]
     return dumps(head, separators=(",", ":"))[:-1] + ',"tensors":[' + ("\n" if rows else "") + ",\n".join(rows) + "]}"
 
 
@@ -736,7 +745,7 @@ def _flat_tensors(obj, note):
 
     import numpy as np
 
-    from ._scan import _children
+    from ._scan import _state_dict_children as _children  # a pickled model: its state_dict names
     from ._types import MetaArray, QuantizedArray, SparseArray
 
     flat = collections.OrderedDict()
@@ -779,6 +788,23 @@ def _flat_tensors(obj, note):
         more = f" and {len(dropped) - 8} more" if len(dropped) > 8 else ""
         note(f"{len(dropped)} non-tensor value(s) not converted: {', '.join(dropped[:8])}{more}")
     return flat
+
+
+def _models_as_state_dicts(obj):
+    """A whole pickled model (or one under a key of the top-level dict) as its state_dict
+    (``torchfree.module_state_dict``): what a .pt can hold without the model's classes."""
+    import collections
+
+    from .statedict import _module_state, module_state_dict
+
+    if _module_state(obj) is not None:
+        return module_state_dict(obj)
+    if isinstance(obj, dict) and any(_module_state(v) is not None for v in obj.values()):
+        out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
+        for k, v in obj.items():
+            out[k] = module_state_dict(v) if _module_state(v) is not None else v
+        return out
+    return obj
 
 
 def _read_input(path, fmt, unsafe):
@@ -843,6 +869,7 @@ def cmd_convert(args) -> int:
 
         if in_fmt != "pt":
             obj = collections.OrderedDict(obj)
+        obj = _models_as_state_dicts(obj)
         flat = flatten(obj)
         total = sum(int(getattr(a, "nbytes", 0)) for a in flat.values())
     else:

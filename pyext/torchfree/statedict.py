@@ -10,6 +10,8 @@ and address optimizer state by parameter name. Pure Python + numpy; torch is nev
 * :func:`compare_state_dicts` lists key-set, shape and dtype differences.
 * :func:`optimizer_state_by_name` / :func:`optimizer_state_from_names` convert a
   ``torch.optim`` state_dict between integer parameter ids and parameter names.
+* :func:`module_state_dict` gives the state_dict a whole pickled model (``torch.save(model)``,
+  loaded with ``weights_only=False``) would return from ``model.state_dict()``.
 
 :class:`StateDictError` is a ``ValueError`` (a state_dict that does not fit its target is a bad
 argument, not a bad checkpoint, so it is *not* a ``torchfree.CheckpointError``); it is also a
@@ -26,7 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._types import MetaArray
+from ._types import MetaArray, Opaque
 
 __all__ = [
     "load_state_dict",
@@ -38,6 +40,7 @@ __all__ = [
     "compare_state_dicts",
     "optimizer_state_by_name",
     "optimizer_state_from_names",
+    "module_state_dict",
     "StateDictError",
     "IncompatibleKeys",
     "StateDictDiff",
@@ -685,3 +688,190 @@ def optimizer_state_from_names(state_by_name: Mapping, names=None) -> dict:
 
 def _in_key_order(src: Mapping, out: dict) -> dict:
     return {k: out[k] for k in src if k in out}
+
+
+# ---------------------------------------------------------------------------------------------
+# whole pickled models
+# ---------------------------------------------------------------------------------------------
+
+# ``_version`` is a class attribute, so a pickled module does not carry it: the torch classes
+# whose version is not nn.Module's 1 (every torch.nn / torch.ao subclass of Module, torch 2.13)
+_V2_NORM = ("torch.nn.modules.batchnorm.", ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d",
+                                            "LazyBatchNorm2d", "LazyBatchNorm3d", "SyncBatchNorm", "_BatchNorm",
+                                            "_LazyNormBase", "_NormBase"))
+_MODULE_VERSIONS: dict[str, int] = {_V2_NORM[0] + n: 2 for n in _V2_NORM[1]}
+_MODULE_VERSIONS.update({f"torch.nn.modules.instancenorm.{n}": 2 for n in (
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d",
+    "LazyInstanceNorm3d", "_InstanceNorm")})
+_MODULE_VERSIONS.update({f"torch.ao.nn.intrinsic.qat.modules.conv_fused.{n}": 2 for n in (
+    "ConvBn1d", "ConvBn2d", "ConvBn3d", "ConvBnReLU1d", "ConvBnReLU2d", "ConvBnReLU3d", "_ConvBnNd")})
+_MODULE_VERSIONS.update({f"torch.ao.quantization.observer.{n}": 3 for n in (
+    "HistogramObserver", "MinMaxObserver", "MovingAverageMinMaxObserver", "MovingAveragePerChannelMinMaxObserver",
+    "PerChannelMinMaxObserver", "UniformQuantizationObserverBase")})
+_MODULE_VERSIONS.update({
+    "torch.ao.nn.intrinsic.quantized.dynamic.modules.linear_relu.LinearReLU": 4,
+    "torch.ao.nn.intrinsic.quantized.modules.bn_relu.BNReLU2d": 2,
+    "torch.ao.nn.intrinsic.quantized.modules.bn_relu.BNReLU3d": 2,
+    "torch.ao.nn.intrinsic.quantized.modules.linear_relu.LinearLeakyReLU": 3,
+    "torch.ao.nn.intrinsic.quantized.modules.linear_relu.LinearReLU": 3,
+    "torch.ao.nn.intrinsic.quantized.modules.linear_relu.LinearTanh": 3,
+    "torch.ao.nn.quantized.dynamic.modules.linear.Linear": 4,
+    "torch.ao.nn.quantized.dynamic.modules.rnn.GRU": 2,
+    "torch.ao.nn.quantized.dynamic.modules.rnn.LSTM": 2,
+    "torch.ao.nn.quantized.dynamic.modules.rnn.RNNBase": 2,
+    "torch.ao.nn.quantized.modules.batchnorm.BatchNorm2d": 2,
+    "torch.ao.nn.quantized.modules.batchnorm.BatchNorm3d": 2,
+    "torch.ao.nn.quantized.modules.batchnorm._BatchNorm": 2,
+    "torch.ao.nn.quantized.modules.linear.Linear": 3,
+    "torch.ao.nn.quantized.modules.linear.LinearPackedParams": 3,
+    "torch.ao.nn.quantized.modules.normalization.InstanceNorm1d": 2,
+    "torch.ao.nn.quantized.modules.normalization.InstanceNorm2d": 2,
+    "torch.ao.nn.quantized.modules.normalization.InstanceNorm3d": 2,
+})
+
+_MODULE_KEYS = ("_parameters", "_buffers", "_modules")
+MAX_MODULES = 1 << 20  # module visits of one module_state_dict call (a shared child counts each time)
+
+
+def _module_state(o):
+    """The ``__dict__`` of a pickled ``nn.Module`` (an Opaque whose state has ``_parameters``,
+    ``_buffers`` and ``_modules``), or None when ``o`` is not one."""
+    if isinstance(o, Opaque) and isinstance(o.state, dict) and all(k in o.state for k in _MODULE_KEYS):
+        return o.state
+    return None
+
+
+def _bad_module(path: str, what: str):
+    from . import FormatError
+
+    return FormatError(f"pickled module {_nm(path)}: {what}")
+
+
+def _nm(path: str) -> str:
+    return repr(path) if path else "<root>"
+
+
+def _str_keys(path, state, attr) -> Mapping:
+    m = state[attr]
+    if not isinstance(m, Mapping) or not all(isinstance(k, str) for k in m):
+        raise _bad_module(path, f"{attr} is a {type(m).__name__}, not a dict of names")
+    return m
+
+
+def _one_module(path: str, mod: Opaque, state: dict, out, meta) -> list:
+    """Add one module's own entries (torch's ``_save_to_state_dict``) to ``out`` and its version
+    to ``meta``; return its children as (path, module) pairs, in registration order."""
+    version = state.get("_version", _MODULE_VERSIONS.get(mod.qualname, 1))
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise _bad_module(path, f"_version is a {type(version).__name__}, not an int")
+    meta[path] = {"version": version}
+    params = _str_keys(path, state, "_parameters")
+    bufs = _str_keys(path, state, "_buffers")
+    skip = state.get("_non_persistent_buffers_set", ())
+    if not isinstance(skip, (set, frozenset, list, tuple)) or not all(isinstance(k, str) for k in skip):
+        raise _bad_module(path, f"_non_persistent_buffers_set is a {type(skip).__name__}, not a set of names")
+    prefix = path + "." if path else ""
+    for name, v in params.items():
+        if v is not None:
+            out[prefix + name] = v
+    for name, v in bufs.items():
+        if v is not None and name not in skip:
+            out[prefix + name] = v
+    kids = []
+    for name, child in _str_keys(path, state, "_modules").items():
+        if child is None:
+            continue
+        if _module_state(child) is None:
+            raise _bad_module(path, f"child {name!r} is a {type(child).__name__}, not a pickled module")
+        kids.append((prefix + name, child))
+    return kids
+
+
+def _add_module(path: str, mod: Opaque, out, meta, budget: list) -> None:
+    """``mod.state_dict(prefix=path + ".")`` into ``out`` / ``meta``, without recursion (a
+    hostile pickle can nest modules deeper than Python's stack, or make one its own child)."""
+    from . import LIMITS, LimitError
+
+    max_depth = LIMITS["marks"]  # the loader's container nesting limit
+    on_path: set = set()
+    stack: list = [(path, mod)]
+    while stack:
+        p, m = stack.pop()
+        if p is None:  # leaving m
+            on_path.discard(id(m))
+            continue
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise LimitError(f"more than {MAX_MODULES} modules in one state_dict")
+        if id(m) in on_path:
+            raise _bad_module(p, "is its own submodule")
+        if len(on_path) >= max_depth:
+            raise LimitError(f"pickled module {_nm(p)}: modules nested more than {max_depth} deep")
+        kids = _one_module(p, m, m.state, out, meta)
+        on_path.add(id(m))
+        stack.append((None, m))
+        for kp, km in reversed(kids):
+            stack.append((kp, km))
+
+
+def _find_modules(obj) -> list:
+    """(dotted path, module) of the outermost pickled modules in ``obj``, in ``flatten`` order
+    (a shared container is looked into once)."""
+    from ._scan import _children
+
+    found, seen, stack = [], set(), [("", obj)]
+    while stack:
+        path, o = stack.pop()
+        if _module_state(o) is not None:
+            found.append((path, o))
+            continue
+        if not isinstance(o, (dict, list, tuple, Opaque)) or id(o) in seen:
+            continue
+        seen.add(id(o))
+        for k, v in reversed(_children(o) or []):
+            stack.append((f"{path}.{k}" if path else k, v))
+    return found
+
+
+def module_state_dict(obj) -> collections.OrderedDict:
+    """What ``model.state_dict()`` returns, for a model pickled whole (``torch.save(model)``)
+    and loaded with ``weights_only=False``, where it is an inert :class:`torchfree.Opaque`.
+
+    The walk is torch's ``Module.state_dict``: for each module (depth first, children in
+    registration order) its parameters that are not ``None``, then its buffers that are not
+    ``None`` and not in ``_non_persistent_buffers_set``. The result's ``_metadata`` maps each
+    module path (``""`` for the root) to ``{"version": module._version}``, as torch's does.
+    Values are the loaded objects themselves (arrays, not copied).
+
+    ``obj`` may also hold models, e.g. ``{"model": model, "epoch": 3}``: each outermost module
+    then contributes its state_dict under its ``flatten`` path (``model.fc.weight``, ``_metadata``
+    key ``model.fc``), as if the containers were modules; values that are not inside a module are
+    left out.
+
+    What a pickle cannot tell, since nothing of the class is run: ``_version`` is a class
+    attribute, so it is read from the module's own state if set there, else from a table of
+    torch's classes (BatchNorm and InstanceNorm: 2, ...), else 1 (a user's subclass of
+    ``BatchNorm2d`` reads as 1). A module overriding ``get_extra_state`` would add
+    ``_extra_state``, one overriding ``_save_to_state_dict`` (torch.ao quantized modules) other
+    keys, and ``state_dict`` hooks could change the result: none of that code can run here, so
+    none of it is applied.
+
+    Raises:
+        TypeError: ``obj`` is not, and holds no, pickled ``nn.Module``.
+        torchfree.FormatError: a module's state is malformed (``_parameters`` / ``_buffers`` /
+            ``_modules`` not dicts of names, a child that is not a module, a module that is its
+            own submodule, a ``_version`` that is not an int).
+        torchfree.LimitError: more than ``MAX_MODULES`` module visits (a shared submodule counts
+            once per path, as torch lists it once per path).
+    """
+    out: collections.OrderedDict = collections.OrderedDict()
+    meta: collections.OrderedDict = collections.OrderedDict()
+    mods = [("", obj)] if _module_state(obj) is not None else _find_modules(obj)
+    if not mods:
+        raise TypeError(f"expected a pickled torch.nn.Module (loaded with weights_only=False) or a container "
+                        f"holding one, got {type(obj).__name__}")
+    budget = [MAX_MODULES]
+    for path, mod in mods:
+        _add_module(path, mod, out, meta, budget)
+    out._metadata = meta  # type: ignore[attr-defined]
+    return out

@@ -16,6 +16,7 @@ __all__ = [
     "compare_state_dicts",
     "optimizer_state_by_name",
     "optimizer_state_from_names",
+    "module_state_dict",
     "StateDictError",
     "IncompatibleKeys",
     "StateDictDiff",
@@ -82,3 +83,7 @@ def select_prefix(state_dict: Mapping[str, _V], prefix: str) -> collections.Orde
 def compare_state_dicts(a: Mapping[str, object], b: Mapping[str, object]) -> StateDictDiff: ...
 def optimizer_state_by_name(optimizer_state_dict: Mapping[str, Any], names: _Names | None = None) -> dict[str, Any]: ...
 def optimizer_state_from_names(state_by_name: Mapping[str, Any], names: _Names | None = None) -> dict[str, Any]: ...
+
+MAX_MODULES: int
+
+def module_state_dict(obj: object) -> collections.OrderedDict[str, Any]: ...

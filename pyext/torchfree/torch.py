@@ -231,7 +231,7 @@ def _helpers(torch, map_location, restore, weights_only, strict, cuda):
         new_type = torch.nn.Parameter if is_param else torch.Tensor
         return torch._tensor._rebuild_from_type_v2(lambda: inner, new_type, (), state)
 
-    def subclass(type_, data, state):
+    def subclass(type_, data, state, wrapper=False):
         if isinstance(type_, type) and issubclass(type_, torch.Tensor) and isinstance(data, torch.Tensor):
             _state_ok(state)
             return torch._tensor._rebuild_from_type_v2(lambda: data, type_, (), state)
@@ -239,7 +239,7 @@ def _helpers(torch, map_location, restore, weights_only, strict, cuda):
             raise _NeedsTorch("a tensor subclass that needs its real class")
         from ._rebuild import subclass as np_subclass
 
-        return np_subclass(type_, data, state)
+        return np_subclass(type_, data, state, wrapper)
 
     def meta_tensor(dt, size, stride, rg):
         return torch.empty_strided(size, stride, dtype=dtypes[dt], device="meta", requires_grad=bool(rg))

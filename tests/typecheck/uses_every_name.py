@@ -156,6 +156,9 @@ state_diff: torchfree.StateDictDiff = diff
 by_name = torchfree.optimizer_state_by_name(ckpt["optimizer"], [["fc.weight"], ["fc.bias"]])
 reveal_type(torchfree.optimizer_state_from_names(by_name, ["fc.weight", "fc.bias"]))
 # -> dict[str, Any]
+model_obj = torchfree.load("model.pt", weights_only=False)
+reveal_type(torchfree.module_state_dict(model_obj))
+# -> collections.OrderedDict[str, Any]
 try:
     torchfree.load_state_dict(model, renamed)
 except torchfree.StateDictError as mismatch:
