@@ -90,6 +90,7 @@ static int give_buffer(Loader *L, StorageObject *s) {
     if (buf == NULL) return -1;
     s->owner = buf;
     s->data = PyArray_DATA((PyArrayObject *)buf);
+    storage_thp_fit(L, s->data, (size_t)s->nbytes);
     return 0;
 }
 

@@ -324,6 +324,10 @@ static PyMethodDef core_methods[] = {
     {"storage_over", mod_storage_over, METH_VARARGS,
      "storage_over($module, buffer, dtype_id, /)\n--\n\nA Storage over any buffer's bytes, held exported while it "
      "lives (internal: torchfree.torch.save hands torch storages to the writer so)."},
+    {"_thp_probe", mod_thp_probe, METH_VARARGS,
+     "_thp_probe($module, free=-2, /)\n--\n\nThe free bytes in huge-page blocks a copy load would budget, or None "
+     "where faults never compact; free >= 0 sets that figure for later loads, -1 asks the kernel again (internal: "
+     "tests)."},
     {"storage_infos", mod_storage_infos, METH_VARARGS,
      "storage_infos($module, storages, record_prefix, type, /)\n--\n\nStorageInfo of each Storage (internal)."},
     {"info_table", mod_info_table, METH_O,

@@ -153,6 +153,10 @@ typedef struct Loader {
     uint64_t pend_bytes;    /* bytes of pending[pend_sent:] */
     struct ReadBatch *batch; /* the batch being read, or NULL */
     uint64_t total_alloc;
+    /* copy loads: huge pages still free for fresh buffers (storage_thp_fit); thp_probed: 0 not
+     * asked yet, 1 asked, 2 asked again after it fell short (no more asking in this load) */
+    int thp_probed;
+    uint64_t thp_left;
     const char *record;     /* name of the pickle record, for messages */
     /* legacy stream and tar: storage bytes come after (or apart from) the pickle */
     int legacy_be;          /* sys_info says a big-endian host wrote it (some dtypes stay big-endian) */
@@ -281,6 +285,10 @@ PyObject *storage_key_str(PyObject *key);
 PyObject *storage_retyped(Loader *L, StorageObject *old, uint64_t nbytes, int dtype);
 /* Count nbytes against limits.total_bytes (LimitError past it). */
 int storage_charge(Loader *L, uint64_t nbytes);
+/* Before the first byte of a fresh buffer [p, p + n) of a copy load is written: small pages for
+ * it where its huge pages would have to be compacted (storage.c). */
+void storage_thp_fit(Loader *L, void *p, size_t n);
+PyObject *mod_thp_probe(PyObject *module, PyObject *args);
 /* Give a Storage its bytes (read, inflate or map what it still lacks), byte swap
  * it, and show it to the map_location callable. Idempotent. */
 int storage_ready(Loader *L, StorageObject *s);

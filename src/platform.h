@@ -21,6 +21,10 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <stdlib.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -35,6 +39,9 @@
 #ifndef EXT4_SUPER_MAGIC
 #define EXT4_SUPER_MAGIC 0xEF53
 #endif
+#endif
+#if defined(__linux__) && defined(MADV_NOHUGEPAGE)
+#define TF_HAVE_THP 1
 #endif
 #if defined(__linux__) && defined(CPU_COUNT)
 #define TF_HAVE_SCHED_GETAFFINITY 1
@@ -114,5 +121,95 @@ TF_INLINE void tf_qsort_r(void *base, size_t n, size_t size, TfCmpR cmp, void *a
     qsort_r(base, n, size, cmp, arg);
 }
 #endif
+
+/* ---- transparent huge pages (Linux) ----
+ * numpy asks for huge pages (madvise MADV_HUGEPAGE) on every array of 4 MB or more. Where the
+ * kernel's THP `defrag` setting makes such regions compact memory on fault (always, madvise,
+ * defer+madvise), each 2 MB fault of a fresh buffer may stall in direct compaction when free
+ * memory is fragmented (a page cache full of 4 kB pages). These three calls let storage.c see
+ * that case and ask for small pages instead (see storage_thp_fit). Elsewhere they do nothing. */
+
+/* The size of a huge page in bytes when the kernel may stall a fault of a MADV_HUGEPAGE region
+ * in direct compaction (THP enabled, not `never`; defrag one of always, madvise, defer+madvise);
+ * 0 when it never does or this cannot be known. Reads two or three small sysfs files. */
+TF_INLINE uint64_t tf_thp_stall_size(void) {
+#ifdef TF_HAVE_THP
+    char b[256];
+    uint64_t hp = 0;
+    int stalls = 0;
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (f != NULL) {
+        stalls = fgets(b, sizeof b, f) != NULL && strstr(b, "[never]") == NULL;
+        fclose(f);
+    }
+    f = stalls ? fopen("/sys/kernel/mm/transparent_hugepage/defrag", "r") : NULL;
+    stalls = 0;
+    if (f != NULL) {
+        stalls = fgets(b, sizeof b, f) != NULL && (strstr(b, "[always]") != NULL || strstr(b, "[madvise]") != NULL ||
+                                                   strstr(b, "[defer+madvise]") != NULL);
+        fclose(f);
+    }
+    f = stalls ? fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r") : NULL;
+    if (f != NULL) {
+        unsigned long long v = 0;
+        if (fscanf(f, "%llu", &v) == 1) hp = v;
+        fclose(f);
+    }
+    return (hp & (hp - 1)) == 0 ? hp : 0; /* a power of two */
+#else
+    return 0;
+#endif
+}
+
+/* The bytes of free memory held in blocks of at least hp bytes (huge pages that a fault gets
+ * without compaction), from /proc/buddyinfo (every zone but DMA); -1 where it cannot be read. */
+TF_INLINE int64_t tf_free_huge_bytes(uint64_t hp) {
+#ifdef TF_HAVE_THP
+    long ps = sysconf(_SC_PAGESIZE);
+    FILE *f = fopen("/proc/buddyinfo", "r");
+    if (f == NULL || ps <= 0) {
+        if (f != NULL) fclose(f);
+        return -1;
+    }
+    int64_t total = 0;
+    char line[512];
+    while (fgets(line, sizeof line, f) != NULL) {
+        char *z = strstr(line, "zone");
+        if (z == NULL) continue;
+        z += 4;
+        while (*z == ' ') z++;
+        if (strncmp(z, "DMA ", 4) == 0) continue; /* the 16 MB ISA zone: not for user pages */
+        while (*z != ' ' && *z != '\0') z++;      /* past the zone's name */
+        uint64_t block = (uint64_t)ps;
+        for (int order = 0; order < 20; order++, block *= 2) {
+            char *end;
+            unsigned long long n = strtoull(z, &end, 10);
+            if (end == z) break;
+            z = end;
+            if (block >= hp && n < ((uint64_t)1 << 40) / block) total += (int64_t)(n * block);
+        }
+    }
+    fclose(f);
+    return total;
+#else
+    (void)hp;
+    return -1;
+#endif
+}
+
+/* Ask for small pages over the whole pages within [p, p + n) (numpy's own madvise covers the
+ * same pages); a hint, nothing is faulted. */
+TF_INLINE void tf_no_hugepage(void *p, size_t n) {
+#ifdef TF_HAVE_THP
+    long ps = sysconf(_SC_PAGESIZE);
+    if (ps <= 0) return;
+    uintptr_t a = ((uintptr_t)p + (uintptr_t)ps - 1) & ~((uintptr_t)ps - 1);
+    uintptr_t e = ((uintptr_t)p + n) & ~((uintptr_t)ps - 1);
+    if (e > a) (void)madvise((void *)a, e - a, MADV_NOHUGEPAGE);
+#else
+    (void)p;
+    (void)n;
+#endif
+}
 
 #endif

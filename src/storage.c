@@ -8,6 +8,7 @@
  * fresh buffer inflated from a deflated record. map_location decides the
  * target tag; "meta" reads nothing. */
 #include "module.h"
+#include "platform.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -363,6 +364,83 @@ int storage_charge(Loader *L, uint64_t nbytes) {
     return 0;
 }
 
+/* ---- huge pages of fresh buffers ------------------------------------------
+ *
+ * A copy load reads each record into a fresh numpy buffer, and numpy asks for transparent huge
+ * pages on those of 4 MB or more. When free memory is in 2 MB blocks that is the fastest way
+ * to fill them (one fault per 2 MB, fewer TLB misses), but when it is fragmented (a page cache
+ * full of 4 kB pages) every 2 MB fault of such a region may compact memory first, in the
+ * faulting thread, under the kernel's default defrag=madvise: a 2 GB load took 271-1,191 ms
+ * instead of ~400. So a load asks /proc/buddyinfo, at its first such buffer, how much free
+ * memory lies in huge-page blocks, and spends that budget buffer by buffer; a buffer the budget
+ * does not cover (asked once more then, in case memory was freed meanwhile) gets small pages
+ * (MADV_NOHUGEPAGE), which fault without compaction. Only where the THP settings can stall
+ * (tf_thp_stall_size, read once per process; a change of the sysfs settings afterwards is not
+ * seen) and only on Linux; elsewhere nothing changes. The buffer stays numpy's (freed by it). */
+#define TF_THP_MIN (4u << 20)              /* numpy's own threshold for MADV_HUGEPAGE */
+#define TF_THP_MARGIN ((uint64_t)64 << 20) /* kept free: the zones' watermarks */
+
+static uint64_t thp_size_cached = UINT64_MAX; /* UINT64_MAX: not read yet */
+static int64_t thp_free_override = -1;         /* tests: the free bytes to assume (-1: ask the kernel) */
+
+static uint64_t thp_stall_size(void) {
+    uint64_t hp = __atomic_load_n(&thp_size_cached, __ATOMIC_RELAXED);
+    if (hp == UINT64_MAX) {
+        hp = tf_thp_stall_size();
+        __atomic_store_n(&thp_size_cached, hp, __ATOMIC_RELAXED);
+    }
+    return hp;
+}
+
+/* Free bytes in huge-page blocks, less the margin (0 at least); -1: stalls cannot happen here. */
+static int64_t thp_free_budget(void) {
+    int64_t ov = __atomic_load_n(&thp_free_override, __ATOMIC_RELAXED);
+    if (ov >= 0) return ov;
+    uint64_t hp = thp_stall_size();
+    if (hp == 0) return -1;
+    int64_t f = tf_free_huge_bytes(hp);
+    if (f < 0) return -1;
+    return f > (int64_t)TF_THP_MARGIN ? f - (int64_t)TF_THP_MARGIN : 0;
+}
+
+void storage_thp_fit(Loader *L, void *p, size_t n) {
+    if (n < TF_THP_MIN || L->thp_probed < 0) return;
+    if (L->thp_probed == 0 || (L->thp_probed == 1 && L->thp_left < n)) {
+        int64_t f = thp_free_budget();
+        if (f < 0) {
+            L->thp_probed = -1; /* never stalls: nothing to do in this load */
+            return;
+        }
+        L->thp_left = (uint64_t)f;
+        L->thp_probed = L->thp_probed == 0 || L->thp_left >= n ? 1 : 2;
+    }
+    if (L->thp_left >= n) {
+        L->thp_left -= n;
+    } else {
+        tf_no_hugepage(p, n);
+    }
+}
+
+/* _thp_probe(free=None, /): the free bytes in huge-page blocks a load would budget now (after
+ * the margin), or None where faults never compact (not Linux, THP never, defrag defer/never);
+ * an int `free` >= 0 makes loads assume that budget from now on, -1 restores the kernel's
+ * figure (internal: tests). */
+PyObject *mod_thp_probe(PyObject *module, PyObject *args) {
+    (void)module;
+    long long set = -2;
+    if (!PyArg_ParseTuple(args, "|L:_thp_probe", &set)) return NULL;
+    if (set < -1) {
+        if (set != -2) {
+            PyErr_SetString(PyExc_ValueError, "_thp_probe: free must be >= -1");
+            return NULL;
+        }
+    } else {
+        __atomic_store_n(&thp_free_override, (int64_t)set, __ATOMIC_RELAXED);
+    }
+    int64_t f = thp_free_budget();
+    return f < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong((long long)f);
+}
+
 /* The record data/<key> (NULL when absent). torch numbers keys 0, 1, ... and
  * writes data/<k> in key order, so a numeric key is tried at its expected
  * directory index before the hash lookup. name receives "<dir><key>", dir being
@@ -477,6 +555,7 @@ static int storage_fill(Loader *L, StorageObject *s, int defer) {
     if (buf == NULL) return -1;
     s->owner = buf;
     s->data = PyArray_DATA((PyArrayObject *)buf);
+    storage_thp_fit(L, s->data, (size_t)e->usize);
     s->readonly = 0;
     s->pending = 1;
     if (defer && L->mode == SRC_FD && e->method == 0) { /* read in a batch, with the others */
