@@ -101,6 +101,17 @@ def test_cli_info_and_convert_use_state_dict_names(torch, tmp_path, capsys):
     fresh = _model(torch)
     fresh.load_state_dict(back)
 
+    # diff names a whole model's tensors as info does: against its own state_dict, the same
+    torch.save(exp, tmp_path / "exp.pt")
+    assert main(["diff", "--unsafe-globals", "--json", str(tmp_path / "m.pt"), str(tmp_path / "exp.pt")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["identical"] == len(exp) and d["only_in_a"] == d["only_in_b"] == []
+    model[0].weight.data[0, 0] += 1
+    torch.save(model, tmp_path / "m2.pt")
+    assert main(["diff", "--unsafe-globals", "--json", str(tmp_path / "m.pt"), str(tmp_path / "m2.pt")]) == 1
+    d = json.loads(capsys.readouterr().out)
+    assert [v["name"] for v in d["values_differ"]] == ["0.weight"] and d["values_differ"][0]["elements_differ"] == 1
+
 
 def _module(name, params=None, buffers=None, modules=None, **extra):
     state = {"_parameters": params or {}, "_buffers": buffers or {}, "_modules": modules or {}, **extra}
@@ -191,3 +202,13 @@ def test_as_subclass_converts(torch, tmp_path, capsys):
     assert main(["info", str(tmp_path / "s.pt"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["total_bytes"] == sum(t["nbytes"] for t in info["tensors"]) == t.nbytes
+
+
+@pytest.mark.needs_torch
+def test_meta_tensors_totals_agree(torch, tmp_path):
+    """A meta tensor holds no bytes: the header's total and the by-dtype totals agree."""
+    torch.save({"m": torch.empty(3, 4, device="meta"), "d": torch.ones(2)}, tmp_path / "meta.pt")
+    info = torchfree.scan(tmp_path / "meta.pt")
+    assert info.total_bytes == sum(info.dtype_totals.values()) == 8
+    assert info.param_count == 14 and info["m"].nbytes == 48 and info["m"].location == "meta"
+    assert "by dtype: float32 8 B" in str(info)

@@ -237,6 +237,35 @@ def test_plain_quantized_and_sparse_tensors_are_listed(torch, tmp_path):
     assert "per_tensor_affine scale=" in text and "sparse_coo nnz=9" in text
 
 
+@pytest.mark.needs_torch
+def test_legacy_streams_list_them_too(torch, tmp_path):
+    """A pre-zip stream holds its bytes after its pickle: scan lists its quantized and sparse
+    tensors as a zip's scan does (only the storage keys differ)."""
+    torch.manual_seed(0)
+    objs = {"s": torch.randn(3, 3).to_sparse(), "q": torch.quantize_per_tensor(torch.randn(3), 0.1, 2, torch.quint8),
+            "dense": torch.arange(3.0)[1:]}
+    zp, lp = tmp_path / "z.pt", tmp_path / "l.pt"
+    torch.save(objs, zp)
+    torch.save(objs, lp, _use_new_zipfile_serialization=False)
+    z, leg = torchfree.scan(zp), torchfree.scan(lp)
+    assert [t.name for t in leg.tensors] == [t.name for t in z.tensors] == list(objs)
+
+    def same(a, b):
+        keep = ("name", "dtype", "shape", "stride", "storage_offset", "nbytes", "location", "torch_dtype", "layout",
+                "quant", "nnz")
+        assert [getattr(a, k) for k in keep] == [getattr(b, k) for k in keep]
+        assert (a.storage_key is None) == (b.storage_key is None)
+        for pa, pb in zip(a.parts, b.parts, strict=True):
+            same(pa, pb)
+
+    for a, b in zip(leg.tensors, z.tensors):
+        same(a, b)
+    assert {s.key for s in leg.storages} == _referenced(leg.tensors)
+    with torchfree.open(lp) as ck:
+        assert list(ck.keys()) == list(objs)
+        _same_quantized(torch, ck["q"], objs["q"])
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "torchfree", *map(str, args)], capture_output=True, text=True)
 

@@ -233,9 +233,7 @@ def _tensor_info(name, leaf) -> TensorInfo:
         stride = tuple(reversed(strides))
         return TensorInfo(name, dt, leaf.shape, tuple(s * item for s in stride), stride, None, 0, n * item, "meta",
                           _torch_name(dt))
-    return TensorInfo(name, leaf.dtype, leaf.shape, leaf.strides,
-                      tuple(s // leaf.itemsize for s in leaf.strides) if leaf.itemsize else leaf.strides, None, 0,
-                      leaf.nbytes, "pickle", _torch_name(leaf.dtype))
+    return _array_info(name, leaf)
 
 
 _SPARSE_PART_NAMES = {
@@ -368,10 +366,12 @@ class CheckpointInfo:
 
     @property
     def dtype_totals(self) -> dict:
-        """{dtype name: bytes of tensors of that dtype}."""
+        """{dtype name: bytes of tensors of that dtype} (meta tensors hold no bytes: they count
+        in ``param_count``, not here, as not in ``total_bytes``)."""
         out: dict = collections.Counter()
         for t in self.tensors:  # torch's names: listing them needs no ml_dtypes
-            out[t.torch_dtype] += t.nbytes
+            if t.location != "meta":
+                out[t.torch_dtype] += t.nbytes
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def __getitem__(self, name) -> TensorInfo:
@@ -538,10 +538,18 @@ def _info_from(archive, obj, path, storages, max_depth=None, children=None) -> C
     return CheckpointInfo(path, fmt, archive.byteorder, recs, sinfo, tensors, archive.globals())
 
 
+#: rebuilds of tensors whose listing needs the values of their parts
+_VALUED_REBUILDS = frozenset(f"torch._utils._rebuild_{k}" for k in ("qtensor", "sparse_tensor", "sparse_csr_tensor"))
+
+
 def _legacy_scan(src, opts, children=None):
     """scan() of a legacy stream or tar: the pickles run, no storage byte is copied."""
     obj, storages, globs, fmt = _core.load_legacy(*src.args(), **src.kwargs(), **opts, lazy=True,
                                                   collect_globals=True)
+    if _VALUED_REBUILDS.intersection(globs):
+        # quantized and sparse tensors are listed with values of their parts (scales, indices),
+        # and a legacy stream's bytes follow its pickle: such a file is read whole
+        obj, storages, globs, fmt = _core.load_legacy(*src.args(), **src.kwargs(), **opts, collect_globals=True)
     tensors = _tensor_infos(obj, _max_depth(opts), children)
     sinfo = _Later(_core.storage_infos, list(storages), "storage ", StorageInfo)
     return CheckpointInfo(src.path, fmt, "little", [], sinfo, tensors, globs)

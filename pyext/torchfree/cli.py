@@ -267,6 +267,8 @@ class Tensors:
                     if not unsafe:
                         weights_only_check(self.path)
                     infos = self._h.info.tensors
+                    if unsafe:
+                        infos = self._model_names(infos)
             except UnsafeGlobalError as e:
                 raise _unsafe_hint(self.path, e) from None
         elif self.format == "safetensors":
@@ -284,6 +286,22 @@ class Tensors:
             if t.name in self.meta:
                 raise CLIError(f"{self.path}: two tensors are both named {t.name!r}")
             self.meta[t.name] = t
+
+    def _model_names(self, infos):
+        """A pickled whole model (``torch.save(model)``) is compared by its state_dict names, as
+        ``info`` and ``convert`` name its tensors: then it is loaded, its tensors found by walking
+        module_state_dict. Other files keep their open() handle and names."""
+        from . import _core, load
+        from ._scan import _PAIRS, _state_dict_children, scan_state_dict_names
+
+        named = scan_state_dict_names(self.path).tensors
+        if [t.name for t in named] == [t.name for t in infos]:
+            return infos
+        pairs = _core.walk(load(self.path, weights_only=False), _PAIRS, ".", _state_dict_children, False,
+                           max_depth=_core.LIMITS["marks"])
+        self._h.close()
+        self._h = _Arrays(pairs)
+        return named
 
     def __getitem__(self, name):
         h = self._h if self._owner is None else self._owner[name]
@@ -304,6 +322,13 @@ class Tensors:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Arrays(dict):
+    """Arrays already loaded, by name, behind the handle interface of Tensors."""
+
+    def close(self):
+        self.clear()
 
 
 class _Group:
