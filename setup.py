@@ -26,6 +26,9 @@ SOURCES = [
     "src/legacy.c",
     "src/pickler.c",
     "src/zipwrite.c",
+    "src/writer.c",
+    "src/save_collect.c",
+    "src/save_pickle.c",
     "src/save.c",
     "src/module.c",
     "src/pickscan_py.c",
@@ -42,6 +45,8 @@ HEADERS = [
     "src/module.h",
     "src/pickler.h",
     "src/zipwrite.h",
+    "src/writer.h",
+    "src/saver.h",
     "src/save.h",
     "src/platform.h",
 ]

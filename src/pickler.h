@@ -4,7 +4,7 @@
  * that CPython's own pickler keeps: a table from an object's identity (any
  * pointer: a Python object, or the address of a static item standing for an
  * object that exists only in torch, like `torch.FloatStorage`) to its memo
- * index. save.c walks the Python objects and calls these in exactly the
+ * index. save_pickle.c walks the Python objects and calls these in exactly the
  * order CPython's `_pickle.c` would, so the bytes equal torch.save's.
  *
  * Only opcodes torch's weights-only unpickler accepts are produced. Errors

@@ -74,7 +74,7 @@ TF_INLINE int tf_writeback_start(int fd, int64_t off, int64_t n) {
 }
 
 /* Whether fd's file lies on ext4, the one file system where reserving its blocks before the
- * writes was measured to pay (save.c, sink_reserve). 0 where that cannot be asked (not Linux). */
+ * writes was measured to pay (writer.c, sink_reserve). 0 where that cannot be asked (not Linux). */
 TF_INLINE int tf_fd_on_ext4(int fd) {
 #ifdef TF_HAVE_EXT4_RESERVE
     struct statfs fs;
