@@ -194,22 +194,31 @@ static int fill_dtypes(ModuleState *st, PyObject *descrs) {
 int tf_numpy(ModuleState *st) {
     if (st->np_loaded) return 0;
     if (PyArray_ImportNumPyAPI() < 0) return -1;
-    static const struct { const char *name; int type; } own[] = {
-        {"float64", NPY_FLOAT64}, {"float32", NPY_FLOAT32}, {"float16", NPY_FLOAT16},
-        {"complex128", NPY_COMPLEX128}, {"complex64", NPY_COMPLEX64}, {"int64", NPY_INT64},
-        {"int32", NPY_INT32}, {"int16", NPY_INT16}, {"int8", NPY_INT8}, {"uint8", NPY_UINT8},
-        {"uint16", NPY_UINT16}, {"uint32", NPY_UINT32}, {"uint64", NPY_UINT64}, {"bool", NPY_BOOL},
-    };
+    /* numpy's own dtypes, by the table's numpy names (the rest come with ml_dtypes) */
     PyObject *descrs = PyDict_New();
     if (descrs == NULL) return -1;
-    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++) {
-        PyArray_Descr *d = PyArray_DescrFromType(own[i].type);
-        if (d == NULL || PyDict_SetItemString(descrs, own[i].name, (PyObject *)d) < 0) {
+    for (int i = 0; i < DT_COUNT; i++) {
+        const DtypeInfo *info = &dtypes_table[i];
+        if (!(info->flags & DTF_VALUE_IS_NUMPY) || PyDict_GetItemString(descrs, info->np_name) != NULL) continue;
+        PyArray_Descr *d = NULL;
+        PyObject *name = PyUnicode_FromString(info->np_name);
+        int ok = name != NULL && PyArray_DescrConverter(name, &d) == NPY_SUCCEED && d->type_num < NPY_USERDEF;
+        Py_XDECREF(name);
+        if (!ok) {
             Py_XDECREF(d);
+            if (name == NULL || PyErr_ExceptionMatches(PyExc_MemoryError)) {
+                Py_DECREF(descrs);
+                return -1;
+            }
+            PyErr_Clear(); /* an ml_dtypes name */
+            continue;
+        }
+        int rc = PyDict_SetItemString(descrs, info->np_name, (PyObject *)d);
+        Py_DECREF(d);
+        if (rc < 0) {
             Py_DECREF(descrs);
             return -1;
         }
-        Py_DECREF(d);
     }
     int rc = fill_dtypes(st, descrs); /* runs no Python code: no other thread sees half of it */
     Py_DECREF(descrs);

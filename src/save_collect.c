@@ -110,38 +110,13 @@ static int dtype_of_descr(ModuleState *st, PyArray_Descr *d) {
         return -1;
     }
     if (PyDataType_HASFIELDS(d) || PyDataType_HASSUBARRAY(d)) return -1;
-    switch (d->kind) {
-    case 'b':
-        return PyDataType_ELSIZE(d) == 1 ? DT_BOOL : -1;
-    case 'i':
-        switch (PyDataType_ELSIZE(d)) {
-        case 1: return DT_INT8;
-        case 2: return DT_INT16;
-        case 4: return DT_INT32;
-        case 8: return DT_INT64;
-        }
-        return -1;
-    case 'u':
-        switch (PyDataType_ELSIZE(d)) {
-        case 1: return DT_UINT8;
-        case 2: return DT_UINT16;
-        case 4: return DT_UINT32;
-        case 8: return DT_UINT64;
-        }
-        return -1;
-    case 'f':
-        switch (PyDataType_ELSIZE(d)) {
-        case 2: return DT_FLOAT16;
-        case 4: return DT_FLOAT32;
-        case 8: return DT_FLOAT64;
-        }
-        return -1;
-    case 'c':
-        switch (PyDataType_ELSIZE(d)) {
-        case 8: return DT_COMPLEX64;
-        case 16: return DT_COMPLEX128;
-        }
-        return -1;
+    /* numpy's own types by kind and size (int64 is both 'l' and 'q'): the table's rows that are
+     * numpy dtypes (quantized and bits rows are not) */
+    for (int i = 0; i < DT_COUNT; i++) {
+        const PyArray_Descr *row = st->descr[i];
+        if ((dtypes_table[i].flags & DTF_VALUE_IS_NUMPY) && row != NULL && row->type_num < NPY_USERDEF &&
+            row->kind == d->kind && PyDataType_ELSIZE(row) == PyDataType_ELSIZE(d))
+            return i;
     }
     return -1;
 }
