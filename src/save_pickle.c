@@ -389,6 +389,75 @@ static int save_made_call(Saver *S, PyObject *obj, int is_call, PyObject *memo_k
 }
 
 /* CPython's save(): atoms, the memo, then each type's own form. */
+/* OrderedDict: (OrderedDict, ()) with SETITEMS, then its instance state (_metadata). */
+static int save_ordered_dict(Saver *S, PyObject *obj) {
+    Pickler *P = &S->pk;
+    emit_global(S, &K_ORDERED_DICT, "collections", "OrderedDict");
+    pk_op(P, OP_EMPTY_TUPLE);
+    pk_op(P, OP_REDUCE);
+    pk_memoize(P, obj);
+    int r = save_dict_iter(S, obj);
+    PyObject *state = r == 0 ? save_instance_state(obj) : NULL;
+    if (state == NULL) {
+        r = -1;
+    } else if (state != Py_None) {
+        r = save_obj(S, state);
+        pk_op(P, OP_BUILD);
+    }
+    Py_XDECREF(state);
+    return r;
+}
+
+/* Counter.__reduce__: (Counter, (dict(self),)). */
+static int save_counter(Saver *S, PyObject *obj) {
+    Pickler *P = &S->pk;
+    PyObject *d = PyObject_CallOneArg((PyObject *)&PyDict_Type, obj);
+    int r = d ? keep(S, d) : -1;
+    Py_XDECREF(d); /* kept */
+    if (r == 0) {
+        emit_global(S, &K_COUNTER, "collections", "Counter");
+        pk_op(P, OP_EMPTY_DICT);
+        pk_memoize(P, d);
+        r = save_dict_items(S, d);
+        pk_op(P, OP_TUPLE1);
+        pk_memoize(P, NULL);
+        pk_op(P, OP_REDUCE);
+        pk_memoize(P, obj);
+    }
+    return r;
+}
+
+/* set: (set, (list(self),)). */
+static int save_set(Saver *S, PyObject *obj) {
+    Pickler *P = &S->pk;
+    PyObject *l = PySequence_List(obj);
+    int r = l ? keep(S, l) : -1;
+    Py_XDECREF(l); /* kept */
+    if (r == 0) {
+        emit_global(S, &K_SET, "__builtin__", "set");
+        pk_op(P, OP_EMPTY_LIST);
+        pk_memoize(P, l);
+        r = save_list_items(S, l);
+        pk_op(P, OP_TUPLE1);
+        pk_memoize(P, NULL);
+        pk_op(P, OP_REDUCE);
+        pk_memoize(P, obj);
+    }
+    return r;
+}
+
+/* complex: (complex, (real, imag)). */
+static void save_complex(Saver *S, PyObject *obj) {
+    Pickler *P = &S->pk;
+    emit_global(S, &K_COMPLEX, "__builtin__", "complex");
+    pk_float(P, PyComplex_RealAsDouble(obj));
+    pk_float(P, PyComplex_ImagAsDouble(obj));
+    pk_op(P, OP_TUPLE2);
+    pk_memoize(P, NULL);
+    pk_op(P, OP_REDUCE);
+    pk_memoize(P, obj);
+}
+
 static int save_obj(Saver *S, PyObject *obj) {
     Pickler *P = &S->pk;
     ModuleState *st = S->st;
@@ -432,59 +501,15 @@ static int save_obj(Saver *S, PyObject *obj) {
     } else if (tp == &PyTuple_Type) {
         r = save_tuple(S, obj);
     } else if (tp == (PyTypeObject *)st->OrderedDict) {
-        emit_global(S, &K_ORDERED_DICT, "collections", "OrderedDict");
-        pk_op(P, OP_EMPTY_TUPLE);
-        pk_op(P, OP_REDUCE);
-        pk_memoize(P, obj);
-        r = save_dict_iter(S, obj);
-        PyObject *state = r == 0 ? save_instance_state(obj) : NULL;
-        if (state == NULL) {
-            r = -1;
-        } else if (state != Py_None) {
-            r = save_obj(S, state);
-            pk_op(P, OP_BUILD);
-        }
-        Py_XDECREF(state);
+        r = save_ordered_dict(S, obj);
     } else if (tp == (PyTypeObject *)st->Counter) {
-        /* Counter.__reduce__: (Counter, (dict(self),)) */
-        PyObject *d = PyObject_CallOneArg((PyObject *)&PyDict_Type, obj);
-        r = d ? keep(S, d) : -1;
-        Py_XDECREF(d);
-        if (r == 0) {
-            emit_global(S, &K_COUNTER, "collections", "Counter");
-            pk_op(P, OP_EMPTY_DICT);
-            pk_memoize(P, d);
-            r = save_dict_items(S, d);
-            pk_op(P, OP_TUPLE1);
-            pk_memoize(P, NULL);
-            pk_op(P, OP_REDUCE);
-            pk_memoize(P, obj);
-        }
+        r = save_counter(S, obj);
     } else if (tp == &PySet_Type) {
-        /* (set, (list(self),)) */
-        PyObject *l = PySequence_List(obj);
-        r = l ? keep(S, l) : -1;
-        Py_XDECREF(l);
-        if (r == 0) {
-            emit_global(S, &K_SET, "__builtin__", "set");
-            pk_op(P, OP_EMPTY_LIST);
-            pk_memoize(P, l);
-            r = save_list_items(S, l);
-            pk_op(P, OP_TUPLE1);
-            pk_memoize(P, NULL);
-            pk_op(P, OP_REDUCE);
-            pk_memoize(P, obj);
-        }
+        r = save_set(S, obj);
     } else if (tp == &PyByteArray_Type) {
         r = save_bytearray(S, obj);
     } else if (tp == &PyComplex_Type) {
-        emit_global(S, &K_COMPLEX, "__builtin__", "complex");
-        pk_float(P, PyComplex_RealAsDouble(obj));
-        pk_float(P, PyComplex_ImagAsDouble(obj));
-        pk_op(P, OP_TUPLE2);
-        pk_memoize(P, NULL);
-        pk_op(P, OP_REDUCE);
-        pk_memoize(P, obj);
+        save_complex(S, obj);
     } else if (PyArray_DescrCheck(obj)) {
         int dt = save_dtype_of_value(st, obj);
         emit_global(S, &dtypes_table[dt].name, "torch", dtypes_table[dt].name);
