@@ -569,6 +569,176 @@ static PyObject *torch_finish(Loader *L, PyObject *t, PyObject *flag, PyObject *
 /* Torch mode: helper name(*args) (args borrowed). */
 static PyObject *torch_helper(Loader *L, const char *name, PyObject *args) { return tf_call_helper(L, name, args); }
 
+static PyObject *rebuild_from_type(Loader *L, GlobalRef *g, PyObject *args) {
+    ModuleState *st = L->st;
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+#define ARG(i) PyTuple_GET_ITEM(args, i)
+    if (n != 4) return wrong_args(L, g, "(func, type, args, state)", args), NULL;
+    PyObject *func = ARG(0), *type = ARG(1), *fargs = ARG(2);
+    if (Py_TYPE(func) != st->GlobalRefType || ((GlobalRef *)func)->obj != NULL || !PyTuple_Check(fargs))
+        return tf_raise(L, st->UnpicklingError, "%U needs a torch rebuild function", g->canon), NULL;
+    PyObject *inner = tensor_reduce(L, (GlobalRef *)func, fargs);
+    if (inner == NULL) return NULL;
+    if (Py_TYPE(type) == st->GlobalRefType &&
+        (((GlobalRef *)type)->id == G_TENSOR || ((GlobalRef *)type)->id == G_PARAMETER)) {
+        if (L->torch == NULL) return inner; /* plain tensor or Parameter with Python attributes */
+        PyObject *targs = Py_BuildValue("(iNO)", ((GlobalRef *)type)->id == G_PARAMETER, inner, ARG(3));
+        PyObject *r = targs ? torch_helper(L, "from_type", targs) : NULL;
+        Py_XDECREF(targs);
+        return r;
+    }
+    /* a wrapper subclass's inner is a storage-less placeholder: its data is in the state */
+    int wrapper = ((GlobalRef *)func)->id == G_REBUILD_WRAPPER_SUBCLASS;
+    PyObject *hargs = wrapper ? Py_BuildValue("(ONOO)", type, inner, ARG(3), Py_True)
+                              : Py_BuildValue("(ONO)", type, inner, ARG(3));
+    if (hargs == NULL) return NULL;
+    PyObject *r = helper_call(L, "subclass", hargs);
+    Py_DECREF(hargs);
+    return r;
+#undef ARG
+}
+
+static PyObject *rebuild_meta_no_storage(Loader *L, GlobalRef *g, PyObject *args) {
+    ModuleState *st = L->st;
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+#define ARG(i) PyTuple_GET_ITEM(args, i)
+    if (n != 4) return wrong_args(L, g, "(dtype, size, stride, requires_grad)", args), NULL;
+    if (L->torch) {
+        int dt = dtype_from_value(L, ARG(0));
+        int64_t size[NPY_MAXDIMS + 1], stride[NPY_MAXDIMS + 1];
+        int nd, nds;
+        if (dt < 0 || get_dims(L, ARG(1), "size", size, &nd) < 0 || get_dims(L, ARG(2), "stride", stride, &nds) < 0)
+            return NULL;
+        if (nds != nd) return tf_raise(L, st->FormatError, "tensor has %d sizes but %d strides", nd, nds), NULL;
+        PyObject *targs = Py_BuildValue("(iOOO)", dt, ARG(1), ARG(2), ARG(3));
+        PyObject *r = targs ? torch_helper(L, "meta_tensor", targs) : NULL;
+        Py_XDECREF(targs);
+        return r;
+    }
+    return meta_of(L, ARG(0), ARG(1));
+#undef ARG
+}
+
+static PyObject *make_bytes(Loader *L, GlobalRef *g, PyObject *args) {
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+#define ARG(i) PyTuple_GET_ITEM(args, i)
+    /* (text, encoding): how Python 2 pickles a bytearray (latin-1 text and 'latin-1');
+     * encoded as _codecs.encode would */
+    if (n == 2 && PyUnicode_Check(ARG(0)) && PyUnicode_Check(ARG(1))) {
+        PyObject *b = make_codecs_encode(L, g, args);
+        if (b == NULL || g->id == G_BYTES) return b;
+        PyObject *r = PyByteArray_FromObject(b);
+        Py_DECREF(b);
+        return r;
+    }
+    if (n > 1 || (n == 1 && !PyBytes_CheckExact(ARG(0)) && !PyByteArray_CheckExact(ARG(0))))
+        return wrong_args(L, g, "at most one bytes, or (text: str, encoding: str)", args), NULL;
+    const char *p = "";
+    Py_ssize_t len = 0;
+    if (n == 1) {
+        p = PyBytes_Check(ARG(0)) ? PyBytes_AS_STRING(ARG(0)) : PyByteArray_AS_STRING(ARG(0));
+        len = PyBytes_Check(ARG(0)) ? PyBytes_GET_SIZE(ARG(0)) : PyByteArray_GET_SIZE(ARG(0));
+    }
+    return g->id == G_BYTES ? PyBytes_FromStringAndSize(p, len) : PyByteArray_FromStringAndSize(p, len);
+#undef ARG
+}
+
+static PyObject *rebuild_qtensor(Loader *L, GlobalRef *g, PyObject *args) {
+    ModuleState *st = L->st;
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+#define ARG(i) PyTuple_GET_ITEM(args, i)
+    if (n != 7)
+        return wrong_args(L, g, "(storage, offset, size, stride, quantizer_params, requires_grad, hooks)", args),
+               NULL;
+    if (!is_storage(L, ARG(0)))
+        return tf_raise(L, st->UnpicklingError, "quantized tensor rebuilt over a %s, not a storage",
+                        Py_TYPE(ARG(0))->tp_name), NULL;
+    int dt = ((StorageObject *)ARG(0))->dtype;
+    PyObject *view = rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, NULL, 1);
+    if (view == NULL) return NULL;
+    int ready = ready_all(L);
+    if (ready != 0) {
+        Py_DECREF(view);
+        return ready < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    PyObject *params = materialize_all(L, ARG(4), 2);
+    PyObject *shape = params ? PySequence_Tuple(ARG(2)) : NULL;
+    if (shape == NULL) {
+        Py_DECREF(view);
+        Py_XDECREF(params);
+        return NULL;
+    }
+    PyObject *hargs = Py_BuildValue("(NsNN)", view, dtypes_table[dt].name, shape, params);
+    PyObject *r = hargs ? helper_call(L, "qtensor", hargs) : NULL;
+    Py_XDECREF(hargs);
+    return r;
+#undef ARG
+}
+
+static PyObject *rebuild_valued(Loader *L, GlobalRef *g, PyObject *args) {
+    ModuleState *st = L->st;
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+#define ARG(i) PyTuple_GET_ITEM(args, i)
+    const char *helper = g->id == G_REBUILD_NESTED_TENSOR ? "nested"
+                         : g->id == G_REBUILD_SPARSE_TENSOR ? "sparse"
+                         : g->id == G_REBUILD_SPARSE_CSR_TENSOR ? "sparse_csr"
+                                                                : "device_tensor";
+    if (g->id == G_REBUILD_NESTED_TENSOR && n != 4)
+        return wrong_args(L, g, "(buffer, sizes, strides, storage_offsets)", args), NULL;
+    if ((g->id == G_REBUILD_SPARSE_TENSOR || g->id == G_REBUILD_SPARSE_CSR_TENSOR) && n != 2)
+        return wrong_args(L, g, "(layout, data)", args), NULL;
+    PyObject *margs;
+    int ready = ready_all(L);
+    if (ready != 0) return ready < 0 ? NULL : Py_NewRef(Py_None);
+    if (g->id == G_REBUILD_DEVICE_TENSOR_FROM_NUMPY || g->id == G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR) {
+        if (n != 4) return wrong_args(L, g, "(data, dtype, device, requires_grad)", args), NULL;
+        int dt = dtype_from_value(L, ARG(1));
+        if (dt < 0 || loader_need_dtype(L, dt) < 0) return NULL;
+        if (st->descr[dt] == NULL || (dtypes_table[dt].flags & (DTF_QUANTIZED | DTF_NO_TENSOR)) ||
+            dt == DT_COMPLEX32)
+            return tf_raise(L, st->UnpicklingError, "%U to dtype %s is not supported", g->canon,
+                            dtypes_table[dt].name), NULL;
+        PyObject *data = materialize_all(L, ARG(0), 0);
+        margs = data ? Py_BuildValue("(NO)", data, (PyObject *)st->descr[dt]) : NULL;
+    } else {
+        margs = materialize_all(L, args, 2);
+    }
+    if (margs == NULL) return NULL;
+    PyObject *r = helper_call(L, helper, margs);
+    Py_DECREF(margs);
+    return r;
+#undef ARG
+}
+
+static PyObject *make_empty_tensor(Loader *L, GlobalRef *g, PyObject *args) {
+    ModuleState *st = L->st;
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+#define ARG(i) PyTuple_GET_ITEM(args, i)
+    /* torch.Tensor() / torch.FloatTensor(): an empty tensor, which a pre-0.4 pickle
+     * then BUILDs with (storage, offset, size, stride) */
+    if (n != 0)
+        return tf_raise(L, st->UnpicklingError, "%U called with arguments is not supported", g->canon), NULL;
+    int dt = g->id == G_TENSOR ? DT_FLOAT32 : g->arg;
+    if (dt >= 0 && loader_need_dtype(L, dt) < 0) return NULL;
+    if (dt < 0 || st->descr[dt] == NULL)
+        return tf_raise(L, st->UnpicklingError, "%U has no array dtype", g->canon), NULL;
+    /* numpy gives a fresh empty array stride 0; torch's is (1,): view a 1-element buffer */
+    npy_intp one = 1, zero = 0, stride = (npy_intp)dtypes_table[dt].np_itemsize;
+    Py_INCREF(st->descr[dt]);
+    PyObject *buf = PyArray_NewFromDescr(&PyArray_Type, st->descr[dt], 1, &one, NULL, NULL, 0, NULL);
+    if (buf == NULL) return NULL;
+    Py_INCREF(st->descr[dt]);
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, st->descr[dt], 1, &zero, &stride,
+                                         PyArray_DATA((PyArrayObject *)buf), NPY_ARRAY_WRITEABLE, NULL);
+    if (arr == NULL || PyArray_SetBaseObject((PyArrayObject *)arr, buf) < 0) {
+        if (arr == NULL) Py_DECREF(buf);
+        Py_XDECREF(arr);
+        return NULL;
+    }
+    return arr;
+#undef ARG
+}
+
 PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
@@ -596,46 +766,10 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         if (L->torch) return torch_helper(L, g->id == G_PARAMETER ? "Parameter" : "parameter", args);
         return Py_NewRef(ARG(0));
     case G_REBUILD_FROM_TYPE:
-    case G_REBUILD_FROM_TYPE_V2: {
-        if (n != 4) return wrong_args(L, g, "(func, type, args, state)", args), NULL;
-        PyObject *func = ARG(0), *type = ARG(1), *fargs = ARG(2);
-        if (Py_TYPE(func) != st->GlobalRefType || ((GlobalRef *)func)->obj != NULL || !PyTuple_Check(fargs))
-            return tf_raise(L, st->UnpicklingError, "%U needs a torch rebuild function", g->canon), NULL;
-        PyObject *inner = tensor_reduce(L, (GlobalRef *)func, fargs);
-        if (inner == NULL) return NULL;
-        if (Py_TYPE(type) == st->GlobalRefType &&
-            (((GlobalRef *)type)->id == G_TENSOR || ((GlobalRef *)type)->id == G_PARAMETER)) {
-            if (L->torch == NULL) return inner; /* plain tensor or Parameter with Python attributes */
-            PyObject *targs = Py_BuildValue("(iNO)", ((GlobalRef *)type)->id == G_PARAMETER, inner, ARG(3));
-            PyObject *r = targs ? torch_helper(L, "from_type", targs) : NULL;
-            Py_XDECREF(targs);
-            return r;
-        }
-        /* a wrapper subclass's inner is a storage-less placeholder: its data is in the state */
-        int wrapper = ((GlobalRef *)func)->id == G_REBUILD_WRAPPER_SUBCLASS;
-        PyObject *hargs = wrapper ? Py_BuildValue("(ONOO)", type, inner, ARG(3), Py_True)
-                                  : Py_BuildValue("(ONO)", type, inner, ARG(3));
-        if (hargs == NULL) return NULL;
-        PyObject *r = helper_call(L, "subclass", hargs);
-        Py_DECREF(hargs);
-        return r;
-    }
-    case G_REBUILD_META_TENSOR_NO_STORAGE: {
-        if (n != 4) return wrong_args(L, g, "(dtype, size, stride, requires_grad)", args), NULL;
-        if (L->torch) {
-            int dt = dtype_from_value(L, ARG(0));
-            int64_t size[NPY_MAXDIMS + 1], stride[NPY_MAXDIMS + 1];
-            int nd, nds;
-            if (dt < 0 || get_dims(L, ARG(1), "size", size, &nd) < 0 || get_dims(L, ARG(2), "stride", stride, &nds) < 0)
-                return NULL;
-            if (nds != nd) return tf_raise(L, st->FormatError, "tensor has %d sizes but %d strides", nd, nds), NULL;
-            PyObject *targs = Py_BuildValue("(iOOO)", dt, ARG(1), ARG(2), ARG(3));
-            PyObject *r = targs ? torch_helper(L, "meta_tensor", targs) : NULL;
-            Py_XDECREF(targs);
-            return r;
-        }
-        return meta_of(L, ARG(0), ARG(1));
-    }
+    case G_REBUILD_FROM_TYPE_V2:
+        return rebuild_from_type(L, g, args);
+    case G_REBUILD_META_TENSOR_NO_STORAGE:
+        return rebuild_meta_no_storage(L, g, args);
     case G_ORDERED_DICT:
         return make_mapping(L, g, st->OrderedDict, args);
     case G_COUNTER:
@@ -662,26 +796,8 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     case G_CODECS_ENCODE:
         return make_codecs_encode(L, g, args);
     case G_BYTES:
-    case G_BYTEARRAY: {
-        /* (text, encoding): how Python 2 pickles a bytearray (latin-1 text and 'latin-1');
-         * encoded as _codecs.encode would */
-        if (n == 2 && PyUnicode_Check(ARG(0)) && PyUnicode_Check(ARG(1))) {
-            PyObject *b = make_codecs_encode(L, g, args);
-            if (b == NULL || g->id == G_BYTES) return b;
-            PyObject *r = PyByteArray_FromObject(b);
-            Py_DECREF(b);
-            return r;
-        }
-        if (n > 1 || (n == 1 && !PyBytes_CheckExact(ARG(0)) && !PyByteArray_CheckExact(ARG(0))))
-            return wrong_args(L, g, "at most one bytes, or (text: str, encoding: str)", args), NULL;
-        const char *p = "";
-        Py_ssize_t len = 0;
-        if (n == 1) {
-            p = PyBytes_Check(ARG(0)) ? PyBytes_AS_STRING(ARG(0)) : PyByteArray_AS_STRING(ARG(0));
-            len = PyBytes_Check(ARG(0)) ? PyBytes_GET_SIZE(ARG(0)) : PyByteArray_GET_SIZE(ARG(0));
-        }
-        return g->id == G_BYTES ? PyBytes_FromStringAndSize(p, len) : PyByteArray_FromStringAndSize(p, len);
-    }
+    case G_BYTEARRAY:
+        return make_bytes(L, g, args);
     case G_SET:
         return make_set(L, g, args, 0);
     case G_FROZENSET:
@@ -708,67 +824,14 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
         return helper_call(L, "np_dtype", args);
     case G_NP_SCALAR:
         return helper_call(L, "np_scalar", args);
-    case G_REBUILD_QTENSOR: {
-        if (n != 7)
-            return wrong_args(L, g, "(storage, offset, size, stride, quantizer_params, requires_grad, hooks)", args),
-                   NULL;
-        if (!is_storage(L, ARG(0)))
-            return tf_raise(L, st->UnpicklingError, "quantized tensor rebuilt over a %s, not a storage",
-                            Py_TYPE(ARG(0))->tp_name), NULL;
-        int dt = ((StorageObject *)ARG(0))->dtype;
-        PyObject *view = rebuild_strided(L, ARG(0), ARG(1), ARG(2), ARG(3), dt, NULL, 1);
-        if (view == NULL) return NULL;
-        int ready = ready_all(L);
-        if (ready != 0) {
-            Py_DECREF(view);
-            return ready < 0 ? NULL : Py_NewRef(Py_None);
-        }
-        PyObject *params = materialize_all(L, ARG(4), 2);
-        PyObject *shape = params ? PySequence_Tuple(ARG(2)) : NULL;
-        if (shape == NULL) {
-            Py_DECREF(view);
-            Py_XDECREF(params);
-            return NULL;
-        }
-        PyObject *hargs = Py_BuildValue("(NsNN)", view, dtypes_table[dt].name, shape, params);
-        PyObject *r = hargs ? helper_call(L, "qtensor", hargs) : NULL;
-        Py_XDECREF(hargs);
-        return r;
-    }
+    case G_REBUILD_QTENSOR:
+        return rebuild_qtensor(L, g, args);
     case G_REBUILD_SPARSE_TENSOR:
     case G_REBUILD_SPARSE_CSR_TENSOR:
     case G_REBUILD_NESTED_TENSOR:
     case G_REBUILD_DEVICE_TENSOR_FROM_NUMPY:
-    case G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR: {
-        const char *helper = g->id == G_REBUILD_NESTED_TENSOR ? "nested"
-                             : g->id == G_REBUILD_SPARSE_TENSOR ? "sparse"
-                             : g->id == G_REBUILD_SPARSE_CSR_TENSOR ? "sparse_csr"
-                                                                    : "device_tensor";
-        if (g->id == G_REBUILD_NESTED_TENSOR && n != 4)
-            return wrong_args(L, g, "(buffer, sizes, strides, storage_offsets)", args), NULL;
-        if ((g->id == G_REBUILD_SPARSE_TENSOR || g->id == G_REBUILD_SPARSE_CSR_TENSOR) && n != 2)
-            return wrong_args(L, g, "(layout, data)", args), NULL;
-        PyObject *margs;
-        int ready = ready_all(L);
-        if (ready != 0) return ready < 0 ? NULL : Py_NewRef(Py_None);
-        if (g->id == G_REBUILD_DEVICE_TENSOR_FROM_NUMPY || g->id == G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR) {
-            if (n != 4) return wrong_args(L, g, "(data, dtype, device, requires_grad)", args), NULL;
-            int dt = dtype_from_value(L, ARG(1));
-            if (dt < 0 || loader_need_dtype(L, dt) < 0) return NULL;
-            if (st->descr[dt] == NULL || (dtypes_table[dt].flags & (DTF_QUANTIZED | DTF_NO_TENSOR)) ||
-                dt == DT_COMPLEX32)
-                return tf_raise(L, st->UnpicklingError, "%U to dtype %s is not supported", g->canon,
-                                dtypes_table[dt].name), NULL;
-            PyObject *data = materialize_all(L, ARG(0), 0);
-            margs = data ? Py_BuildValue("(NO)", data, (PyObject *)st->descr[dt]) : NULL;
-        } else {
-            margs = materialize_all(L, args, 2);
-        }
-        if (margs == NULL) return NULL;
-        PyObject *r = helper_call(L, helper, margs);
-        Py_DECREF(margs);
-        return r;
-    }
+    case G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR:
+        return rebuild_valued(L, g, args);
     case G_REBUILD_WRAPPER_SUBCLASS: {
         /* storage-less: the real tensors are in the state _rebuild_from_type_v2 passes on */
         if (n != 8)
@@ -781,30 +844,8 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     case G_JIT_RESTORE_TYPE_TAG:
         return jit_pickle_helper(L, g, args);
     case G_TENSOR:
-    case G_LEGACY_TENSOR: {
-        /* torch.Tensor() / torch.FloatTensor(): an empty tensor, which a pre-0.4 pickle
-         * then BUILDs with (storage, offset, size, stride) */
-        if (n != 0)
-            return tf_raise(L, st->UnpicklingError, "%U called with arguments is not supported", g->canon), NULL;
-        int dt = g->id == G_TENSOR ? DT_FLOAT32 : g->arg;
-        if (dt >= 0 && loader_need_dtype(L, dt) < 0) return NULL;
-        if (dt < 0 || st->descr[dt] == NULL)
-            return tf_raise(L, st->UnpicklingError, "%U has no array dtype", g->canon), NULL;
-        /* numpy gives a fresh empty array stride 0; torch's is (1,): view a 1-element buffer */
-        npy_intp one = 1, zero = 0, stride = (npy_intp)dtypes_table[dt].np_itemsize;
-        Py_INCREF(st->descr[dt]);
-        PyObject *buf = PyArray_NewFromDescr(&PyArray_Type, st->descr[dt], 1, &one, NULL, NULL, 0, NULL);
-        if (buf == NULL) return NULL;
-        Py_INCREF(st->descr[dt]);
-        PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, st->descr[dt], 1, &zero, &stride,
-                                             PyArray_DATA((PyArrayObject *)buf), NPY_ARRAY_WRITEABLE, NULL);
-        if (arr == NULL || PyArray_SetBaseObject((PyArrayObject *)arr, buf) < 0) {
-            if (arr == NULL) Py_DECREF(buf);
-            Py_XDECREF(arr);
-            return NULL;
-        }
-        return arr;
-    }
+    case G_LEGACY_TENSOR:
+        return make_empty_tensor(L, g, args);
     default:
         return tf_raise(L, st->UnpicklingError, "%U cannot be called", g->canon), NULL;
     }
