@@ -172,7 +172,7 @@ typedef struct Loader {
     PyObject **memo;
     Py_ssize_t memo_len, memo_cap;
     uint64_t op_offset;     /* offset of the opcode being run */
-    int hooks_fast;         /* torch's tensor pattern may run fused (unpickler.c, rebuild_v2_fused) */
+    int hooks_fast;         /* torch's tensor pattern may run fused (fastpath.c, rebuild_v2_fused) */
     int hooks_fused;        /* it did: some memo slots were left empty */
     int hooks_escaped;      /* a memo GET met an empty slot: vm_run runs the pickle again unfused */
     /* one-shot mmap loads: the pages of local headers already read are dropped from this process
@@ -252,7 +252,7 @@ PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs);
 /* Persistent ids of the legacy stream (6-tuples) and the tar format (keys). New reference. */
 PyObject *legacy_persistent_load(Loader *L, PyObject *pid);
 
-/* unpickler.c */
+/* vm.c (the pickle VM; vm.h for its internals) */
 PyObject *vm_run(Loader *L, const uint8_t *data, size_t len); /* new reference */
 /* Run the pickle that starts at data and ends at its STOP (bytes after it are
  * the caller's: the legacy stream concatenates pickles and blobs); *used gets

@@ -1,7 +1,8 @@
 /* pickscan.c - Python-free static walk over a pickle (see pickscan.h).
  *
- * The opcode table and every rule here mirror vm_step() in unpickler.c:
- * NEED() before every read, the same stack fence (the last MARK), the same
+ * The opcode table and every rule here mirror vm_step() in vm.c: opcode
+ * arguments are decoded by the same code (oparg.h, every length checked
+ * before a read), the same stack fence (the last MARK), the same
  * dense-memo rule, the same limits and the same checks of GLOBAL names. A
  * value on the shadow stack is either a string literal (its bytes in the
  * input) or "anything"; nothing is ever decoded or built. */
@@ -9,7 +10,7 @@
 
 #include <stdlib.h>
 
-#include "opcodes.h"
+#include "oparg.h"
 
 typedef unsigned long long ull;
 
@@ -37,15 +38,19 @@ typedef struct {
 
 #define PS_FAIL(status, ...) tf_fail(s->err, (status), s->op_offset, __VA_ARGS__)
 
-/* Bytes left in the input. */
-static uint64_t ps_left(const Ps *s) { return (uint64_t)(s->end - s->p); }
+/* The error for an argument oparg.h could not read (a truncation or a negative count). */
+static TfStatus ps_arg_error(Ps *s, OaStatus st, uint64_t need) {
+    if (st == OA_NEGATIVE) return PS_FAIL(TF_ERR_FORMAT, "%s", oa_negative_msg(s->op));
+    return PS_FAIL(TF_ERR_FORMAT, "pickle data was truncated (%s needs %llu more bytes)", opcode_name(s->op),
+                   (ull)need);
+}
 
-#define NEED(n)                                                                                                  \
-    do {                                                                                                         \
-        if (TF_UNLIKELY(ps_left(s) < (uint64_t)(n)))                                                            \
-            return PS_FAIL(TF_ERR_FORMAT, "pickle data was truncated (%s needs %llu more bytes)",  \
-                           opcode_name(s->op), (ull)(n));                                    \
-    } while (0)
+/* The opcode's w-byte little-endian unsigned argument. */
+static TfStatus ps_arg(Ps *s, int w, uint64_t *v) {
+    uint64_t need = 0;
+    if (oa_uint(&s->p, s->end, w, v, &need) != OA_OK) return ps_arg_error(s, OA_TRUNCATED, need);
+    return TF_OK;
+}
 
 /* Grow *buf (elements of size `elem`) to hold at least `need` of them (callers check the limits). */
 static TfStatus ps_grow(Ps *s, void **buf, size_t *cap, size_t need, size_t elem) {
@@ -138,16 +143,10 @@ static TfStatus ps_memo_get(Ps *s, uint64_t idx) {
 
 /* A text line without its newline, as read_line() in the VM. */
 static TfStatus ps_line(Ps *s, const uint8_t **line, size_t *n) {
-    const uint8_t *nl = (const uint8_t *)memchr(s->p, '\n', (size_t)(s->end - s->p));
-    if (nl == NULL)
+    OaStatus st = oa_line(&s->p, s->end, s->lim.name, line, n);
+    if (st == OA_TRUNCATED)
         return PS_FAIL(TF_ERR_FORMAT, "pickle data was truncated (%s needs a line)", opcode_name(s->op));
-    uint64_t max_line;
-    if (tf_mul_u64(s->lim.name, 64, &max_line)) max_line = UINT64_MAX;
-    *line = s->p;
-    *n = (size_t)(nl - s->p);
-    if ((uint64_t)*n > max_line)
-        return PS_FAIL(TF_ERR_LIMIT, "%s line longer than the limit", opcode_name(s->op));
-    s->p = nl + 1;
+    if (st == OA_TOO_LONG) return PS_FAIL(TF_ERR_LIMIT, "%s line longer than the limit", opcode_name(s->op));
     return TF_OK;
 }
 
@@ -183,13 +182,7 @@ static TfStatus ps_text_index(Ps *s, uint64_t *idx) {
     size_t n;
     TfStatus st = ps_line(s, &l, &n);
     if (st != TF_OK) return st;
-    if (n == 0 || n > 18) return PS_FAIL(TF_ERR_FORMAT, "invalid %s index", opcode_name(s->op));
-    uint64_t v = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (l[i] < '0' || l[i] > '9') return PS_FAIL(TF_ERR_FORMAT, "invalid %s index", opcode_name(s->op));
-        v = v * 10 + (uint64_t)(l[i] - '0');
-    }
-    *idx = v;
+    if (!oa_text_index(l, n, idx)) return PS_FAIL(TF_ERR_FORMAT, "invalid %s index", opcode_name(s->op));
     return TF_OK;
 }
 
@@ -206,21 +199,40 @@ static TfStatus ps_collapse_mark(Ps *s, int pairs) {
     return ps_push_any(s);
 }
 
+/* A counted argument (LONG1/4, the strings, bytes, bytearray): a str literal for the string
+ * opcodes (Python 2 strings count as str: they are with the default encoding), else anything. */
+static TfStatus ps_counted(Ps *s) {
+    const uint8_t *p = NULL;
+    uint64_t n = 0, need = 0;
+    OaStatus st = oa_counted(s->op, &s->p, s->end, &p, &n, &need);
+    if (st != OA_OK) return ps_arg_error(s, st, need);
+    if (s->op == OP_SHORT_BINUNICODE || s->op == OP_BINUNICODE || s->op == OP_BINUNICODE8 ||
+        s->op == OP_SHORT_BINSTRING || s->op == OP_BINSTRING)
+        return ps_push_str(s, p, n);
+    return ps_push_any(s);
+}
+
+/* An argument of w bytes that is not looked at (BININT*, BINFLOAT). */
+static TfStatus ps_fixed(Ps *s, int w) {
+    const uint8_t *p;
+    uint64_t need = 0;
+    if (oa_take(&s->p, s->end, (uint64_t)w, &p, &need) != OA_OK) return ps_arg_error(s, OA_TRUNCATED, need);
+    return ps_push_any(s);
+}
+
 static TfStatus ps_step(Ps *s, int *stop) {
     const uint8_t *p;
     uint64_t n;
     TfStatus st;
     switch (s->op) {
     case OP_PROTO:
-        NEED(1);
-        if (*s->p > 5) return PS_FAIL(TF_ERR_FORMAT, "unsupported pickle protocol %d", *s->p);
-        s->out->protocol = *s->p++;
+        if ((st = ps_arg(s, 1, &n)) != TF_OK) return st;
+        if (n > 5) return PS_FAIL(TF_ERR_FORMAT, "unsupported pickle protocol %d", (int)n);
+        s->out->protocol = (int)n;
         return TF_OK;
-    case OP_FRAME:
-        NEED(8);
-        n = tf_le64(s->p);
-        s->p += 8;
-        NEED(n);
+    case OP_FRAME: /* its length is only checked */
+        if ((st = ps_arg(s, 8, &n)) != TF_OK) return st;
+        if (oa_left(s->p, s->end) < n) return ps_arg_error(s, OA_TRUNCATED, n);
         return TF_OK;
     case OP_MARK:
         return ps_mark(s);
@@ -252,36 +264,13 @@ static TfStatus ps_step(Ps *s, int *stop) {
     case OP_EMPTY_SET:
         return ps_push_any(s);
     case OP_BININT:
-        NEED(4);
-        s->p += 4;
-        return ps_push_any(s);
+        return ps_fixed(s, 4);
     case OP_BININT1:
-        NEED(1);
-        s->p += 1;
-        return ps_push_any(s);
+        return ps_fixed(s, 1);
     case OP_BININT2:
-        NEED(2);
-        s->p += 2;
-        return ps_push_any(s);
+        return ps_fixed(s, 2);
     case OP_BINFLOAT:
-        NEED(8);
-        s->p += 8;
-        return ps_push_any(s);
-    case OP_LONG1:
-        NEED(1);
-        n = *s->p++;
-        NEED(n);
-        s->p += n;
-        return ps_push_any(s);
-    case OP_LONG4: {
-        NEED(4);
-        int32_t l4 = (int32_t)tf_le32(s->p);
-        s->p += 4;
-        if (l4 < 0) return PS_FAIL(TF_ERR_FORMAT, "LONG4 with a negative byte count");
-        NEED((uint64_t)l4);
-        s->p += l4;
-        return ps_push_any(s);
-    }
+        return ps_fixed(s, 8);
     case OP_INT:
     case OP_LONG: {
         /* the literal's syntax is the VM's business; a line must be there */
@@ -292,44 +281,21 @@ static TfStatus ps_step(Ps *s, int *stop) {
     case OP_FLOAT: {
         size_t ln;
         if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
-        if (ln >= 512) return PS_FAIL(TF_ERR_FORMAT, "FLOAT literal too long");
+        if (ln > OA_FLOAT_MAX) return PS_FAIL(TF_ERR_FORMAT, "FLOAT literal too long");
         return ps_push_any(s);
     }
+    case OP_LONG1:
+    case OP_LONG4:
     case OP_SHORT_BINUNICODE:
     case OP_SHORT_BINSTRING:
     case OP_SHORT_BINBYTES:
-        NEED(1);
-        n = *s->p++;
-        goto counted;
     case OP_BINUNICODE:
     case OP_BINBYTES:
-        NEED(4);
-        n = tf_le32(s->p);
-        s->p += 4;
-        goto counted;
-    case OP_BINSTRING: {
-        NEED(4);
-        int32_t l4 = (int32_t)tf_le32(s->p);
-        s->p += 4;
-        if (l4 < 0) return PS_FAIL(TF_ERR_FORMAT, "BINSTRING with a negative length");
-        n = (uint64_t)l4;
-        goto counted;
-    }
+    case OP_BINSTRING:
     case OP_BINUNICODE8:
     case OP_BINBYTES8:
     case OP_BYTEARRAY8:
-        NEED(8);
-        n = tf_le64(s->p);
-        s->p += 8;
-    counted:
-        NEED(n);
-        p = s->p;
-        s->p += n;
-        /* Python 2 strings count as str: they are with the default encoding */
-        if (s->op == OP_SHORT_BINUNICODE || s->op == OP_BINUNICODE || s->op == OP_BINUNICODE8 ||
-            s->op == OP_SHORT_BINSTRING || s->op == OP_BINSTRING)
-            return ps_push_str(s, p, n);
-        return ps_push_any(s);
+        return ps_counted(s);
     case OP_UNICODE: {
         size_t ln;
         if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
@@ -339,7 +305,7 @@ static TfStatus ps_step(Ps *s, int *stop) {
     case OP_STRING: {
         size_t ln;
         if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
-        if (ln < 2 || (p[0] != '\'' && p[0] != '"') || p[ln - 1] != p[0])
+        if (!oa_string_quoted(p, ln))
             return PS_FAIL(TF_ERR_FORMAT, "the STRING opcode argument must be quoted");
         if (has_byte(p + 1, ln - 2, '\\')) return ps_push_any(s);
         return ps_push_str(s, p + 1, ln - 2);
@@ -376,22 +342,14 @@ static TfStatus ps_step(Ps *s, int *stop) {
         return TF_OK;
     }
     case OP_BINPUT:
-        NEED(1);
-        return ps_memo_put(s, *s->p++);
     case OP_LONG_BINPUT:
-        NEED(4);
-        n = tf_le32(s->p);
-        s->p += 4;
+        if ((st = ps_arg(s, s->op == OP_BINPUT ? 1 : 4, &n)) != TF_OK) return st;
         return ps_memo_put(s, n);
     case OP_MEMOIZE:
         return ps_memo_put(s, (uint64_t)s->memo_len);
     case OP_BINGET:
-        NEED(1);
-        return ps_memo_get(s, *s->p++);
     case OP_LONG_BINGET:
-        NEED(4);
-        n = tf_le32(s->p);
-        s->p += 4;
+        if ((st = ps_arg(s, s->op == OP_BINGET ? 1 : 4, &n)) != TF_OK) return st;
         return ps_memo_get(s, n);
     case OP_GET:
         if ((st = ps_text_index(s, &n)) != TF_OK) return st;

@@ -1,7 +1,7 @@
 /* pickscan.h - Python-free static walk over a pickle (protocols 0-5).
  *
  * pickscan_run() reads a pickle's opcodes without building anything: the same
- * framing rules, length checks and limits as the VM in unpickler.c (every
+ * framing rules, length checks and limits as the VM in vm.c (every
  * length is checked against the input, the memo must be dense, stack and mark
  * depth are tracked against the limits, trailing bytes after STOP are refused)
  * plus a shadow stack that knows which values are string literals, so that

@@ -1,4 +1,4 @@
-"""The VM's whole-tensor fast path (unpickler.c, tensor_fused): torch's per-tensor opcode
+"""The VM's whole-tensor fast path (fastpath.c, tensor_fused): torch's per-tensor opcode
 sequence, with torch's memoization (globals and strings put once, then memo GETs), is read
 straight from the bytes. These torch-free tests build such pickles by hand and check that the
 fast path gives what the opcode-by-opcode VM gives: the same arrays, the same sharing, the same

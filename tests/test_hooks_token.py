@@ -1,5 +1,5 @@
 """The VM stands in a shared object for the empty backward_hooks OrderedDict of every
-_rebuild_tensor_v2 call (src/unpickler.c, hooks_arg_of_rebuild); a pickle that uses such a
+_rebuild_tensor_v2 call (src/fastpath.c, rebuild_v2_fused); a pickle that uses such a
 hooks dict (or the argument tuple holding it) again must still load exactly as torch loads it."""
 
 import collections
