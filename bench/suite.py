@@ -75,6 +75,7 @@ def _opt_import(name):
 
 
 torch, TORCH_ERR = _opt_import("torch")
+tt = _opt_import("torchfree.torch")[0] if torch is not None else None  # torch's stand-ins
 st_numpy, ST_ERR = _opt_import("safetensors.numpy")
 if st_numpy is not None:
     from safetensors import safe_open
@@ -875,6 +876,18 @@ def scenario_save(fx, d, rows_out, args):
     add("torchfree.save() (atomic: fsync + rename)", lambda: torchfree.save(fx.obj_np, out, format=fmt))
     add("torch.save", lambda: torch.save(fx.obj_torch, out, _use_new_zipfile_serialization=not fx.legacy),
         err=TORCH_ERR)
+    tt_args = dict(_use_new_zipfile_serialization=not fx.legacy)
+    add("torchfree.torch.save(atomic=False)", lambda: tt.save(fx.obj_torch, out, atomic=False, **tt_args),
+        kind="torchfree", err=TORCH_ERR, note="torch tensors, in place, no fsync, as torch.save")
+    add("torchfree.torch.save(fsync=False)", lambda: tt.save(fx.obj_torch, out, fsync=False, **tt_args),
+        err=TORCH_ERR, note="atomic rename, no fsync")
+    add("torchfree.torch.save() (atomic: fsync + rename)", lambda: tt.save(fx.obj_torch, out, **tt_args),
+        err=TORCH_ERR)
+    add("torchfree.torch.save(background=True): loop blocked", lambda: _background_save(out, fx, tt_args),
+        err=TORCH_ERR, note="until it returns: the snapshot (one memory copy); the write goes on")
+    add("torchfree.torch.save(background=True).result()",
+        lambda: tt.save(fx.obj_torch, out, background=True, **tt_args).result(), err=TORCH_ERR,
+        note="snapshot + atomic write with fsync")
     if not fx.legacy:
         flat = flat_arrays(fx.obj_np) if st_numpy else None
         add("safetensors.numpy.save_file", lambda: st_numpy.save_file(flat, out + ".st"), err=ST_ERR,
@@ -885,6 +898,16 @@ def scenario_save(fx, d, rows_out, args):
     add("limit: fallocate + write() + fsync, 512 kB calls", write(True, 512 << 10, True))
     rows_out.extend(rows)
     return rows
+
+
+_PENDING = []
+
+
+def _background_save(out, fx, tt_args):
+    """A background save, timed until it returns; the write finishes before the next round."""
+    while _PENDING:
+        _PENDING.pop().result()
+    _PENDING.append(tt.save(fx.obj_torch, out + ".bg", background=True, **tt_args))
 
 
 _COMPILED = []

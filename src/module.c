@@ -331,7 +331,7 @@ static PyMethodDef core_methods[] = {
      "walk($module, /, obj, mode, sep, children, refs=False, info_type=None, other=None, max_depth=10000)\n--\n\n"
      "The tensors of obj by dotted name (internal: see torchfree.flatten and scan)."},
     {"storage_over", mod_storage_over, METH_VARARGS,
-     "storage_over($module, buffer, dtype_id, /)\n--\n\nA Storage over any buffer's bytes, held exported while it "
+     "storage_over($module, buffer, dtype_id, location=None, /)\n--\n\nA Storage over any buffer's bytes, held exported while it "
      "lives (internal: torchfree.torch.save hands torch storages to the writer so)."},
     {"_thp_probe", mod_thp_probe, METH_VARARGS,
      "_thp_probe($module, free=-2, /)\n--\n\nThe free bytes in huge-page blocks a copy load would budget, or None "

@@ -70,6 +70,7 @@ typedef struct {
     int pending;        /* buffer allocated, bytes still to be read (deferred pread) */
     int unread;         /* lazy archives: record located, nothing allocated or read yet */
     int hooked;         /* the map_location callable has seen it (or there is none) */
+    int write_location; /* storage_over(..., location): the writer writes `location`, not "cpu" */
     PyObject *saved;    /* the saved location tag (for the map_location callable) */
     PyObject *upcast;   /* complex32 storages: the whole storage as complex64, made once */
     struct ZipEntryRef { ZipEntry *entry; } rec;

@@ -214,6 +214,21 @@ static int emit_storage_type(Saver *S, int dt) {
 
 /* ('storage', <type>, key, 'cpu', numel[, None]) BINPERSID */
 /* dt: the dtype of this use (the record's, except for an empty storage used as several) */
+/* The record's location tag: "cpu" (one string, memoized, as torch's constant "cpu"), or the
+ * device tag a Storage made by storage_over(..., location) carries (torchfree.torch.save of a
+ * CUDA tensor): a fresh string each time, as torch's location_tag makes one per call. */
+static int emit_location(Saver *S, SaveRecord *r) {
+    PyObject *o = r->owner;
+    if (Py_TYPE(o) != S->st->StorageType || !((StorageObject *)o)->write_location)
+        return save_made_str(S, S->str_cpu);
+    PyObject *loc = ((StorageObject *)o)->location;
+    PyObject *fresh = PyUnicode_FromKindAndData(PyUnicode_KIND(loc), PyUnicode_DATA(loc), PyUnicode_GET_LENGTH(loc));
+    int rc = fresh != NULL ? keep(S, fresh) : -1; /* kept: its address stays its memo key */
+    if (rc == 0) rc = save_str(S, fresh);
+    Py_XDECREF(fresh);
+    return rc;
+}
+
 static int emit_pid(Saver *S, SaveRecord *r, int dt) {
     Pickler *P = &S->pk;
     const DtypeInfo *info = &dtypes_table[dt];
@@ -240,7 +255,7 @@ static int emit_pid(Saver *S, SaveRecord *r, int dt) {
     } else if (save_made_str(S, r->key) < 0) {
         return -1;
     }
-    if (save_made_str(S, S->str_cpu) < 0) return -1;
+    if (emit_location(S, r) < 0) return -1;
     pk_int(P, (int64_t)(info->storage != NULL ? r->nbytes / info->itemsize : r->nbytes));
     if (S->legacy) pk_op(P, OP_NONE);
     pk_op(P, OP_TUPLE);

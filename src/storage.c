@@ -189,6 +189,7 @@ static StorageObject *storage_alloc(ModuleState *st, Loader *L, PyObject *key, P
     s->upcast = NULL;
     s->unread = 0;
     s->hooked = 1;
+    s->write_location = 0;
     s->saved = NULL;
     return s;
 }
@@ -197,13 +198,18 @@ StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssiz
     return storage_alloc(L->st, L, key, location, nbytes, dtype);
 }
 
-/* storage_over(buffer, dtype_id, /): a Storage over the bytes of any buffer (held exported
- * while it lives), tagged "cpu", key "". torchfree.torch.save gives each torch storage's bytes
- * to the writer so: the writer writes a Storage whole, as torch writes a storage (internal). */
+/* storage_over(buffer, dtype_id, location=None, /): a Storage over the bytes of any buffer
+ * (held exported while it lives), key "", tagged "cpu" or `location` (which the writer then
+ * writes: a device tensor's tag). torchfree.torch.save gives each torch storage's bytes to the
+ * writer so: the writer writes a Storage whole, as torch writes a storage (internal). */
 PyObject *mod_storage_over(PyObject *module, PyObject *args) {
-    PyObject *buf;
+    PyObject *buf, *location = Py_None;
     int dtype;
-    if (!PyArg_ParseTuple(args, "Oi:storage_over", &buf, &dtype)) return NULL;
+    if (!PyArg_ParseTuple(args, "Oi|O:storage_over", &buf, &dtype, &location)) return NULL;
+    if (location != Py_None && !PyUnicode_Check(location)) {
+        PyErr_SetString(PyExc_TypeError, "storage_over: location must be a str or None");
+        return NULL;
+    }
     if (dtype < 0 || dtype >= DT_COUNT || (dtypes_table[dtype].flags & (DTF_QUANTIZED | DTF_NO_TENSOR))) {
         PyErr_Format(PyExc_ValueError, "storage_over: bad dtype id %d", dtype);
         return NULL;
@@ -217,14 +223,17 @@ PyObject *mod_storage_over(PyObject *module, PyObject *args) {
         PyBuffer_Release(&view);
         return NULL;
     }
-    PyObject *key = PyUnicode_FromString(""), *cpu = key ? PyUnicode_InternFromString("cpu") : NULL;
-    StorageObject *s = cpu ? storage_alloc(st, NULL, key, cpu, view.len, dtype) : NULL;
+    int tagged = location != Py_None && PyUnicode_CompareWithASCIIString(location, "cpu") != 0;
+    PyObject *key = PyUnicode_FromString("");
+    PyObject *loc = key == NULL ? NULL : tagged ? Py_NewRef(location) : PyUnicode_InternFromString("cpu");
+    StorageObject *s = loc ? storage_alloc(st, NULL, key, loc, view.len, dtype) : NULL;
     Py_XDECREF(key);
-    Py_XDECREF(cpu);
+    Py_XDECREF(loc);
     if (s == NULL) {
         PyBuffer_Release(&view);
         return NULL;
     }
+    s->write_location = tagged;
     s->data = view.buf;
     s->owner = Py_NewRef(buf);
     s->view = view; /* released by Storage_dealloc */

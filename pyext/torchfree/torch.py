@@ -27,7 +27,7 @@ from collections import OrderedDict
 
 from . import _core
 from ._core import CheckpointError, UnsafeGlobalError
-from ._files import _fsync_dir, check_file_object
+from ._files import _fsync_dir, check_file_object, open_rewrite
 from ._load import Source, _is_index_json, options
 
 __all__ = ["load", "save", "patched", "install", "uninstall"]
@@ -717,10 +717,11 @@ class _ToWriter:
     Raises _Foreign for what only torch's writer writes as torch does, and torch's RuntimeError
     for two views of the same bytes as different dtypes."""
 
-    def __init__(self, torch):
+    def __init__(self, torch, snapshot=False):
         from ._rebuild import SaveCall, SaveGlobal
 
         self.torch = torch
+        self.snapshot = snapshot  # copy every storage's bytes now (a background save)
         self.dtypes = _native_dtypes(torch)
         self.SaveCall, self.SaveGlobal = SaveCall, SaveGlobal
         self.done = {}
@@ -794,10 +795,10 @@ class _ToWriter:
 
     def _tensor(self, t):
         torch = self.torch
-        if (t.device.type != "cpu" or t.layout is not torch.strided or t.is_quantized or t.is_nested
+        if (t.device.type == "meta" or t.layout is not torch.strided or t.is_quantized or t.is_nested
                 or t.requires_grad or t.__dict__ or t._backward_hooks or t.is_conj() or t.is_neg()
                 or t._is_zerotensor()):
-            raise _Foreign("a tensor that is not a plain CPU tensor (device, layout, requires_grad, attributes, "
+            raise _Foreign("a tensor that is not a plain dense tensor (meta, layout, requires_grad, attributes, "
                            "hooks, conj/neg bits)")
         entry = self.dtypes.get(t.dtype)
         if entry is None:
@@ -832,10 +833,9 @@ class _ToWriter:
                 # as torch writes it (a Storage over the first one is the same storage to the writer)
                 variants[dtype] = _core.storage_over(s, entry[0])
             return variants[dtype]
-        torch = self.torch
-        raw = torch.empty(0, dtype=torch.uint8).set_(us, 0, (n,), (1,)).numpy()
+        raw, location = _host_bytes(self.torch, us, n, self.snapshot)
         try:
-            s = _core.storage_over(raw, entry[0])
+            s = _core.storage_over(raw, entry[0], location)
         except ValueError as e:  # not a whole number of elements
             raise _Foreign(str(e)) from None
         self.storages[key] = (s, {dtype: s})
@@ -850,6 +850,18 @@ class _ToWriter:
         for (a, n), (b, _) in zip(self.spans, self.spans[1:]):
             if b < a + n:
                 raise _Foreign("storages that overlap")
+
+
+def _host_bytes(torch, us, n, copy):
+    """(uint8 ndarray of an untyped storage's n bytes in host memory, torch's location tag).
+
+    A CPU storage is viewed in place (copied when ``copy``: a background save's snapshot); any
+    other device's is copied to host memory (``.cpu()``), tagged as torch.save tags it
+    (``"cuda:0"``: torch.serialization.location_tag)."""
+    view = torch.empty(0, dtype=torch.uint8, device=us.device).set_(us, 0, (n,), (1,))
+    if us.device.type == "cpu":
+        return (view.numpy().copy() if copy else view.numpy()), "cpu"
+    return view.cpu().numpy(), torch.serialization.location_tag(us)
 
 
 def _native_refusal(torch, pickle_module, pickle_protocol, disable_byteorder):
@@ -890,18 +902,19 @@ class _WriteWatch:
         self.write = write
 
 
-def _save_native(torch, obj, f, pickle_module, pickle_protocol, use_zip, disable_byteorder):
+def _save_native(torch, obj, f, pickle_module, pickle_protocol, use_zip, disable_byteorder, tree=None):
     """Write obj to f (a path, or a binary file object) with torchfree's writer as torch.save
     would; None when written, else why torch's writer must write it (nothing written then)."""
-    why = _native_refusal(torch, pickle_module, pickle_protocol, disable_byteorder)
-    if why is not None:
-        return why
-    conv = _ToWriter(torch)
-    try:
-        tree = conv.convert(obj)
-        conv.check_spans()
-    except _Foreign as e:
-        return str(e)
+    if tree is None:
+        why = _native_refusal(torch, pickle_module, pickle_protocol, disable_byteorder)
+        if why is not None:
+            return why
+        conv = _ToWriter(torch)
+        try:
+            tree = conv.convert(obj)
+            conv.check_spans()
+        except _Foreign as e:
+            return str(e)
     legacy = not use_zip
     if isinstance(f, str):
         from ._save import _archive_name
@@ -938,29 +951,54 @@ def _check_save_target(f, use_zip):
 
 
 def save(obj, f, pickle_module=pickle, pickle_protocol=2, _use_new_zipfile_serialization=True,
-         _disable_byteorder_record=False):
-    """``torch.save``, crash-safe for paths: torch.save's bytes (see below for who writes them),
-    into a temporary file with the target's name in a fresh folder next to it, fsynced, then
-    renamed over the target (and the folder fsynced), so a crash leaves the old file or the new one, and tensors or arrays that map the old file (a load with
-    ``mmap=True``) keep its bytes. File objects are written as ``torch.save`` writes them,
-    except one whose file this process maps: that raises ``OSError`` (``errno.ETXTBSY``)
-    before anything is written.
+         _disable_byteorder_record=False, *, atomic=True, fsync=True, background=False):
+    """``torch.save``: torch.save's bytes, written crash-safe and, on request, in the background.
 
-    The bytes are written by torchfree's own writer (torchfree.save's) where torch's pickle of
-    the object holds only what it writes as torch does (containers, Python scalars, plain CPU
-    tensors and TypedStorages, Parameters, torch.Size, devices and dtypes, with
-    pickle_module=pickle, protocol 2, the zip or the legacy format); by torch's own writer for
-    anything else."""
-    _save(obj, f, (pickle_module, pickle_protocol, _use_new_zipfile_serialization, _disable_byteorder_record))
+    Who writes: torchfree's own writer (torchfree.save's) where torch's pickle of the object
+    holds only what it writes as torch does (containers, Python scalars, dense tensors of any
+    device, strides and storage offset, TypedStorages, Parameters, torch.Size, devices and
+    dtypes, with pickle_module=pickle, protocol 2, the zip or the legacy format); torch's own
+    writer for anything else (counted in ``_fallbacks``). Tensors of another device (CUDA, ...)
+    are copied to host memory one storage at a time and written with their device's location
+    tag, as torch writes them.
+
+    Args:
+        atomic: for a path, write a temporary file in a fresh folder next to it, then rename it
+            over the target (the folder fsynced): a process killed at any moment leaves the old
+            file or the new one, never a truncated one, and tensors or arrays that map the old
+            file (a load with ``mmap=True``) keep its bytes. ``False`` writes the path in place,
+            as ``torch.save`` does (a file this process maps is still replaced, not rewritten).
+            File objects are written as ``torch.save`` writes them, except one whose file this
+            process maps: that raises ``OSError`` (``errno.ETXTBSY``) before anything is written.
+        fsync: with ``atomic``, fsync the new file before the rename and the folder after it, so
+            the new file also survives a power loss or a kernel crash (``False``: the rename
+            alone, which protects against the process being killed; ``bench/`` measures both).
+        background: return a ``concurrent.futures.Future`` as soon as every tensor is copied
+            to host memory (one memory copy of the state: the caller may go on training and
+            change the tensors); the file is written by a background thread and appears
+            atomically when the future completes; errors are raised by ``.result()``. Saves
+            run one after another in the order they were asked (a second save to the same path
+            comes after the first), and interpreter exit waits for the pending ones. Paths
+            only. An object only torch's writer writes is saved before returning (the future is
+            then already done).
+    """
+    args = (pickle_module, pickle_protocol, _use_new_zipfile_serialization, _disable_byteorder_record)
+    if background:
+        return _save_background(obj, f, args, bool(atomic), bool(fsync))
+    _save(obj, f, args, bool(atomic), bool(fsync))
+    return None
 
 
-def _write(torch, real_save, obj, f, args):
-    """obj to f (a path or a file object) by torchfree's writer, or by torch's where it must.
+def _write(torch, real_save, obj, f, args, tree=None):
+    """obj to f (a path or a file object) by torchfree's writer, or by torch's where it must;
+    ``tree``: what _ToWriter made of it already (a background save's snapshot).
 
     No warning when torch's writer writes it: its bytes are what torch.save writes, nothing is
     less safe, and code that saves a module expects torch.save to be silent (PyTorch's own
     test_serialization_save_warnings). The reasons are counted in ``_fallbacks``."""
-    why = _save_native(torch, obj, f, *args)
+    why = _save_native(torch, obj, f, *args, tree=tree)
+    if why is not None and tree is not None:  # a snapshot has no object left for torch's writer
+        raise RuntimeError(f"torchfree.torch.save: the background save could not be written: {why}")
     if why is not None:
         _fallbacks[("save", why)] += 1
         real_save(obj, f, *args)
@@ -978,16 +1016,22 @@ def _check_parent(path, use_zip):
         pass
 
 
-def _save(obj, f, args):
+def _save(obj, f, args, atomic=True, fsync=True, tree=None):
     torch = _torch()
     real_save = _originals.get("save", torch.save)
     if not isinstance(f, (str, bytes, os.PathLike)):
         _check_save_target(f, args[2])
         check_file_object(f)  # a file this process maps is never written in place
-        return _write(torch, real_save, obj, f, args)
+        return _write(torch, real_save, obj, f, args, tree)
     path = os.fsdecode(os.fspath(f))
     _check_parent(path, args[2])
     target = os.path.realpath(path) if os.path.islink(path) else path
+    if not atomic:
+        fd = open_rewrite(target)
+        if fd is not None:  # None: this process maps the file: it is replaced below (no fsync)
+            os.close(fd)
+            return _write(torch, real_save, obj, target, args, tree)
+        fsync = False
     directory = os.path.dirname(os.path.abspath(target))
     base = os.path.basename(target)
     try:
@@ -998,14 +1042,16 @@ def _save(obj, f, args):
     os.mkdir(tmpdir, 0o700)
     tmp = os.path.join(tmpdir, base)  # the same file name: torch names the archive after it
     try:
-        _write(torch, real_save, obj, tmp, args)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            if mode is not None:
-                os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write(torch, real_save, obj, tmp, args, tree)
+        if mode is not None or fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                if mode is not None:
+                    os.fchmod(fd, mode)
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -1014,7 +1060,55 @@ def _save(obj, f, args):
     finally:
         with contextlib.suppress(OSError):
             os.rmdir(tmpdir)
-    _fsync_dir(directory)
+    if fsync:
+        _fsync_dir(directory)
+
+
+# ---- background saves ----------------------------------------------------------------------
+
+_background = None  # the one thread that writes background saves, in the order they were asked
+_background_lock = threading.Lock()
+
+
+def _background_executor():
+    global _background
+    with _background_lock:
+        if _background is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # its thread is joined at interpreter exit (concurrent.futures' own exit hook): pending
+            # saves are written before the process ends
+            _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchfree-save")
+        return _background
+
+
+def _save_background(obj, f, args, atomic, fsync):
+    """save(..., background=True): snapshot now, write on the background thread."""
+    from concurrent.futures import Future
+
+    if not isinstance(f, (str, bytes, os.PathLike)):
+        raise TypeError("background saves write to a path (str or os.PathLike), not a file object")
+    torch = _torch()
+    why = _native_refusal(torch, *args[:2], args[3])
+    tree = None
+    if why is None:
+        conv = _ToWriter(torch, snapshot=True)
+        try:
+            tree = conv.convert(obj)
+            conv.check_spans()
+        except _Foreign as e:
+            why, tree = str(e), None
+    if tree is None:  # only torch's writer writes it: now, with the object as it is
+        done: Future = Future()
+        try:
+            _save(obj, f, args, atomic, fsync)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            done.set_exception(e)
+        else:
+            done.set_result(None)
+        return done
+    path = os.fsdecode(os.fspath(f))
+    return _background_executor().submit(_save, None, path, args, atomic, fsync, tree)
 
 
 # ---- patching torch.load / torch.save --------------------------------------------------------

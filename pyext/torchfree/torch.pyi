@@ -1,6 +1,7 @@
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from typing import IO, Any, TypedDict, type_check_only
+from typing import IO, Any, Literal, TypedDict, overload, type_check_only
 
 import torch
 from typing_extensions import TypeAlias, Unpack
@@ -33,6 +34,7 @@ def load(
     mmap: bool | None = None,
     **pickle_load_args: Unpack[_PickleLoadArgs],
 ) -> Any: ...
+@overload
 def save(
     obj: object,
     f: _StrOrBytesPath | IO[bytes],
@@ -40,7 +42,24 @@ def save(
     pickle_protocol: int = 2,
     _use_new_zipfile_serialization: bool = True,
     _disable_byteorder_record: bool = False,
+    *,
+    atomic: bool = True,
+    fsync: bool = True,
+    background: Literal[False] = False,
 ) -> None: ...
+@overload
+def save(
+    obj: object,
+    f: _StrOrBytesPath,
+    pickle_module: Any = ...,
+    pickle_protocol: int = 2,
+    _use_new_zipfile_serialization: bool = True,
+    _disable_byteorder_record: bool = False,
+    *,
+    atomic: bool = True,
+    fsync: bool = True,
+    background: Literal[True],
+) -> Future[None]: ...
 def install() -> None: ...
 def uninstall() -> None: ...
 def patched() -> AbstractContextManager[None]: ...

@@ -18,11 +18,14 @@ reveal_type(torchfree.torch.load)
 #    **TypedDict(torchfree.torch._PickleLoadArgs, {'encoding'?: str})) -> Any
 state = torchfree.torch.load("model.pt", map_location=torch.device("cuda", 0), weights_only=True, mmap=True)
 torchfree.torch.load(io.BytesIO(b"PK..."), map_location=lambda storage, saved: storage, encoding="latin1")
-reveal_type(torchfree.torch.save)
-# -> def (obj: object, f: str | bytes | os.PathLike[str] | os.PathLike[bytes] | typing.IO[bytes],
-#    pickle_module: Any =, pickle_protocol: int =, _use_new_zipfile_serialization: bool =,
-#    _disable_byteorder_record: bool =)
-torchfree.torch.save(state, "model.pt")
+reveal_type(torchfree.torch.save(state, "model.pt"))
+# -> None
+reveal_type(torchfree.torch.save(state, io.BytesIO(), atomic=False, fsync=False))
+# -> None
+pending = torchfree.torch.save(state, "model.pt", background=True)
+reveal_type(pending)
+# -> concurrent.futures._base.Future[None]
+pending.result()
 
 torchfree.torch.install()
 torchfree.torch.uninstall()
