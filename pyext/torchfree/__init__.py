@@ -99,8 +99,9 @@ def _ml_dtypes_descrs() -> dict:
     import numpy as np
 
     descrs = {}
-    for name in ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-                 "float8_e8m0fnu"):
+    for name in _core.DTYPE_NAMES:  # the core's dtypes (src/dtypes.c) that only ml_dtypes has
+        if name != "bfloat16" and not name.startswith("float8"):
+            continue
         t = getattr(ml_dtypes, name, None)
         if t is not None:
             descrs[name] = np.dtype(t)

@@ -1,13 +1,18 @@
-import collections
 import mmap as _mmap
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import IO, Any, Literal, Protocol, type_check_only
+from typing import IO, Any, Protocol, type_check_only
 
 from typing_extensions import Buffer, TypeAlias
 
-from ._core import Storage, _Src
-from .safetensors import _Entry
+from ._core import Storage
+from ._source import Source as Source
+from ._source import is_safetensors as is_safetensors
+from ._source import load_safetensors as load_safetensors
+from ._source import options as options
+from ._source import safetensors_entries as safetensors_entries
+from ._source import safetensors_input as safetensors_input
+from ._source import safetensors_meta as safetensors_meta
 
 # The argument types of load / scan / open, shared by their stubs.
 
@@ -42,31 +47,3 @@ def load(
     encoding: str = "utf-8",
     limits: _Limits | None = None,
 ) -> Any: ...
-def is_safetensors(head: bytes, size: int) -> bool: ...
-def safetensors_input(f: object) -> tuple[Literal["path"], str] | tuple[Literal["buffer"], Buffer] | None: ...
-def safetensors_meta(map_location: _MapLocation) -> bool: ...
-def safetensors_entries(buf: Buffer) -> tuple[list[_Entry], int]: ...
-def load_safetensors(
-    kind: Literal["path", "buffer"], src: str | Buffer, map_location: _MapLocation = None, mmap: bool | None = None
-) -> collections.OrderedDict[str, Any]: ...
-def options(
-    map_location: _MapLocation = None,
-    weights_only: bool = True,
-    safe_globals: _SafeGlobals | None = None,
-    encoding: str = "utf-8",
-    limits: _Limits | None = None,
-) -> dict[str, Any]: ...
-
-class Source:
-    path: str | None
-    format: Literal["zip", "legacy"]
-    drop_pages: bool
-    src: _Src | None
-    size: int
-    mode: int
-    require_map: bool
-    def __init__(self, f: _FileLike, mmap: bool | None = None, *, lazy: bool = False, shared: bool = False) -> None: ...
-    def args(self) -> tuple[_Src, int]: ...
-    def kwargs(self) -> dict[str, Any]: ...
-    def close(self) -> None: ...
-    def __del__(self) -> None: ...

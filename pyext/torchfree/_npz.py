@@ -57,7 +57,7 @@ def open_npz(path):
 
 def scan_npz(path):
     """A ``torchfree.CheckpointInfo`` of an ``.npz``, from the ``.npy`` headers only."""
-    from ._scan import CheckpointInfo, RecordInfo, StorageInfo, TensorInfo
+    from ._info import CheckpointInfo, RecordInfo, StorageInfo, TensorInfo
 
     path = os.fspath(path)
     info = CheckpointInfo(path, "npz", "little")

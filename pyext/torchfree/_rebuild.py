@@ -80,7 +80,7 @@ def fix_values(arr: np.ndarray, conj: int, neg: int) -> None:
 
 
 def _format(msg: str):
-    from . import FormatError
+    from ._core import FormatError
 
     return FormatError(msg)
 
@@ -370,7 +370,7 @@ def build(obj, state):
 
 
 def _unpickling(msg: str):
-    from . import UnpicklingError
+    from ._core import UnpicklingError
 
     return UnpicklingError(msg)
 

@@ -233,7 +233,7 @@ _SPARSE_NAMES = {
 
 
 def _format_error(msg):
-    from . import FormatError
+    from ._core import FormatError
 
     return FormatError(msg)
 

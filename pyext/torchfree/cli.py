@@ -102,7 +102,7 @@ def _parser():
 
 def _version() -> str:
     try:
-        from . import __version__
+        from ._version import __version__
 
         return __version__
     except Exception:  # pragma: no cover - broken install
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         return 2
     if args.traceback:
         return args.func(args)
-    from . import CheckpointError
+    from ._core import CheckpointError
 
     try:
         return args.func(args)
@@ -184,7 +184,7 @@ class _about:
     def __exit__(self, tp, e, tb):
         if e is None or isinstance(e, (CLIError, OSError)):
             return False
-        from . import CheckpointError
+        from ._core import CheckpointError
 
         if isinstance(e, CheckpointError) and self.path not in str(e):
             raise CLIError(f"{self.path}: {_one_line(e)}") from e
@@ -234,26 +234,26 @@ class Tensors:
             raise
 
     def _open(self, unsafe):
-        from . import UnsafeGlobalError
+        from ._core import UnsafeGlobalError
 
         self.format = detect(self.path)
         self._h = None
         self._owner = None
         if self.format == "pt":
-            import torchfree
+            from ._scan import open as tf_open
             from ._scan import weights_only_check
 
             try:
                 if self.path.endswith(".index.json"):
                     # each shard on its own, by what it holds (the index's weight_map may be stale)
-                    from ._scan import _ShardIndex
+                    from ._shardindex import _ShardIndex
 
                     self._h = _Group()
                     self._owner, infos = {}, []
                     idx = _ShardIndex(self.path)
                     for shard in idx.shards:
                         with _about(idx.files[shard]):
-                            ck = torchfree.open(idx.files[shard], weights_only=not unsafe)
+                            ck = tf_open(idx.files[shard], weights_only=not unsafe)
                             if not unsafe:  # open reads tensors past unknown globals; load would not
                                 weights_only_check(idx.files[shard])
                             self._h.members.append(ck)
@@ -263,7 +263,7 @@ class Tensors:
                                 self._owner[t.name] = ck
                                 infos.append(t)
                 else:
-                    self._h = torchfree.open(self.path, weights_only=not unsafe)
+                    self._h = tf_open(self.path, weights_only=not unsafe)
                     if not unsafe:
                         weights_only_check(self.path)
                     infos = self._h.info.tensors
@@ -291,8 +291,10 @@ class Tensors:
         """A pickled whole model (``torch.save(model)``) is compared by its state_dict names, as
         ``info`` and ``convert`` name its tensors: then it is loaded, its tensors found by walking
         module_state_dict. Other files keep their open() handle and names."""
-        from . import _core, load
-        from ._scan import _PAIRS, _state_dict_children, scan_state_dict_names
+        from . import _core
+        from ._load import load
+        from ._scan import _state_dict_children, scan_state_dict_names
+        from ._walk import _PAIRS
 
         named = scan_state_dict_names(self.path).tensors
         if [t.name for t in named] == [t.name for t in infos]:
@@ -835,7 +837,8 @@ def _models_as_state_dicts(obj):
 def _read_input(path, fmt, unsafe):
     """(object to write, metadata or None) of the input."""
     if fmt == "pt":
-        from . import UnsafeGlobalError, load
+        from ._core import UnsafeGlobalError
+        from ._load import load
 
         try:
             obj = load(path, weights_only=not unsafe)
@@ -877,20 +880,12 @@ def cmd_convert(args) -> int:
     if os.path.isdir(args.output):
         raise CLIError(f"{args.output}: is a folder")
     if out_fmt == "pt":
-        try:
-            from ._save import save
-        except ImportError:
-            import torchfree
-
-            save = getattr(torchfree, "save", None)
-            if save is None:
-                raise CLIError("writing .pt needs torchfree.save, which this version of torchfree "
-                               "does not have") from None
+        from ._save import save
 
     with _about(args.input):
         obj, meta = _read_input(args.input, in_fmt, args.unsafe_globals)
     if out_fmt == "pt":
-        from ._scan import flatten
+        from ._walk import flatten
 
         if in_fmt != "pt":
             obj = collections.OrderedDict(obj)

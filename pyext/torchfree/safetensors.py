@@ -408,7 +408,7 @@ def is_index(filename) -> bool:
     """Whether ``filename`` is a sharded-safetensors index (``model.safetensors.index.json``)."""
     if not isinstance(filename, (str, os.PathLike)) or not os.fspath(filename).endswith(".index.json"):
         return False
-    from ._scan import _ShardIndex
+    from ._shardindex import _ShardIndex
 
     shards = _ShardIndex(filename).shards
     return bool(shards) and all(sh.endswith(".safetensors") for sh in shards)
@@ -525,7 +525,7 @@ class _ShardedFile(_Entries):
     demand. Tensors are listed shard by shard, in each shard's header order."""
 
     def __init__(self, filename, *, mmap=True):
-        from ._scan import _ShardIndex
+        from ._shardindex import _ShardIndex
 
         self.path = os.fspath(filename)
         self._index = _ShardIndex(self.path)
@@ -580,7 +580,8 @@ class _ShardedFile(_Entries):
 def scan(filename):
     """A ``torchfree.CheckpointInfo`` of a safetensors file (header only), or of the shards of a
     ``*.safetensors.index.json``."""
-    from ._scan import CheckpointInfo, StorageInfo, TensorInfo, _ShardIndex
+    from ._info import CheckpointInfo, StorageInfo, TensorInfo
+    from ._shardindex import _ShardIndex
 
     path = os.fspath(filename)
     if path.endswith(".index.json"):
@@ -600,7 +601,7 @@ def scan(filename):
 
 def _info(path, entries, start):
     """The ``CheckpointInfo`` of a checked header's entries (``path`` None for bytes)."""
-    from ._scan import CheckpointInfo, RecordInfo, StorageInfo, TensorInfo
+    from ._info import CheckpointInfo, RecordInfo, StorageInfo, TensorInfo
 
     info = CheckpointInfo(path, "safetensors", "little")
     info.records = [RecordInfo("header", False, start, start, 0)]

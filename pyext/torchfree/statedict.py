@@ -742,7 +742,7 @@ def _module_state(o):
 
 
 def _bad_module(path: str, what: str):
-    from . import FormatError
+    from ._core import FormatError
 
     return FormatError(f"pickled module {_nm(path)}: {what}")
 
@@ -790,7 +790,7 @@ def _one_module(path: str, mod: Opaque, state: dict, out, meta) -> list:
 def _add_module(path: str, mod: Opaque, out, meta, budget: list) -> None:
     """``mod.state_dict(prefix=path + ".")`` into ``out`` / ``meta``, without recursion (a
     hostile pickle can nest modules deeper than Python's stack, or make one its own child)."""
-    from . import LIMITS, LimitError
+    from ._core import LIMITS, LimitError
 
     max_depth = LIMITS["marks"]  # the loader's container nesting limit
     on_path: set = set()
@@ -817,7 +817,7 @@ def _add_module(path: str, mod: Opaque, out, meta, budget: list) -> None:
 def _find_modules(obj) -> list:
     """(dotted path, module) of the outermost pickled modules in ``obj``, in ``flatten`` order
     (a shared container is looked into once)."""
-    from ._scan import _children
+    from ._walk import _children
 
     found, seen, stack = [], set(), [("", obj)]
     while stack:

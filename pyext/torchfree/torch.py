@@ -26,9 +26,9 @@ import warnings
 from collections import OrderedDict
 
 from . import _core
-from ._core import CheckpointError, UnsafeGlobalError
+from ._core import CheckpointError, FormatError, UnsafeGlobalError
 from ._files import _fsync_dir, check_file_object, open_rewrite
-from ._load import Source, _is_index_json, options
+from ._source import is_index_json, options, run_load
 
 __all__ = ["load", "save", "patched", "install", "uninstall"]
 
@@ -612,7 +612,7 @@ def _load(f, map_location, pickle_module, weights_only, mmap, pickle_load_args, 
     extra = set(pickle_load_args) - {"encoding"}
     if extra:
         raise TypeError(f"unsupported arguments: {sorted(extra)}")
-    if _is_index_json(f):
+    if is_index_json(f):
         return _load_sharded(torch, f, map_location, weights_only, mmap, pickle_load_args, strict)
     return _load_one(torch, f, map_location, weights_only, mmap, pickle_load_args, strict)
 
@@ -634,16 +634,13 @@ def _load_one(torch, f, map_location, weights_only, mmap, pickle_load_args, stri
     opts = options("meta" if meta else None, weights_only, None, pickle_load_args.get("encoding", "utf-8"), None)
     opts["torch"] = helpers
     mmap = _default_mmap(torch) if mmap is None else mmap
-    src = Source(f, mmap, shared=bool(mmap) and _mmap_shared(torch))
-    try:
-        if src.format == "zip":
-            obj = _core.load_zip(*src.args(), **src.kwargs(), **opts, default_byteorder=_default_byteorder(torch))
-        else:
-            obj, end = _core.load_legacy(*src.args(), **src.kwargs(), **opts, with_end=True)
-            if pos is not None:
-                f.seek(pos + end)  # where torch.load leaves it: just past the checkpoint
-    finally:
-        src.close()
+
+    def legacy_end(end):
+        if pos is not None:
+            f.seek(pos + end)  # where torch.load leaves it: just past the checkpoint
+
+    obj = run_load(f, mmap, opts, shared=bool(mmap) and _mmap_shared(torch),
+                   zip_byteorder=lambda: _default_byteorder(torch), legacy_end=legacy_end)
     if staged:
         _stage(torch, staged, cuda)
     torch._utils._validate_loaded_sparse_tensors()
@@ -653,8 +650,7 @@ def _load_one(torch, f, map_location, weights_only, mmap, pickle_load_args, stri
 def _load_sharded(torch, path, map_location, weights_only, mmap, pickle_load_args, strict):
     """A Hugging Face ``*.bin.index.json``: the shards' state_dicts merged into one OrderedDict,
     in the index's shard order (as ``torchfree.load``), each shard loaded as one torch.load."""
-    from . import FormatError
-    from ._scan import _ShardIndex
+    from ._shardindex import _ShardIndex
 
     idx = _ShardIndex(path)
     out = OrderedDict()
@@ -677,26 +673,26 @@ def _load_sharded(torch, path, map_location, weights_only, mmap, pickle_load_arg
 # conj/neg bits, quantized / sparse / nested / meta / non-CPU tensors, complex32 and bit
 # dtypes, bare UntypedStorages, an empty view past its storage's end) goes to torch's writer.
 
-_NATIVE_DTYPES = ("float64", "float32", "float16", "bfloat16", "complex128", "complex64", "int64", "int32",
-                  "int16", "int8", "uint8", "bool", "uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2",
-                  "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
 _native_dtype_table = None
 
 
 def _native_dtypes(torch):
-    """torch dtype -> (torchfree dtype id, the numpy dtype the writer writes as that dtype)."""
+    """torch dtype -> (torchfree dtype id, the numpy dtype the writer writes as that dtype): the
+    dtypes of the core's table (_core.DTYPE_NAMES, src/dtypes.c) whose storages are arrays of a
+    numpy (or ml_dtypes) dtype of the same name, as the core makes them (_core.storage_over)."""
     global _native_dtype_table
     if _native_dtype_table is None:
-        import ml_dtypes
-
-        from ._np import np
-
         table = {}
-        for name in _NATIVE_DTYPES:
+        for i, name in enumerate(_core.DTYPE_NAMES):
             dt = getattr(torch, name, None)
-            npd = getattr(ml_dtypes, name, None) if name == "bfloat16" or name.startswith("float8") else name
-            if isinstance(dt, torch.dtype) and npd is not None:
-                table[dt] = (_core.DTYPE_NAMES.index(name), np.dtype(npd))
+            if not isinstance(dt, torch.dtype):
+                continue
+            try:  # quantized and sub-byte dtypes have no storage of their own
+                npd = _core.storage_over(bytearray(16), i).dtype
+            except ValueError:
+                continue
+            if getattr(npd, "name", None) == name:  # not complex32 (float16 pairs), bits, float4 (bytes)
+                table[dt] = (i, npd)
         _native_dtype_table = table
     return _native_dtype_table
 

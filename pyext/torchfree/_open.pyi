@@ -1,0 +1,3 @@
+from ._scan import Checkpoint as Checkpoint
+
+__all__ = ["Checkpoint"]

@@ -1,0 +1,3 @@
+from ._scan import flatten as flatten
+
+__all__ = ["flatten"]
