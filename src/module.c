@@ -330,6 +330,9 @@ static PyMethodDef core_methods[] = {
     {"walk", (PyCFunction)(void (*)(void))mod_walk, METH_VARARGS | METH_KEYWORDS,
      "walk($module, /, obj, mode, sep, children, refs=False, info_type=None, other=None, max_depth=10000)\n--\n\n"
      "The tensors of obj by dotted name (internal: see torchfree.flatten and scan)."},
+    {"storage_at", mod_storage_at, METH_VARARGS,
+     "storage_at($module, owner, address, nbytes, dtype_id, /)\n--\n\nA Storage over nbytes of memory at "
+     "address, kept alive by owner (internal: torchfree.torch.save)."},
     {"storage_over", mod_storage_over, METH_VARARGS,
      "storage_over($module, buffer, dtype_id, location=None, /)\n--\n\nA Storage over any buffer's bytes, held exported while it "
      "lives (internal: torchfree.torch.save hands torch storages to the writer so)."},

@@ -275,6 +275,7 @@ PyObject *storage_persistent_items(Loader *L, PyObject *const *pid, Py_ssize_t n
 PyObject *storage_get(Loader *L, int dtype, PyObject *key, PyObject *saved, long long numel);
 /* A fresh Storage made by L (no data yet). New reference. */
 StorageObject *storage_new(Loader *L, PyObject *key, PyObject *location, Py_ssize_t nbytes, int dtype);
+PyObject *mod_storage_at(PyObject *module, PyObject *args);
 PyObject *mod_storage_over(PyObject *module, PyObject *args);
 /* The location tag map_location gives a storage saved at `saved` (new reference). */
 PyObject *storage_target(Loader *L, PyObject *saved);

@@ -243,6 +243,34 @@ PyObject *mod_storage_over(PyObject *module, PyObject *args) {
     return (PyObject *)s;
 }
 
+/* storage_at(owner, address, nbytes, dtype_id, /): a Storage over nbytes of memory at address,
+ * kept alive by owner (a torch UntypedStorage: torchfree.torch.save gives the writer a CPU
+ * tensor's storage so, without the three torch calls a numpy view of it costs). The caller
+ * vouches for the memory: internal, for torchfree.torch only. */
+PyObject *mod_storage_at(PyObject *module, PyObject *args) {
+    PyObject *owner;
+    unsigned long long addr, nbytes;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "OKKi:storage_at", &owner, &addr, &nbytes, &dtype)) return NULL;
+    if (dtype < 0 || dtype >= DT_COUNT || (dtypes_table[dtype].flags & (DTF_QUANTIZED | DTF_NO_TENSOR)) ||
+        nbytes > (unsigned long long)PY_SSIZE_T_MAX || nbytes % dtypes_table[dtype].itemsize != 0 ||
+        (addr == 0 && nbytes != 0)) {
+        PyErr_Format(PyExc_ValueError, "storage_at: bad dtype id %d, address or size %llu", dtype, nbytes);
+        return NULL;
+    }
+    ModuleState *st = PyModule_GetState(module);
+    PyObject *key = PyUnicode_FromString("");
+    PyObject *cpu = key ? PyUnicode_InternFromString("cpu") : NULL;
+    StorageObject *s = cpu ? storage_alloc(st, NULL, key, cpu, (Py_ssize_t)nbytes, dtype) : NULL;
+    Py_XDECREF(key);
+    Py_XDECREF(cpu);
+    if (s == NULL) return NULL;
+    s->data = (char *)(uintptr_t)addr;
+    s->owner = Py_NewRef(owner);
+    s->swapped = 1;
+    return (PyObject *)s;
+}
+
 /* ---- reading ---------------------------------------------------------------- */
 
 static TfStatus pread_all(int fd, uint64_t off, uint8_t *buf, size_t n, TfErr *err) {

@@ -705,6 +705,9 @@ _ATOMS = (type(None), bool, int, float, str)
 _IN_PROGRESS = object()
 
 
+_ndarray = None  # numpy.ndarray, once a _ToWriter is made (numpy is imported on first need)
+
+
 class _ToWriter:
     """The objects torchfree's C writer takes for a torch object, pickled as torch pickles it.
 
@@ -714,7 +717,11 @@ class _ToWriter:
     for two views of the same bytes as different dtypes."""
 
     def __init__(self, torch, snapshot=False):
+        global _ndarray
+        from ._np import np
         from ._rebuild import SaveCall, SaveGlobal
+
+        _ndarray = np.ndarray
 
         self.torch = torch
         self.snapshot = snapshot  # copy every storage's bytes now (a background save)
@@ -800,12 +807,10 @@ class _ToWriter:
         if entry is None:
             raise _Foreign(f"a tensor of dtype {t.dtype}")
         storage = self._storage(t.untyped_storage(), t.dtype)
-        from ._np import np
-
         item = entry[1].itemsize
         try:
-            return np.ndarray(tuple(t.shape), entry[1], buffer=storage, offset=t.storage_offset() * item,
-                              strides=tuple(x * item for x in t.stride()))
+            return _ndarray(tuple(t.shape), entry[1], buffer=storage, offset=t.storage_offset() * item,
+                            strides=tuple(x * item for x in t.stride()))
         except (ValueError, TypeError) as e:  # e.g. an empty view past its storage's end
             raise _Foreign(f"a tensor numpy cannot view ({e})") from None
 
@@ -829,9 +834,12 @@ class _ToWriter:
                 # as torch writes it (a Storage over the first one is the same storage to the writer)
                 variants[dtype] = _core.storage_over(s, entry[0])
             return variants[dtype]
-        raw, location = _host_bytes(self.torch, us, n, self.snapshot)
         try:
-            s = _core.storage_over(raw, entry[0], location)
+            if us.device.type == "cpu" and not self.snapshot:  # the bytes where they are
+                s = _core.storage_at(us, ptr, n, entry[0])
+            else:
+                raw, location = _host_bytes(self.torch, us, n, self.snapshot)
+                s = _core.storage_over(raw, entry[0], location)
         except ValueError as e:  # not a whole number of elements
             raise _Foreign(str(e)) from None
         self.storages[key] = (s, {dtype: s})
