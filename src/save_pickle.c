@@ -423,41 +423,22 @@ static int save_ordered_dict(Saver *S, PyObject *obj) {
     return r;
 }
 
-/* Counter.__reduce__: (Counter, (dict(self),)). */
-static int save_counter(Saver *S, PyObject *obj) {
+/* (cls, (copy,)): how Counter (copy = dict(self)) and set (copy = list(self)) reduce; copy is a
+ * new dict or list, kept (its address is its memo key), pickled in full, then the call. */
+static int save_reduce_of_copy(Saver *S, PyObject *obj, PyObject *copy, const void *key, const char *module,
+                               const char *name) {
     Pickler *P = &S->pk;
-    PyObject *d = PyObject_CallOneArg((PyObject *)&PyDict_Type, obj);
-    int r = d ? keep(S, d) : -1;
-    Py_XDECREF(d); /* kept */
-    if (r == 0) {
-        emit_global(S, &K_COUNTER, "collections", "Counter");
-        pk_op(P, OP_EMPTY_DICT);
-        pk_memoize(P, d);
-        r = save_dict_items(S, d);
-        pk_op(P, OP_TUPLE1);
-        pk_memoize(P, NULL);
-        pk_op(P, OP_REDUCE);
-        pk_memoize(P, obj);
-    }
-    return r;
-}
-
-/* set: (set, (list(self),)). */
-static int save_set(Saver *S, PyObject *obj) {
-    Pickler *P = &S->pk;
-    PyObject *l = PySequence_List(obj);
-    int r = l ? keep(S, l) : -1;
-    Py_XDECREF(l); /* kept */
-    if (r == 0) {
-        emit_global(S, &K_SET, "__builtin__", "set");
-        pk_op(P, OP_EMPTY_LIST);
-        pk_memoize(P, l);
-        r = save_list_items(S, l);
-        pk_op(P, OP_TUPLE1);
-        pk_memoize(P, NULL);
-        pk_op(P, OP_REDUCE);
-        pk_memoize(P, obj);
-    }
+    int r = copy ? keep(S, copy) : -1;
+    Py_XDECREF(copy); /* kept */
+    if (r < 0) return -1;
+    emit_global(S, key, module, name);
+    pk_op(P, PyDict_Check(copy) ? OP_EMPTY_DICT : OP_EMPTY_LIST);
+    pk_memoize(P, copy);
+    r = PyDict_Check(copy) ? save_dict_items(S, copy) : save_list_items(S, copy);
+    pk_op(P, OP_TUPLE1);
+    pk_memoize(P, NULL);
+    pk_op(P, OP_REDUCE);
+    pk_memoize(P, obj);
     return r;
 }
 
@@ -518,9 +499,10 @@ static int save_obj(Saver *S, PyObject *obj) {
     } else if (tp == (PyTypeObject *)st->OrderedDict) {
         r = save_ordered_dict(S, obj);
     } else if (tp == (PyTypeObject *)st->Counter) {
-        r = save_counter(S, obj);
+        r = save_reduce_of_copy(S, obj, PyObject_CallOneArg((PyObject *)&PyDict_Type, obj), &K_COUNTER,
+                                "collections", "Counter");
     } else if (tp == &PySet_Type) {
-        r = save_set(S, obj);
+        r = save_reduce_of_copy(S, obj, PySequence_List(obj), &K_SET, "__builtin__", "set");
     } else if (tp == &PyByteArray_Type) {
         r = save_bytearray(S, obj);
     } else if (tp == &PyComplex_Type) {

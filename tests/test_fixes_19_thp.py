@@ -69,32 +69,24 @@ def _middle_flags(arr):
 
 
 @linux_only
-def test_buffers_past_the_budget_get_small_pages(ckpt, budget):
+@pytest.mark.parametrize("free", [0, 1 << 50], ids=["fragmented", "unfragmented"])
+def test_buffers_get_small_pages_past_the_budget_only(ckpt, budget, free):
+    """No free huge-page block: the big buffers get small pages (nh); plenty: numpy's own."""
     p, sd = ckpt
-    budget(0)  # fragmented: no free huge-page block
+    budget(free)
     got = torchfree.load(p, mmap=False)
     for k in sd:
         np.testing.assert_array_equal(got[k], sd[k])
     flags = _middle_flags(got["big"])
     if flags is None:
         pytest.skip("no VmFlags in /proc/self/smaps")
-    assert "nh" in flags and "hg" not in flags, flags
-    assert "nh" in _middle_flags(got["mid"])  # 8 MB
-
-
-@linux_only
-def test_buffers_within_the_budget_keep_numpys_huge_pages(ckpt, budget):
-    p, sd = ckpt
-    budget(1 << 50)
-    got = torchfree.load(p, mmap=False)
-    for k in sd:
-        np.testing.assert_array_equal(got[k], sd[k])
-    flags = _middle_flags(got["big"])
-    if flags is None:
-        pytest.skip("no VmFlags in /proc/self/smaps")
-    assert "nh" not in flags, flags
-    if np.lib.NumpyVersion(np.__version__) >= "2.0.0" and np._core.multiarray._get_madvise_hugepage():
-        assert "hg" in flags, flags  # numpy's MADV_HUGEPAGE, left as it was
+    if free == 0:
+        assert "nh" in flags and "hg" not in flags, flags
+        assert "nh" in _middle_flags(got["mid"])  # 8 MB
+    else:
+        assert "nh" not in flags, flags
+        if np.lib.NumpyVersion(np.__version__) >= "2.0.0" and np._core.multiarray._get_madvise_hugepage():
+            assert "hg" in flags, flags  # numpy's MADV_HUGEPAGE, left as it was
 
 
 @linux_only
