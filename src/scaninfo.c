@@ -13,7 +13,8 @@
  * copies the few numbers it needs and builds its shape and stride tuples on
  * first access; made from Python (TensorInfo(name, dtype, ...)) it holds the
  * values given. torchfree.TensorInfo (_scan.py) subclasses it. */
-#include "module.h"
+#include "rebuild.h"
+#include "scaninfo.h"
 
 /* chars of all names one walk builds (a name per tensor and container): 256 Mi, far above a
  * million tensors with 100-character names; a pickle of long keys nested deep is refused */
