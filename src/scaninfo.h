@@ -13,6 +13,9 @@ PyObject *mod_walk(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *mod_storage_infos(PyObject *module, PyObject *args);
 PyObject *mod_record_infos(PyObject *module, PyObject *args);
 PyObject *mod_info_table(PyObject *module, PyObject *list);
+/* The TensorInfo (of type `type`, TensorInfoBase or a subclass) of a TensorRef named `name`;
+ * torch_names[dt]: torch's name of dtype dt, made once per walk. New reference. */
+PyObject *tensorinfo_from_ref(ModuleState *st, PyTypeObject *type, PyObject *name, TensorRef *r, PyObject **torch_names);
 /* The zip directory packed as bytes for mod_record_infos (new reference). */
 PyObject *records_pack(const ZipReader *z);
 
