@@ -287,7 +287,7 @@ static PyType_Slot Archive_slots[] = {
     {Py_tp_clear, Archive_clear},
     {Py_tp_methods, Archive_methods},
     {Py_tp_getset, Archive_getset},
-    {Py_tp_doc, "Archive(src, size, *, mode, require_map, map_kind, map_location, weights_only, safe_globals,"
+    {Py_tp_doc, "Archive(src, size, *, mode, require_map, map_location, weights_only, safe_globals,"
                 " encoding, limits)\n\nA zip checkpoint opened for scan() and lazy open() (internal)."},
     {0, NULL},
 };
