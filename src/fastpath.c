@@ -2,7 +2,8 @@
  * TUPLE and the REDUCE of OrderedDict()): the tensor is made from the pickle's bytes without the
  * intermediate objects (the backward-hooks OrderedDict, the argument tuples, the persistent id
  * tuple). Anything unexpected returns 0 and the VM runs the opcodes one by one. */
-#include "vm.h"
+#include "rebuild.h"
+#include "vm_impl.h"
 
 /* Skip a memo put (BINPUT, LONG_BINPUT, MEMOIZE) at p, if one is there. */
 static const uint8_t *skip_put(const uint8_t *p, const uint8_t *end) {

@@ -21,7 +21,9 @@
  *
  * Both are read from a buffer (a read-only mapping of the file, or bytes); with
  * lazy (scan) no storage byte is copied. */
-#include "module.h"
+#include "load.h"
+#include "rebuild.h"
+#include "vm.h"
 
 #include <string.h>
 #include <sys/mman.h>
@@ -245,7 +247,9 @@ static PyObject *tar_pid(Loader *L, PyObject *pid) {
     return r ? Py_NewRef(r) : NULL;
 }
 
-PyObject *legacy_persistent_load(Loader *L, PyObject *pid) {
+/* Persistent ids of the legacy stream (6-tuples) and the tar format (keys): the load_persid hook of
+ * these formats. New reference. */
+static PyObject *legacy_persistent_load(Loader *L, PyObject *pid) {
     return L->format == FMT_TAR ? tar_pid(L, pid) : stream_pid(L, pid);
 }
 
@@ -707,6 +711,7 @@ PyObject *mod_load_legacy(PyObject *module, PyObject *args, PyObject *kwargs) {
     if (tf_numpy(PyModule_GetState(module)) == 0 &&
         loader_open(&L, PyModule_GetState(module), args, kw, "load_legacy", FMT_LEGACY) == 0 &&
         (!collect || (L.globals_seen = PySet_New(NULL)) != NULL)) {
+        L.hook.load_persid = legacy_persistent_load;
         L.lazy = lazy;
         L.end = L.size;
         if (is_tar(&L)) {

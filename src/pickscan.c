@@ -220,215 +220,237 @@ static TfStatus ps_fixed(Ps *s, int w) {
     return ps_push_any(s);
 }
 
-static TfStatus ps_step(Ps *s, int *stop) {
-    const uint8_t *p;
+/* ---- one small function per opcode (or family) that is more than a line ---- */
+
+static TfStatus op_proto(Ps *s) {
     uint64_t n;
+    TfStatus st = ps_arg(s, 1, &n);
+    if (st != TF_OK) return st;
+    if (n > 5) return PS_FAIL(TF_ERR_FORMAT, "unsupported pickle protocol %d", (int)n);
+    s->out->protocol = (int)n;
+    return TF_OK;
+}
+
+static TfStatus op_frame(Ps *s) { /* its length is only checked */
+    uint64_t n;
+    TfStatus st = ps_arg(s, 8, &n);
+    if (st != TF_OK) return st;
+    if (oa_left(s->p, s->end) < n) return ps_arg_error(s, OA_TRUNCATED, n);
+    return TF_OK;
+}
+
+static TfStatus op_pop(Ps *s) {
+    if (s->nmarks && s->sp == ps_fence(s)) { /* POP of a mark */
+        s->nmarks--;
+        return TF_OK;
+    }
+    return ps_pop(s, 1);
+}
+
+static TfStatus op_pop_mark(Ps *s) {
+    size_t start = 0;
+    TfStatus st = ps_pop_mark(s, &start);
+    if (st != TF_OK) return st;
+    s->sp = start;
+    return TF_OK;
+}
+
+static TfStatus op_dup(Ps *s) {
+    if (s->sp <= ps_fence(s)) return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (DUP)");
+    return ps_push(s, s->stack[s->sp - 1]);
+}
+
+/* INT, LONG: the literal's syntax is the VM's business; a line must be there */
+static TfStatus op_text_int(Ps *s) {
+    const uint8_t *p;
+    size_t ln;
+    TfStatus st = ps_line(s, &p, &ln);
+    return st != TF_OK ? st : ps_push_any(s);
+}
+
+static TfStatus op_float(Ps *s) {
+    const uint8_t *p;
+    size_t ln;
+    TfStatus st = ps_line(s, &p, &ln);
+    if (st != TF_OK) return st;
+    if (ln > OA_FLOAT_MAX) return PS_FAIL(TF_ERR_FORMAT, "FLOAT literal too long");
+    return ps_push_any(s);
+}
+
+static TfStatus op_unicode(Ps *s) {
+    const uint8_t *p;
+    size_t ln;
+    TfStatus st = ps_line(s, &p, &ln);
+    if (st != TF_OK) return st;
+    if (has_byte(p, ln, '\\')) return ps_push_any(s); /* escapes: not resolved statically */
+    return ps_push_str(s, p, ln);
+}
+
+static TfStatus op_string(Ps *s) {
+    const uint8_t *p;
+    size_t ln;
+    TfStatus st = ps_line(s, &p, &ln);
+    if (st != TF_OK) return st;
+    if (!oa_string_quoted(p, ln)) return PS_FAIL(TF_ERR_FORMAT, "the STRING opcode argument must be quoted");
+    if (has_byte(p + 1, ln - 2, '\\')) return ps_push_any(s);
+    return ps_push_str(s, p + 1, ln - 2);
+}
+
+/* Pop n, push one (TUPLE1-3: n = 1-3, REDUCE and NEWOBJ: 2, NEWOBJ_EX: 3). */
+static TfStatus op_pop_push(Ps *s, size_t n) {
+    TfStatus st = ps_pop(s, n);
+    return st != TF_OK ? st : ps_push_any(s);
+}
+
+/* APPEND, SETITEM */
+static TfStatus op_fill1(Ps *s) {
+    size_t need = s->op == OP_SETITEM ? 3 : 2;
+    if (s->sp - ps_fence(s) < need) return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (%s)", opcode_name(s->op));
+    s->sp -= need - 1;
+    return TF_OK;
+}
+
+/* APPENDS, SETITEMS, ADDITEMS */
+static TfStatus op_fill_marked(Ps *s) {
+    size_t start = 0;
+    TfStatus st = ps_pop_mark(s, &start);
+    if (st != TF_OK) return st;
+    if (start < 1 || start - 1 < ps_fence(s)) return PS_FAIL(TF_ERR_FORMAT, "%s without a target", opcode_name(s->op));
+    if (s->op == OP_SETITEMS && (s->sp - start) % 2 != 0)
+        return PS_FAIL(TF_ERR_FORMAT, "SETITEMS with an odd number of items");
+    s->sp = start;
+    return TF_OK;
+}
+
+/* BINPUT, LONG_BINPUT (put) and BINGET, LONG_BINGET (get): an index of w bytes */
+static TfStatus op_memo_bin(Ps *s, int w, int put) {
+    uint64_t n = 0;
+    TfStatus st = ps_arg(s, w, &n);
+    if (st != TF_OK) return st;
+    return put ? ps_memo_put(s, n) : ps_memo_get(s, n);
+}
+
+/* PUT, GET: a text index */
+static TfStatus op_memo_text(Ps *s, int put) {
+    uint64_t n = 0;
+    TfStatus st = ps_text_index(s, &n);
+    if (st != TF_OK) return st;
+    return put ? ps_memo_put(s, n) : ps_memo_get(s, n);
+}
+
+/* GLOBAL, INST (MARK args... INST: class(*args)) */
+static TfStatus op_global(Ps *s) {
+    const uint8_t *m, *nm;
+    size_t ml, nl;
     TfStatus st;
-    switch (s->op) {
-    case OP_PROTO:
-        if ((st = ps_arg(s, 1, &n)) != TF_OK) return st;
-        if (n > 5) return PS_FAIL(TF_ERR_FORMAT, "unsupported pickle protocol %d", (int)n);
-        s->out->protocol = (int)n;
-        return TF_OK;
-    case OP_FRAME: /* its length is only checked */
-        if ((st = ps_arg(s, 8, &n)) != TF_OK) return st;
-        if (oa_left(s->p, s->end) < n) return ps_arg_error(s, OA_TRUNCATED, n);
-        return TF_OK;
-    case OP_MARK:
-        return ps_mark(s);
-    case OP_STOP:
-        *stop = 1;
-        return TF_OK;
-    case OP_POP:
-        if (s->nmarks && s->sp == ps_fence(s)) { /* POP of a mark */
-            s->nmarks--;
-            return TF_OK;
-        }
-        return ps_pop(s, 1);
-    case OP_POP_MARK: {
+    if ((st = ps_line(s, &m, &ml)) != TF_OK || (st = ps_line(s, &nm, &nl)) != TF_OK) return st;
+    if (s->op == OP_INST) {
         size_t start = 0;
         if ((st = ps_pop_mark(s, &start)) != TF_OK) return st;
         s->sp = start;
-        return TF_OK;
-    }
-    case OP_DUP:
-        if (s->sp <= ps_fence(s))
-            return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (DUP)");
-        return ps_push(s, s->stack[s->sp - 1]);
-    case OP_NONE:
-    case OP_NEWTRUE:
-    case OP_NEWFALSE:
-    case OP_EMPTY_TUPLE:
-    case OP_EMPTY_LIST:
-    case OP_EMPTY_DICT:
-    case OP_EMPTY_SET:
-        return ps_push_any(s);
-    case OP_BININT:
-        return ps_fixed(s, 4);
-    case OP_BININT1:
-        return ps_fixed(s, 1);
-    case OP_BININT2:
-        return ps_fixed(s, 2);
-    case OP_BINFLOAT:
-        return ps_fixed(s, 8);
-    case OP_INT:
-    case OP_LONG: {
-        /* the literal's syntax is the VM's business; a line must be there */
-        size_t ln;
-        if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
-        return ps_push_any(s);
-    }
-    case OP_FLOAT: {
-        size_t ln;
-        if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
-        if (ln > OA_FLOAT_MAX) return PS_FAIL(TF_ERR_FORMAT, "FLOAT literal too long");
-        return ps_push_any(s);
-    }
-    case OP_LONG1:
-    case OP_LONG4:
-    case OP_SHORT_BINUNICODE:
-    case OP_SHORT_BINSTRING:
-    case OP_SHORT_BINBYTES:
-    case OP_BINUNICODE:
-    case OP_BINBYTES:
-    case OP_BINSTRING:
-    case OP_BINUNICODE8:
-    case OP_BINBYTES8:
-    case OP_BYTEARRAY8:
-        return ps_counted(s);
-    case OP_UNICODE: {
-        size_t ln;
-        if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
-        if (has_byte(p, ln, '\\')) return ps_push_any(s); /* escapes: not resolved statically */
-        return ps_push_str(s, p, ln);
-    }
-    case OP_STRING: {
-        size_t ln;
-        if ((st = ps_line(s, &p, &ln)) != TF_OK) return st;
-        if (!oa_string_quoted(p, ln))
-            return PS_FAIL(TF_ERR_FORMAT, "the STRING opcode argument must be quoted");
-        if (has_byte(p + 1, ln - 2, '\\')) return ps_push_any(s);
-        return ps_push_str(s, p + 1, ln - 2);
-    }
-    case OP_TUPLE1:
-    case OP_TUPLE2:
-    case OP_TUPLE3:
-        if ((st = ps_pop(s, (size_t)(s->op - OP_TUPLE1 + 1))) != TF_OK) return st;
-        return ps_push_any(s);
-    case OP_TUPLE:
-    case OP_LIST:
-    case OP_FROZENSET:
-        return ps_collapse_mark(s, 0);
-    case OP_DICT:
-        return ps_collapse_mark(s, 1);
-    case OP_APPEND:
-    case OP_SETITEM: {
-        size_t need = s->op == OP_SETITEM ? 3 : 2;
-        if (s->sp - ps_fence(s) < need)
-            return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (%s)", opcode_name(s->op));
-        s->sp -= need - 1;
-        return TF_OK;
-    }
-    case OP_APPENDS:
-    case OP_SETITEMS:
-    case OP_ADDITEMS: {
-        size_t start = 0;
-        if ((st = ps_pop_mark(s, &start)) != TF_OK) return st;
-        if (start < 1 || start - 1 < ps_fence(s))
-            return PS_FAIL(TF_ERR_FORMAT, "%s without a target", opcode_name(s->op));
-        if (s->op == OP_SETITEMS && (s->sp - start) % 2 != 0)
-            return PS_FAIL(TF_ERR_FORMAT, "SETITEMS with an odd number of items");
-        s->sp = start;
-        return TF_OK;
-    }
-    case OP_BINPUT:
-    case OP_LONG_BINPUT:
-        if ((st = ps_arg(s, s->op == OP_BINPUT ? 1 : 4, &n)) != TF_OK) return st;
-        return ps_memo_put(s, n);
-    case OP_MEMOIZE:
-        return ps_memo_put(s, (uint64_t)s->memo_len);
-    case OP_BINGET:
-    case OP_LONG_BINGET:
-        if ((st = ps_arg(s, s->op == OP_BINGET ? 1 : 4, &n)) != TF_OK) return st;
-        return ps_memo_get(s, n);
-    case OP_GET:
-        if ((st = ps_text_index(s, &n)) != TF_OK) return st;
-        return ps_memo_get(s, n);
-    case OP_PUT:
-        if ((st = ps_text_index(s, &n)) != TF_OK) return st;
-        return ps_memo_put(s, n);
-    case OP_GLOBAL:
-    case OP_INST: {
-        const uint8_t *m, *nm;
-        size_t ml, nl;
-        if ((st = ps_line(s, &m, &ml)) != TF_OK || (st = ps_line(s, &nm, &nl)) != TF_OK) return st;
-        if (s->op == OP_INST) { /* MARK args... INST: class(*args) */
-            size_t start = 0;
-            if ((st = ps_pop_mark(s, &start)) != TF_OK) return st;
-            s->sp = start;
-            /* the VM pushes the class and the args tuple, then reduces them */
-            if ((st = ps_global(s, m, ml, nm, nl)) != TF_OK || (st = ps_push_any(s)) != TF_OK ||
-                (st = ps_push_any(s)) != TF_OK)
-                return st;
-            s->sp--;
-            return TF_OK;
-        }
-        if ((st = ps_global(s, m, ml, nm, nl)) != TF_OK) return st;
-        return ps_push_any(s);
-    }
-    case OP_STACK_GLOBAL: {
-        if (s->sp - ps_fence(s) < 2) {
-            /* the VM pops the name first, then the module: both must be there */
-            return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (STACK_GLOBAL)");
-        }
-        PsVal name = s->stack[s->sp - 1], module = s->stack[s->sp - 2];
-        s->sp -= 2;
-        if (module.is_str && name.is_str)
-            st = ps_global(s, s->start + module.off, (size_t)module.len, s->start + name.off, (size_t)name.len);
-        else
-            st = ps_global(s, NULL, 0, NULL, 0);
-        if (st != TF_OK) return st;
-        return ps_push_any(s);
-    }
-    case OP_OBJ: { /* MARK class args... OBJ */
-        size_t start = 0;
-        if ((st = ps_pop_mark(s, &start)) != TF_OK) return st;
-        if (s->sp - start < 1) return PS_FAIL(TF_ERR_FORMAT, "OBJ without a class");
-        /* the VM packs the args into a tuple pushed above the class, then reduces both */
-        s->sp = start + 1;
-        if ((st = ps_push_any(s)) != TF_OK) return st;
-        s->sp = start + 1;
-        s->stack[start].is_str = 0;
-        return TF_OK;
-    }
-    case OP_REDUCE:
-    case OP_NEWOBJ:
-        if ((st = ps_pop(s, 2)) != TF_OK) return st;
-        return ps_push_any(s);
-    case OP_NEWOBJ_EX:
-        if ((st = ps_pop(s, 3)) != TF_OK) return st;
-        return ps_push_any(s);
-    case OP_BUILD:
-        if (s->sp - ps_fence(s) < 2)
-            return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (BUILD)");
+        /* the VM pushes the class and the args tuple, then reduces them */
+        if ((st = ps_global(s, m, ml, nm, nl)) != TF_OK || (st = ps_push_any(s)) != TF_OK ||
+            (st = ps_push_any(s)) != TF_OK)
+            return st;
         s->sp--;
-        s->stack[s->sp - 1].is_str = 0;
         return TF_OK;
-    case OP_BINPERSID:
-        if ((st = ps_pop(s, 1)) != TF_OK) return st;
-        s->out->n_persids++;
-        return ps_push_any(s);
+    }
+    if ((st = ps_global(s, m, ml, nm, nl)) != TF_OK) return st;
+    return ps_push_any(s);
+}
+
+static TfStatus op_stack_global(Ps *s) {
+    TfStatus st;
+    if (s->sp - ps_fence(s) < 2) {
+        /* the VM pops the name first, then the module: both must be there */
+        return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (STACK_GLOBAL)");
+    }
+    PsVal name = s->stack[s->sp - 1], module = s->stack[s->sp - 2];
+    s->sp -= 2;
+    if (module.is_str && name.is_str)
+        st = ps_global(s, s->start + module.off, (size_t)module.len, s->start + name.off, (size_t)name.len);
+    else
+        st = ps_global(s, NULL, 0, NULL, 0);
+    if (st != TF_OK) return st;
+    return ps_push_any(s);
+}
+
+static TfStatus op_obj(Ps *s) { /* MARK class args... OBJ */
+    size_t start = 0;
+    TfStatus st = ps_pop_mark(s, &start);
+    if (st != TF_OK) return st;
+    if (s->sp - start < 1) return PS_FAIL(TF_ERR_FORMAT, "OBJ without a class");
+    /* the VM packs the args into a tuple pushed above the class, then reduces both */
+    s->sp = start + 1;
+    if ((st = ps_push_any(s)) != TF_OK) return st;
+    s->sp = start + 1;
+    s->stack[start].is_str = 0;
+    return TF_OK;
+}
+
+static TfStatus op_build(Ps *s) {
+    if (s->sp - ps_fence(s) < 2) return PS_FAIL(TF_ERR_FORMAT, "pickle stack underflow (BUILD)");
+    s->sp--;
+    s->stack[s->sp - 1].is_str = 0;
+    return TF_OK;
+}
+
+static TfStatus op_binpersid(Ps *s) {
+    TfStatus st = ps_pop(s, 1);
+    if (st != TF_OK) return st;
+    s->out->n_persids++;
+    return ps_push_any(s);
+}
+
+/* One opcode: one line each, as the VM's vm_step. */
+static TfStatus ps_step(Ps *s, int *stop) {
+    switch (s->op) {
+    case OP_PROTO: return op_proto(s);
+    case OP_FRAME: return op_frame(s);
+    case OP_MARK: return ps_mark(s);
+    case OP_STOP: *stop = 1; return TF_OK;
+    case OP_POP: return op_pop(s);
+    case OP_POP_MARK: return op_pop_mark(s);
+    case OP_DUP: return op_dup(s);
+    case OP_NONE: case OP_NEWTRUE: case OP_NEWFALSE: case OP_EMPTY_TUPLE: case OP_EMPTY_LIST:
+    case OP_EMPTY_DICT: case OP_EMPTY_SET: return ps_push_any(s);
+    case OP_BININT: return ps_fixed(s, 4);
+    case OP_BININT1: return ps_fixed(s, 1);
+    case OP_BININT2: return ps_fixed(s, 2);
+    case OP_BINFLOAT: return ps_fixed(s, 8);
+    case OP_INT: case OP_LONG: return op_text_int(s);
+    case OP_FLOAT: return op_float(s);
+    case OP_LONG1: case OP_LONG4: case OP_SHORT_BINUNICODE: case OP_SHORT_BINSTRING: case OP_SHORT_BINBYTES:
+    case OP_BINUNICODE: case OP_BINBYTES: case OP_BINSTRING: case OP_BINUNICODE8: case OP_BINBYTES8:
+    case OP_BYTEARRAY8: return ps_counted(s);
+    case OP_UNICODE: return op_unicode(s);
+    case OP_STRING: return op_string(s);
+    case OP_TUPLE1: case OP_TUPLE2: case OP_TUPLE3: return op_pop_push(s, (size_t)(s->op - OP_TUPLE1 + 1));
+    case OP_TUPLE: case OP_LIST: case OP_FROZENSET: return ps_collapse_mark(s, 0);
+    case OP_DICT: return ps_collapse_mark(s, 1);
+    case OP_APPEND: case OP_SETITEM: return op_fill1(s);
+    case OP_APPENDS: case OP_SETITEMS: case OP_ADDITEMS: return op_fill_marked(s);
+    case OP_BINPUT: return op_memo_bin(s, 1, 1);
+    case OP_LONG_BINPUT: return op_memo_bin(s, 4, 1);
+    case OP_MEMOIZE: return ps_memo_put(s, (uint64_t)s->memo_len);
+    case OP_BINGET: return op_memo_bin(s, 1, 0);
+    case OP_LONG_BINGET: return op_memo_bin(s, 4, 0);
+    case OP_GET: return op_memo_text(s, 0);
+    case OP_PUT: return op_memo_text(s, 1);
+    case OP_GLOBAL: case OP_INST: return op_global(s);
+    case OP_STACK_GLOBAL: return op_stack_global(s);
+    case OP_OBJ: return op_obj(s);
+    case OP_REDUCE: case OP_NEWOBJ: return op_pop_push(s, 2);
+    case OP_NEWOBJ_EX: return op_pop_push(s, 3);
+    case OP_BUILD: return op_build(s);
+    case OP_BINPERSID: return op_binpersid(s);
     case OP_PERSID:
         return PS_FAIL(TF_ERR_FORMAT, "text persistent ids (PERSID, protocol 0) cannot name a storage");
-    case OP_EXT1:
-    case OP_EXT2:
-    case OP_EXT4:
+    case OP_EXT1: case OP_EXT2: case OP_EXT4:
         return PS_FAIL(TF_ERR_FORMAT, "%s refers to the copyreg extension registry", opcode_name(s->op));
-    case OP_NEXT_BUFFER:
-    case OP_READONLY_BUFFER:
+    case OP_NEXT_BUFFER: case OP_READONLY_BUFFER:
         return PS_FAIL(TF_ERR_FORMAT, "%s needs out-of-band buffers", opcode_name(s->op));
-    default:
-        return PS_FAIL(TF_ERR_FORMAT, "invalid pickle opcode %d", s->op);
+    default: return PS_FAIL(TF_ERR_FORMAT, "invalid pickle opcode %d", s->op);
     }
 }
 

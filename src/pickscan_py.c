@@ -1,7 +1,7 @@
 /* pickscan_py.c - _core.pickle_globals: the static pickle walk of pickscan.c,
  * called from Python. The walk touches no Python object, so it runs with the
  * GIL released over the held buffer. */
-#include "module.h"
+#include "state.h"
 
 #include "pickscan.h"
 

@@ -12,7 +12,7 @@
  * loss; only fcntl(F_FULLFSYNC) flushes that cache too, at a large cost, and neither os.fsync
  * nor torch.save uses it.
  *
- * Include after Python.h (module.h) where both are needed: Python.h selects the C library's
+ * Include after Python.h (state.h) where both are needed: Python.h selects the C library's
  * feature set (_GNU_SOURCE comes from setup.py). */
 #ifndef TORCHFREE_PLATFORM_H
 #define TORCHFREE_PLATFORM_H

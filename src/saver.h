@@ -4,7 +4,7 @@
 #ifndef TORCHFREE_SAVER_H
 #define TORCHFREE_SAVER_H
 
-#include "module.h"
+#include "objects.h"
 #include "pickler.h"
 #include "writer.h"
 

@@ -3,7 +3,8 @@
  * numpy sees them) and the inert constructors of builtins and torch objects.
  * Rare, non-hot rebuilds (numpy objects, Opaque, MetaArray, complex32 and
  * conj/neg) go to small helpers in torchfree/_rebuild.py: our own code too. */
-#include "module.h"
+#include "pagedrop.h"
+#include "rebuild.h"
 
 static int is_storage(Loader *L, PyObject *o) { return Py_TYPE(o) == L->st->StorageType; }
 
@@ -72,7 +73,7 @@ static PyObject *dtype_object(ModuleState *st, int dt) {
 static PyObject *make_meta(Loader *L, PyObject *shape, int dt) {
     ModuleState *st = L->st;
     PyTypeObject *tp = (PyTypeObject *)st->MetaArrayType;
-    if (loader_need_dtype(L, dt == DT_COMPLEX32 ? DT_COMPLEX64 : dt) < 0) {
+    if (tf_load_need_dtype(L, dt == DT_COMPLEX32 ? DT_COMPLEX64 : dt) < 0) {
         Py_DECREF(shape);
         return NULL;
     }
@@ -90,7 +91,7 @@ static PyObject *make_meta(Loader *L, PyObject *shape, int dt) {
 
 /* ---- TensorRef: a validated tensor of a lazy archive, not read yet ---------- */
 
-/* TensorRef (the struct) is in module.h: scan reads it. */
+/* TensorRef (the struct) is in objects.h: scan reads it. */
 
 static void TensorRef_dealloc(TensorRef *self) {
     PyTypeObject *tp = Py_TYPE(self);
@@ -204,7 +205,7 @@ static PyObject *make_view(Loader *L, StorageObject *s, int dt, int64_t offset, 
         PyObject *shape = int_tuple(size, nd, 1);
         return shape ? make_meta(L, shape, dt) : NULL;
     }
-    if (loader_need_dtype(L, dt) < 0) return NULL; /* a lazy archive's first such array (scan defers it) */
+    if (tf_load_need_dtype(L, dt) < 0) return NULL; /* a lazy archive's first such array (scan defers it) */
     PyArray_Descr *descr = st->descr[dt];
     if (descr == NULL)
         return tf_raise(L, st->UnpicklingError, "dtype %s needs ml_dtypes, which is not available", info->name), NULL;
@@ -693,7 +694,7 @@ static PyObject *rebuild_valued(Loader *L, GlobalRef *g, PyObject *args) {
     if (g->id == G_REBUILD_DEVICE_TENSOR_FROM_NUMPY || g->id == G_REBUILD_DEVICE_TENSOR_FROM_CPU_TENSOR) {
         if (n != 4) return wrong_args(L, g, "(data, dtype, device, requires_grad)", args), NULL;
         int dt = dtype_from_value(L, ARG(1));
-        if (dt < 0 || loader_need_dtype(L, dt) < 0) return NULL;
+        if (dt < 0 || tf_load_need_dtype(L, dt) < 0) return NULL;
         if (st->descr[dt] == NULL || (dtypes_table[dt].flags & (DTF_QUANTIZED | DTF_NO_TENSOR)) ||
             dt == DT_COMPLEX32)
             return tf_raise(L, st->UnpicklingError, "%U to dtype %s is not supported", g->canon,
@@ -719,7 +720,7 @@ static PyObject *make_empty_tensor(Loader *L, GlobalRef *g, PyObject *args) {
     if (n != 0)
         return tf_raise(L, st->UnpicklingError, "%U called with arguments is not supported", g->canon), NULL;
     int dt = g->id == G_TENSOR ? DT_FLOAT32 : g->arg;
-    if (dt >= 0 && loader_need_dtype(L, dt) < 0) return NULL;
+    if (dt >= 0 && tf_load_need_dtype(L, dt) < 0) return NULL;
     if (dt < 0 || st->descr[dt] == NULL)
         return tf_raise(L, st->UnpicklingError, "%U has no array dtype", g->canon), NULL;
     /* numpy gives a fresh empty array stride 0; torch's is (1,): view a 1-element buffer */

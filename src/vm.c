@@ -12,28 +12,9 @@
  * recursion: nesting lives on the VM stack. torch's per-tensor sequence may run fused
  * (fastpath.c). */
 #include "oparg.h"
-#include "vm.h"
+#include "vm_impl.h"
 
-/* ---- stack, marks, memo ------------------------------------------------ */
-
-int vm_grow_stack(Loader *L, PyObject *o) {
-    if ((uint64_t)L->stack_cap >= L->lim.stack) {
-        Py_DECREF(o);
-        return tf_raise(L, L->st->LimitError, "pickle stack exceeds the limit of %llu values",
-                        (unsigned long long)L->lim.stack);
-    }
-    Py_ssize_t cap = L->stack_cap ? L->stack_cap * 2 : 64;
-    if ((uint64_t)cap > L->lim.stack) cap = (Py_ssize_t)L->lim.stack;
-    PyObject **s = PyMem_Realloc(L->stack, (size_t)cap * sizeof(PyObject *));
-    if (s == NULL) {
-        Py_DECREF(o);
-        PyErr_NoMemory();
-        return -1;
-    }
-    L->stack = s;
-    L->stack_cap = cap;
-    return 0;
-}
+/* ---- marks and memo gets (the stack and memo primitives are in vm_impl.h, vm_stack.c) ---- */
 
 static int vm_mark(Loader *L) {
     if (TF_UNLIKELY(L->nmarks == L->marks_cap)) {
@@ -54,58 +35,12 @@ static int vm_mark(Loader *L) {
     return 0;
 }
 
-/* Items from stack[start] to the top as a tuple (new reference); pops them. */
-PyObject *vm_pop_tuple_from(Loader *L, Py_ssize_t start) {
-    Py_ssize_t n = L->sp - start;
-    PyObject *t = PyTuple_New(n);
-    if (t == NULL) return NULL;
-    for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(t, i, L->stack[start + i]);
-    L->sp = start;
-    return t;
-}
-
 static PyObject *vm_pop_tuple_n(Loader *L, Py_ssize_t n) {
     if (L->sp - vm_fence(L) < n) {
         tf_raise(L, L->st->UnpicklingError, "pickle stack underflow");
         return NULL;
     }
     return vm_pop_tuple_from(L, L->sp - n);
-}
-
-/* memo[idx] = o (o may be NULL: a slot left empty, see rebuild_v2_fused) */
-int vm_memo_put(Loader *L, uint64_t idx, PyObject *o) {
-    if (TF_LIKELY(idx == (uint64_t)L->memo_len && L->memo_len < L->memo_cap)) { /* the next slot */
-        L->memo[L->memo_len++] = Py_XNewRef(o);
-        return 0;
-    }
-    if (idx < (uint64_t)L->memo_len) {
-        Py_XSETREF(L->memo[idx], Py_XNewRef(o));
-        return 0;
-    }
-    /* Python 2's cPickle numbers its memo from 1: a few unused slots are allowed (they stay
-     * empty), a far index is refused (it would make a huge table) */
-    if (idx - (uint64_t)L->memo_len > TF_MEMO_GAP)
-        return tf_raise(L, L->st->UnpicklingError,
-                        "memo index %llu skips slots (next free slot is %zd): sparse memos are refused",
-                        (unsigned long long)idx, L->memo_len);
-    if (idx >= L->lim.memo)
-        return tf_raise(L, L->st->LimitError, "memo exceeds the limit of %llu slots",
-                        (unsigned long long)L->lim.memo);
-    if (idx >= (uint64_t)L->memo_cap) {
-        Py_ssize_t cap = L->memo_cap ? L->memo_cap * 2 : 64;
-        if ((uint64_t)cap > L->lim.memo) cap = (Py_ssize_t)L->lim.memo;
-        if ((uint64_t)cap <= idx) cap = (Py_ssize_t)idx + 1;
-        PyObject **m = PyMem_Realloc(L->memo, (size_t)cap * sizeof(PyObject *));
-        if (m == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        L->memo = m;
-        L->memo_cap = cap;
-    }
-    while ((uint64_t)L->memo_len < idx) L->memo[L->memo_len++] = NULL;
-    L->memo[L->memo_len++] = Py_XNewRef(o);
-    return 0;
 }
 
 static int vm_memo_get(Loader *L, uint64_t idx) {
@@ -116,103 +51,6 @@ static int vm_memo_get(Loader *L, uint64_t idx) {
                         (unsigned long long)idx);
     }
     return vm_push(L, Py_NewRef(L->memo[idx]));
-}
-
-/* After BUILD replaced a placeholder by a new object, point the memo slots
- * that held the placeholder (normally the last one) at the new object. */
-void vm_memo_replace(Loader *L, PyObject *old, PyObject *new_) {
-    Py_ssize_t stop = L->memo_len > 64 ? L->memo_len - 64 : 0;
-    for (Py_ssize_t i = L->memo_len - 1; i >= stop; i--) {
-        if (L->memo[i] == old) {
-            Py_INCREF(new_);
-            Py_SETREF(L->memo[i], new_);
-        }
-    }
-}
-
-void vm_free(Loader *L) {
-    for (Py_ssize_t i = 0; i < L->sp; i++) Py_DECREF(L->stack[i]);
-    for (Py_ssize_t i = 0; i < L->memo_len; i++) Py_XDECREF(L->memo[i]);
-    PyMem_Free(L->stack);
-    PyMem_Free(L->marks);
-    PyMem_Free(L->memo);
-    L->stack = NULL;
-    L->marks = NULL;
-    L->memo = NULL;
-    L->sp = L->stack_cap = L->nmarks = L->marks_cap = L->memo_len = L->memo_cap = 0;
-}
-
-/* ---- key path for messages ---------------------------------------------- */
-
-
-static int path_add(PyObject *parts, PyObject *key) {
-    PyObject *s = PyUnicode_Check(key) ? Py_NewRef(key) : PyObject_Repr(key);
-    if (PyLong_Check(key)) {
-        Py_XDECREF(s);
-        s = PyObject_Str(key);
-    }
-    if (s == NULL) return -1;
-    int r = PyList_Append(parts, s);
-    Py_DECREF(s);
-    return r;
-}
-
-/* Walk (key, value) pairs of a dict being filled from stack[i] to stack[n]:
- * a key without its value is the one being built; an empty dict value
- * followed by more items is itself being filled by single SETITEMs. */
-static int path_dict_pairs(Loader *L, PyObject *parts, Py_ssize_t i, Py_ssize_t n) {
-    while (i < n) {
-        if (i + 1 >= n) return path_add(parts, L->stack[i]);
-        PyObject *v = L->stack[i + 1];
-        if (PyDict_Check(v) && PyDict_GET_SIZE(v) == 0 && i + 2 < n && path_add(parts, L->stack[i]) < 0)
-            return -1;
-        i += 2;
-    }
-    return 0;
-}
-
-/* Best effort from the stack: in each MARK frame the container below the
- * mark is being filled; trailing GlobalRefs are callables whose REDUCE has
- * not run yet, and a container right below the next MARK is unfinished. */
-PyObject *vm_key_path(Loader *L) {
-    PyObject *parts = PyList_New(0);
-    if (parts == NULL) return NULL;
-    for (Py_ssize_t f = 0; f <= L->nmarks; f++) {
-        Py_ssize_t start = f == 0 ? 0 : L->marks[f - 1];
-        Py_ssize_t end = f < L->nmarks ? L->marks[f] : L->sp;
-        if (start > L->sp) start = L->sp;
-        if (end > L->sp) end = L->sp;
-        if (end < start) end = start;
-        Py_ssize_t n = end;
-        while (n > start && is_globalref(L, L->stack[n - 1])) n--;
-        if (f < L->nmarks && n == end && n > start &&
-            (PyDict_Check(L->stack[n - 1]) || PyList_Check(L->stack[n - 1])))
-            n--;
-        PyObject *opener = start > 0 ? L->stack[start - 1] : NULL;
-        Py_ssize_t count = n - start;
-        int r = 0;
-        if (f == 0) {
-            if (count >= 2 && PyDict_Check(L->stack[start])) r = path_dict_pairs(L, parts, start + 1, n);
-        } else if (opener != NULL && PyDict_Check(opener)) {
-            r = path_dict_pairs(L, parts, start, n);
-        } else if (opener != NULL && !is_globalref(L, opener)) {
-            /* a list being appended to, or a tuple being built */
-            Py_ssize_t base = PyList_Check(opener) ? PyList_GET_SIZE(opener) : 0;
-            PyObject *idx = PyLong_FromSsize_t(base + count);
-            r = idx == NULL ? -1 : path_add(parts, idx);
-            Py_XDECREF(idx);
-        }
-        if (r < 0) goto error;
-    }
-    PyObject *dot = PyUnicode_FromString(".");
-    if (dot == NULL) goto error;
-    PyObject *res = PyUnicode_Join(dot, parts);
-    Py_DECREF(dot);
-    Py_DECREF(parts);
-    return res;
-error:
-    Py_DECREF(parts);
-    return NULL;
 }
 
 /* ---- reading the input --------------------------------------------------- */
@@ -399,7 +237,7 @@ VM_HOT int op_mark(Loader *L) {
     if (L->hooks_fast && L->sp > vm_fence(L) && is_globalref(L, L->stack[L->sp - 1]) &&
         ((GlobalRef *)L->stack[L->sp - 1])->id == G_REBUILD_TENSOR_V2 &&
         ((GlobalRef *)L->stack[L->sp - 1])->obj == NULL && L->format == FMT_ZIP) {
-        int done = tensor_fused(L);
+        int done = L->hook.fuse_tensor(L);
         if (done != 0) return done < 0 ? -1 : 0;
     }
     return vm_mark(L);
@@ -493,7 +331,7 @@ static int op_binbytes(Loader *L, int op) {
 
 static int op_tuple(Loader *L) {
     if (L->hooks_fast) {
-        int done = persid_fused(L);
+        int done = L->hook.fuse_persid(L);
         if (done != 0) return done < 0 ? -1 : 0;
     }
     Py_ssize_t start = vm_pop_mark(L);
@@ -612,7 +450,7 @@ static int op_obj(Loader *L) {
 static int op_binpersid(Loader *L) {
     PyObject *pid = vm_pop(L);
     if (pid == NULL) return -1;
-    PyObject *s = storage_persistent_load(L, pid);
+    PyObject *s = L->hook.load_persid(L, pid);
     Py_DECREF(pid);
     return vm_push(L, s);
 }

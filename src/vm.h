@@ -1,93 +1,19 @@
-/* vm.h - internal to the pickle VM (vm.c, vm_objects.c, fastpath.c): the stack, mark and memo
- * primitives they share, and the entry points of each part. The module's view of the VM
- * (vm_run, vm_run_at, vm_free, vm_key_path) is in module.h. */
+/* vm.h - the pickle VM as the load drivers see it: run a pickle on a Loader, free its stack and
+ * memo, and the key path of the object being built (the Loader's error-position hook). Its
+ * internals are in vm_impl.h. */
 #ifndef TORCHFREE_VM_H
 #define TORCHFREE_VM_H
 
-#include "module.h"
-#include "opcodes.h"
+#include "loader.h"
 
-#if defined(__GNUC__)
-#define VM_HOT static inline __attribute__((always_inline))
-#else
-#define VM_HOT static inline
-#endif
-
-/* ---- stack, marks, memo (vm.c) ---- */
-
-/* Grow the stack for one more value (pushing o, stolen, is the caller's); on an error o is
- * released. */
-int vm_grow_stack(Loader *L, PyObject *o);
-
-/* Push, stealing the reference (NULL: an exception is already set). */
-VM_HOT int vm_push(Loader *L, PyObject *o) {
-    if (o == NULL) return -1;
-    if (TF_UNLIKELY(L->sp == L->stack_cap) && vm_grow_stack(L, o) < 0) return -1;
-    L->stack[L->sp++] = o;
-    return 0;
-}
-
-/* Lowest stack index usable by the current opcode (the last mark, or 0). */
-VM_HOT Py_ssize_t vm_fence(Loader *L) { return L->nmarks ? L->marks[L->nmarks - 1] : 0; }
-
-/* Pop, returning a new reference (NULL + exception on underflow). */
-static inline PyObject *vm_pop(Loader *L) {
-    if (TF_UNLIKELY(L->sp <= vm_fence(L))) {
-        tf_raise(L, L->st->UnpicklingError, "pickle stack underflow");
-        return NULL;
-    }
-    return L->stack[--L->sp];
-}
-
-/* Borrowed reference to the top (NULL + exception when empty). */
-VM_HOT PyObject *vm_top(Loader *L) {
-    if (TF_UNLIKELY(L->sp <= vm_fence(L))) {
-        tf_raise(L, L->st->UnpicklingError, "pickle stack underflow");
-        return NULL;
-    }
-    return L->stack[L->sp - 1];
-}
-
-/* Pop the last mark; return its stack index or -1 with an exception set. */
-static inline Py_ssize_t vm_pop_mark(Loader *L) {
-    if (L->nmarks == 0) {
-        tf_raise(L, L->st->UnpicklingError, "no MARK on the stack");
-        return -1;
-    }
-    return L->marks[--L->nmarks];
-}
-
-static inline int is_globalref(Loader *L, PyObject *o) { return Py_TYPE(o) == L->st->GlobalRefType; }
-static inline int is_opaque(Loader *L, PyObject *o) { return (PyObject *)Py_TYPE(o) == L->st->OpaqueType; }
-
-/* Items from stack[start] to the top as a tuple (new reference); pops them. */
-PyObject *vm_pop_tuple_from(Loader *L, Py_ssize_t start);
-/* memo[idx] = o (o may be NULL: a slot left empty, see rebuild_v2_fused) */
-int vm_memo_put(Loader *L, uint64_t idx, PyObject *o);
-/* After BUILD replaced a placeholder by a new object, point the memo slots that held it at the new one. */
-void vm_memo_replace(Loader *L, PyObject *old, PyObject *new_);
-
-/* ---- GLOBAL, calls, containers (vm_objects.c) ---- */
-
-/* GLOBAL module name: push what it resolves to. */
-int vm_global(Loader *L, const char *module, size_t mlen, const char *name, size_t nlen);
-/* REDUCE (callable, args), NEWOBJ (cls, args) and NEWOBJ_EX (cls, args, kwargs). */
-int vm_reduce(Loader *L, int op);
-int vm_build(Loader *L);
-/* The items from stack[start] up into target (a dict or a trusted object); pops them. */
-int vm_setitems_into(Loader *L, PyObject *target, Py_ssize_t start);
-/* APPENDS / SETITEMS / ADDITEMS: the target sits just below the last mark. */
-int vm_marked_fill(Loader *L, int op);
-/* APPEND / SETITEM. */
-int vm_single_fill(Loader *L, int op);
-
-/* ---- torch's per-tensor sequence (fastpath.c); each: 1 done, 0 not this pattern, -1 error ---- */
-
-/* At MARK with our _rebuild_tensor_v2 on top: the whole tensor from the bytes. */
-int tensor_fused(Loader *L);
-/* At TUPLE: a zip checkpoint's persistent id from the items above the MARK. */
-int persid_fused(Loader *L);
-/* At the REDUCE of OrderedDict(): _rebuild_tensor_v2 from the five items above the MARK. */
-int rebuild_v2_fused(Loader *L);
+/* vm.c */
+PyObject *vm_run(Loader *L, const uint8_t *data, size_t len); /* new reference */
+/* Run the pickle that starts at data and ends at its STOP (bytes after it are
+ * the caller's: the legacy stream concatenates pickles and blobs); *used gets
+ * its length. New reference. */
+PyObject *vm_run_at(Loader *L, const uint8_t *data, size_t len, size_t *used);
+void vm_free(Loader *L);
+/* Dotted key path of the object being built, e.g. "model.fc1.weight" (new reference). */
+PyObject *vm_key_path(Loader *L);
 
 #endif

@@ -2,7 +2,7 @@
  * globals.c, never imported), REDUCE / NEWOBJ / NEWOBJ_EX / BUILD (our own code in tensor.c, an
  * inert Opaque, or a callable the user trusted through safe_globals) and the container fills
  * (APPEND(S), SETITEM(S), ADDITEMS: exact lists, dicts and sets, or trusted instances). */
-#include "vm.h"
+#include "vm_impl.h"
 
 /* ---- GLOBAL ------------------------------------------------------------- */
 
@@ -75,9 +75,9 @@ int vm_global(Loader *L, const char *module, size_t mlen, const char *name, size
     /* ml_dtypes' descriptors, before a load makes anything of such a dtype; a lazy archive's storage
      * classes leave it to the first array or dtype asked for (scan lists torch's dtype names) */
     if ((hit.id == G_DTYPE || hit.id == G_LEGACY_TENSOR || (hit.id == G_STORAGE && !L->lazy)) && hit.arg >= 0 &&
-        loader_need_dtype(L, hit.arg) < 0)
+        tf_load_need_dtype(L, hit.arg) < 0)
         return -1;
-    PyObject *value = tensor_global_value(L, &hit, canon);
+    PyObject *value = L->hook.global_value(L, &hit, canon);
     if (value != NULL) return vm_push(L, value);
     if (PyErr_Occurred()) return -1;
     return vm_push(L, globalref_new(L, hit.id, hit.arg, canon, NULL));
@@ -131,7 +131,7 @@ static PyObject *do_call(Loader *L, PyObject *callable, PyObject *args, PyObject
             tf_raise(L, L->st->UnpicklingError, "keyword arguments for %U are not supported", g->canon);
             return NULL;
         }
-        return tensor_reduce(L, g, args);
+        return L->hook.reduce(L, g, args);
     }
     if (is_opaque(L, callable)) {
         PyObject *a = PyTuple_Pack(3, callable, args, kwargs ? kwargs : Py_None);
@@ -168,7 +168,7 @@ int vm_reduce(Loader *L, int op) {
     }
     if (L->hooks_fast && op == OP_REDUCE && PyTuple_CheckExact(args) && PyTuple_GET_SIZE(args) == 0 && is_globalref(L, callable) &&
         ((GlobalRef *)callable)->id == G_ORDERED_DICT && ((GlobalRef *)callable)->obj == NULL) {
-        int done = rebuild_v2_fused(L);
+        int done = L->hook.fuse_rebuild_v2(L);
         if (done != 0) {
             Py_DECREF(callable);
             Py_DECREF(args);
@@ -258,7 +258,7 @@ int vm_build(Loader *L) {
         r = res == NULL ? -1 : 0;
         Py_XDECREF(res);
     } else {
-        PyObject *res = tensor_build(L, obj, state);
+        PyObject *res = L->hook.build(L, obj, state);
         if (res == NULL) {
             if (PyErr_Occurred()) {
                 r = -1;

@@ -7,64 +7,11 @@
  * read or allocation. No allocation is larger than a small multiple of the
  * central directory, which itself has been proven to lie inside the input.
  *
- * Deflated entries are inflated from bounded input chunks straight into the
- * caller's buffer; the stream must end at exactly usize bytes. */
-#include "zipread.h"
+ * This file opens the archive (end record, central directory, the name index);
+ * zipentry.c reads one entry's local header and bytes. */
+#include "zipread_impl.h"
 
 #include <stdlib.h>
-#include <zlib.h>
-
-/* ---------------------------------------------------------------- constants */
-
-#define ZR_SIG_LOCAL 0x04034b50u     /* PK\3\4 */
-#define ZR_SIG_CENTRAL 0x02014b50u   /* PK\1\2 */
-#define ZR_SIG_EOCD 0x06054b50u      /* PK\5\6 */
-#define ZR_SIG_Z64_EOCD 0x06064b50u  /* PK\6\6 */
-#define ZR_SIG_Z64_LOC 0x07064b50u   /* PK\6\7 */
-
-#define ZR_LOCAL_SIZE 30u
-#define ZR_CENTRAL_SIZE 46u
-#define ZR_EOCD_SIZE 22u
-#define ZR_Z64_EOCD_SIZE 56u
-#define ZR_Z64_LOC_SIZE 20u
-#define ZR_MAX_COMMENT 65535u
-#define ZR_Z64_EXTRA_ID 0x0001u
-
-#define ZR_SAT16 0xFFFFu
-#define ZR_SAT32 0xFFFFFFFFu
-
-/* Compressed bytes read per inflate step, and the most output handed to zlib at
- * once (its counters are 32-bit). */
-#define ZR_INFLATE_CHUNK (64u * 1024u)
-#define ZR_INFLATE_OUT_MAX (1u << 30)
-/* Deflate cannot expand more than 1032:1 (a 258-byte match costs at least 2
- * bits); a larger declared usize cannot be honest, so it is refused at open
- * time, before any caller allocates from it. */
-#define ZR_DEFLATE_MAX_RATIO 1032u
-#define ZR_DEFLATE_SLACK 8u
-/* Probes per hash lookup. With a load factor <= 1/2 and a mixed hash an honest
- * archive practically never needs more than a dozen; the cap bounds the work
- * that crafted colliding names can cause (rejected as a format error). */
-#define ZR_MAX_PROBES 128u
-/* The central directory is read through a window of this many bytes; one
- * entry (46 + 3 * 65535 bytes at most) always fits. */
-#define ZR_CD_WINDOW (256u * 1024u)
-
-typedef unsigned long long ull; /* for printf of uint64_t without PRIu64 noise */
-
-/* ------------------------------------------------------------------ helpers */
-
-static TfStatus zr_read(const ZipReader *z, uint64_t off, void *buf, size_t n, TfErr *err) {
-    uint64_t end;
-    if (n == 0) return TF_OK;
-    /* Callers check first; this is a last line of defence. */
-    if (tf_add_u64(off, (uint64_t)n, &end) || end > z->size)
-        return tf_fail(err, TF_ERR_FORMAT, off, "read of %llu bytes at offset %llu lies outside the input (%llu bytes)",
-                       (ull)n, (ull)off, (ull)z->size);
-    return z->read_at(z->ctx, off, buf, n, err);
-}
-
-static int zr_sig(const uint8_t *p, uint32_t sig) { return tf_le32(p) == sig; }
 
 /* FNV-1a over the bytes, then the murmur3 finalizer so the low bits (used as
  * the bucket) depend on every input byte. */
@@ -85,9 +32,6 @@ static uint64_t zr_hash(const char *s, size_t n) {
 static int zr_name_eq(const ZipEntry *e, const char *name, size_t n) {
     return e->name_len == n && (n == 0 || memcmp(e->name, name, n) == 0);
 }
-
-/* Print at most 80 bytes of a name in messages. */
-#define ZR_NAME_SHOWN(n) ((int)((n) > 80 ? 80 : (n)))
 
 /* --------------------------------------------------------------- end record */
 
@@ -402,6 +346,220 @@ static TfStatus zr_mem_read_at(void *ctx, uint64_t off, void *buf, size_t n, TfE
     return TF_OK;
 }
 
+/* The end record's claims against the file: *cd_pos (where the directory starts), z->base and
+ * *min_cd (the directory's least size for its entry count). */
+static TfStatus zr_check_end(ZipReader *z, const ZrEnd *e, const TfLimits *lim, uint64_t *cd_pos_out,
+                             uint64_t *min_cd_out, TfErr *err) {
+    const ZrEnd end = *e;
+    uint64_t cd_pos, n, min_cd;
+    TfStatus st;
+    const char *rec = end.zip64 ? "zip64 end of central directory record" : "end of central directory record";
+
+    /* The central directory ends where the end record starts; its claimed
+     * offset then tells where the zip starts (base). */
+    if (end.cd_size > end.end_pos) {
+        st = tf_fail(err, TF_ERR_FORMAT, end.end_pos,
+                     "%s at offset %llu: central directory size %llu is larger than the bytes before the record",
+                     rec, (ull)end.end_pos, (ull)end.cd_size);
+        return st;
+    }
+    cd_pos = end.end_pos - end.cd_size;
+    if (end.cd_offset > cd_pos) {
+        st = tf_fail(err, TF_ERR_FORMAT, end.end_pos,
+                     "%s at offset %llu: central directory offset %llu (size %llu) lies past where the "
+                     "directory actually starts (%llu): truncated or corrupt archive",
+                     rec, (ull)end.end_pos, (ull)end.cd_offset, (ull)end.cd_size, (ull)cd_pos);
+        return st;
+    }
+    z->base = cd_pos - end.cd_offset;
+    n = end.n_entries;
+    if (n == 0) {
+        st = tf_fail(err, TF_ERR_FORMAT, end.end_pos, "%s at offset %llu: the archive has no entries", rec,
+                     (ull)end.end_pos);
+        return st;
+    }
+    if (tf_mul_u64(n, ZR_CENTRAL_SIZE, &min_cd) || min_cd > end.cd_size) {
+        st = tf_fail(err, TF_ERR_FORMAT, end.end_pos,
+                     "%s at offset %llu: %llu entries cannot fit in a central directory of %llu bytes", rec,
+                     (ull)end.end_pos, (ull)n, (ull)end.cd_size);
+        return st;
+    }
+    if (n > lim->records || n >= UINT32_MAX) {
+        st = tf_fail(err, TF_ERR_LIMIT, end.end_pos, "archive has %llu entries, more than the limit of %llu",
+                     (ull)n, (ull)(lim->records < UINT32_MAX - 1 ? lim->records : UINT32_MAX - 1));
+        return st;
+    }
+    if (end.cd_size > SIZE_MAX / 2 || n > SIZE_MAX / sizeof(ZipEntry)) {
+        st = tf_fail(err, TF_ERR_NOMEM, cd_pos, "central directory of %llu bytes does not fit in memory",
+                     (ull)end.cd_size);
+        return st;
+    }
+    *cd_pos_out = cd_pos;
+    *min_cd_out = min_cd;
+    return TF_OK;
+}
+
+/* The top folder: from the first entry; every entry must share it. */
+static TfStatus zr_entry_prefix(ZipReader *z, size_t i, const char *name, size_t nl, uint64_t ent_off, TfErr *err) {
+    TfStatus st;
+    if (i == 0) {
+        const char *slash = nl ? (const char *)memchr(name, '/', nl) : NULL;
+        if (!slash) {
+            st = tf_fail(err, TF_ERR_FORMAT, ent_off,
+                         "central directory entry 0 at offset %llu: file in archive is not in a "
+                         "subdirectory: '%.*s'",
+                         (ull)ent_off, ZR_NAME_SHOWN(nl), name);
+            return st;
+        }
+        z->prefix_len = (size_t)(slash - name);
+        z->prefix = (char *)malloc(z->prefix_len + 1);
+        if (!z->prefix) {
+            st = tf_fail(err, TF_ERR_NOMEM, ent_off, "out of memory");
+            return st;
+        }
+        memcpy(z->prefix, name, z->prefix_len);
+        z->prefix[z->prefix_len] = '\0';
+    } else if (nl <= z->prefix_len || name[z->prefix_len] != '/' ||
+               memcmp(name, z->prefix, z->prefix_len) != 0) {
+        st = tf_fail(err, TF_ERR_FORMAT, ent_off,
+                     "central directory entry %zu at offset %llu: name '%.*s' is not under the archive's "
+                     "top folder '%s/'",
+                     i, (ull)ent_off, ZR_NAME_SHOWN(nl), name, z->prefix);
+        return st;
+    }
+
+    return TF_OK;
+}
+
+/* Where entry i's local header lies (*habs), checked, and its method and sizes. */
+static TfStatus zr_entry_bounds(const ZipReader *z, size_t i, uint64_t ent_off, const char *name, size_t nl,
+                                uint16_t method, uint64_t csize, uint64_t usize, uint64_t hoff, uint64_t cd_pos,
+                                uint64_t *habs_out, TfErr *err) {
+    TfStatus st;
+    /* Local header (30 bytes + the same name) and data must lie between the
+     * zip start and the central directory. */
+    uint64_t habs, hend;
+    if (tf_add_u64(hoff, z->base, &habs) || tf_add_u64(habs, ZR_LOCAL_SIZE + (uint64_t)nl, &hend) ||
+        tf_add_u64(hend, csize, &hend) || hend > cd_pos) {
+        st = tf_fail(err, TF_ERR_FORMAT, ent_off,
+                     "central directory entry %zu at offset %llu: local header at %llu (+ base %llu) with "
+                     "%llu bytes of data lies outside the file or overlaps the central directory at %llu",
+                     i, (ull)ent_off, (ull)hoff, (ull)z->base, (ull)csize, (ull)cd_pos);
+        return st;
+    }
+    /* Only stored and deflated entries can be read; refusing the rest here
+     * means every usize that open accepts is bounded by the input (stored:
+     * usize == csize; deflated: at most 1032:1), so callers may size
+     * buffers from it. */
+    if (method != 0 && method != 8) {
+        st = tf_fail(err, TF_ERR_FORMAT, ent_off,
+                     "central directory entry %zu at offset %llu ('%.*s'): compression method %u is not "
+                     "supported (only 0 stored and 8 deflated)",
+                     i, (ull)ent_off, ZR_NAME_SHOWN(nl), name, (unsigned)method);
+        return st;
+    }
+    if (method == 0 && csize != usize) {
+        st = tf_fail(err, TF_ERR_FORMAT, ent_off,
+                     "central directory entry %zu at offset %llu: stored entry with compressed size %llu "
+                     "!= uncompressed size %llu",
+                     i, (ull)ent_off, (ull)csize, (ull)usize);
+        return st;
+    }
+    if (method == 8) {
+        uint64_t bound;
+        if (tf_mul_u64(csize + ZR_DEFLATE_SLACK, ZR_DEFLATE_MAX_RATIO, &bound) || usize > bound) {
+            st = tf_fail(err, TF_ERR_FORMAT, ent_off,
+                         "central directory entry %zu at offset %llu: deflated entry claims %llu bytes from "
+                         "%llu compressed bytes, beyond deflate's maximum ratio",
+                         i, (ull)ent_off, (ull)usize, (ull)csize);
+            return st;
+        }
+    }
+
+    *habs_out = habs;
+    return TF_OK;
+}
+
+/* Central directory entry i, at p bytes into the directory: checked and put in z->entries[i]
+ * (its name in z->names at *names_used); *p moves past it. */
+static TfStatus zr_entry(ZipReader *z, ZrWindow *win, uint64_t cd_pos, size_t cdn, size_t *p, size_t i,
+                         const TfLimits *lim, size_t *names_used, TfErr *err) {
+    TfStatus st;
+    const uint64_t ent_off = cd_pos + *p;
+    const uint8_t *h;
+    if (cdn - *p < ZR_CENTRAL_SIZE) {
+        st = tf_fail(err, TF_ERR_FORMAT, ent_off,
+                     "central directory entry %zu at offset %llu: truncated (%zu bytes left, 46 needed)", i,
+                     (ull)ent_off, cdn - *p);
+        return st;
+    }
+    if ((st = zr_window_get(z, win, cd_pos, cdn, *p, ZR_CENTRAL_SIZE, &h, err)) != TF_OK) return st;
+    if (!zr_sig(h, ZR_SIG_CENTRAL)) {
+        st = tf_fail(err, TF_ERR_FORMAT, ent_off,
+                     "central directory entry %zu at offset %llu: bad signature 0x%08x", i, (ull)ent_off,
+                     (unsigned)tf_le32(h));
+        return st;
+    }
+    uint16_t flags = tf_le16(h + 8), method = tf_le16(h + 10);
+    uint32_t crc = tf_le32(h + 16);
+    uint64_t csize = tf_le32(h + 20), usize = tf_le32(h + 24), hoff = tf_le32(h + 42);
+    size_t nl = tf_le16(h + 28), xl = tf_le16(h + 30), cl = tf_le16(h + 32);
+    /* The fixed 46 bytes of every entry still to come stay reserved: the
+     * name block (sized from the directory minus n fixed headers) then
+     * always holds the names (found by fuzzing: a zip64 record whose
+     * directory holds fewer, longer-named entries than it claims). */
+    const size_t reserved = (z->n_entries - i - 1) * ZR_CENTRAL_SIZE; /* <= cdn - *p - 46 by induction */
+    if (cdn - *p - ZR_CENTRAL_SIZE - reserved < nl + xl + cl) {
+        st = tf_fail(err, TF_ERR_FORMAT, ent_off,
+                     "central directory entry %zu at offset %llu: name, extra and comment (%zu+%zu+%zu "
+                     "bytes) run past the end of the central directory (%zu more entries to come)",
+                     i, (ull)ent_off, nl, xl, cl, z->n_entries - i - 1);
+        return st;
+    }
+    if ((st = zr_window_get(z, win, cd_pos, cdn, *p, ZR_CENTRAL_SIZE + nl + xl + cl, &h, err)) != TF_OK)
+        return st;
+    const char *name = (const char *)(h + ZR_CENTRAL_SIZE);
+    if (nl > lim->name) {
+        st = tf_fail(err, TF_ERR_LIMIT, ent_off,
+                     "central directory entry %zu at offset %llu: name of %zu bytes is longer than the "
+                     "limit of %llu",
+                     i, (ull)ent_off, nl, (ull)lim->name);
+        return st;
+    }
+    if (nl && memchr(name, 0, nl)) {
+        st = tf_fail(err, TF_ERR_FORMAT, ent_off,
+                     "central directory entry %zu at offset %llu: name contains a NUL byte", i, (ull)ent_off);
+        return st;
+    }
+    if ((st = zr_zip64_extra(h + ZR_CENTRAL_SIZE + nl, xl, &usize, &csize, &hoff, i, ent_off, err)) != TF_OK)
+        return st;
+
+    if ((st = zr_entry_prefix(z, i, name, nl, ent_off, err)) != TF_OK) return st;
+
+    uint64_t habs = 0;
+    if ((st = zr_entry_bounds(z, i, ent_off, name, nl, method, csize, usize, hoff, cd_pos, &habs, err)) != TF_OK)
+        return st;
+
+    ZipEntry *e = &z->entries[i];
+    size_t sl = nl - z->prefix_len - 1;
+    e->name = z->names + (*names_used);
+    e->name_len = (uint32_t)sl;
+    memcpy(z->names + (*names_used), name + z->prefix_len + 1, sl);
+    z->names[(*names_used) + sl] = '\0';
+    (*names_used) += sl + 1;
+    e->method = method;
+    e->flags = flags;
+    e->crc32 = crc;
+    e->csize = csize;
+    e->usize = usize;
+    e->header_offset = habs;
+    e->data_offset = UINT64_MAX;
+    e->user = NULL;
+    e->data_limit = cd_pos;
+    *p += ZR_CENTRAL_SIZE + nl + xl + cl;
+    return TF_OK;
+}
+
 static TfStatus zr_open(ZipReader *z, TfReadAt read_at, void *ctx, const uint8_t *mem, uint64_t size,
                         const TfLimits *lim, TfErr *err);
 
@@ -419,7 +577,7 @@ static TfStatus zr_open(ZipReader *z, TfReadAt read_at, void *ctx, const uint8_t
     static const TfLimits defaults = TF_LIMITS_DEFAULT;
     ZrEnd end = {0, 0, 0, 0, 0};
     ZrWindow win = {NULL, 0, 0, 0};
-    uint64_t cd_pos, n, min_cd;
+    uint64_t cd_pos = 0, n, min_cd = 0;
     size_t cdn, names_cap, names_used = 0, p = 0;
     TfStatus st;
 
@@ -433,45 +591,8 @@ static TfStatus zr_open(ZipReader *z, TfReadAt read_at, void *ctx, const uint8_t
     if ((st = zr_find_end(z, &end, err)) != TF_OK) goto fail;
     const char *rec = end.zip64 ? "zip64 end of central directory record" : "end of central directory record";
 
-    /* The central directory ends where the end record starts; its claimed
-     * offset then tells where the zip starts (base). */
-    if (end.cd_size > end.end_pos) {
-        st = tf_fail(err, TF_ERR_FORMAT, end.end_pos,
-                     "%s at offset %llu: central directory size %llu is larger than the bytes before the record",
-                     rec, (ull)end.end_pos, (ull)end.cd_size);
-        goto fail;
-    }
-    cd_pos = end.end_pos - end.cd_size;
-    if (end.cd_offset > cd_pos) {
-        st = tf_fail(err, TF_ERR_FORMAT, end.end_pos,
-                     "%s at offset %llu: central directory offset %llu (size %llu) lies past where the "
-                     "directory actually starts (%llu): truncated or corrupt archive",
-                     rec, (ull)end.end_pos, (ull)end.cd_offset, (ull)end.cd_size, (ull)cd_pos);
-        goto fail;
-    }
-    z->base = cd_pos - end.cd_offset;
+    if ((st = zr_check_end(z, &end, lim, &cd_pos, &min_cd, err)) != TF_OK) goto fail;
     n = end.n_entries;
-    if (n == 0) {
-        st = tf_fail(err, TF_ERR_FORMAT, end.end_pos, "%s at offset %llu: the archive has no entries", rec,
-                     (ull)end.end_pos);
-        goto fail;
-    }
-    if (tf_mul_u64(n, ZR_CENTRAL_SIZE, &min_cd) || min_cd > end.cd_size) {
-        st = tf_fail(err, TF_ERR_FORMAT, end.end_pos,
-                     "%s at offset %llu: %llu entries cannot fit in a central directory of %llu bytes", rec,
-                     (ull)end.end_pos, (ull)n, (ull)end.cd_size);
-        goto fail;
-    }
-    if (n > lim->records || n >= UINT32_MAX) {
-        st = tf_fail(err, TF_ERR_LIMIT, end.end_pos, "archive has %llu entries, more than the limit of %llu",
-                     (ull)n, (ull)(lim->records < UINT32_MAX - 1 ? lim->records : UINT32_MAX - 1));
-        goto fail;
-    }
-    if (end.cd_size > SIZE_MAX / 2 || n > SIZE_MAX / sizeof(ZipEntry)) {
-        st = tf_fail(err, TF_ERR_NOMEM, cd_pos, "central directory of %llu bytes does not fit in memory",
-                     (ull)end.cd_size);
-        goto fail;
-    }
     cdn = (size_t)end.cd_size;
     z->n_entries = (size_t)n;
 
@@ -491,139 +612,7 @@ static TfStatus zr_open(ZipReader *z, TfReadAt read_at, void *ctx, const uint8_t
     }
 
     for (size_t i = 0; i < z->n_entries; i++) {
-        const uint64_t ent_off = cd_pos + p;
-        const uint8_t *h;
-        if (cdn - p < ZR_CENTRAL_SIZE) {
-            st = tf_fail(err, TF_ERR_FORMAT, ent_off,
-                         "central directory entry %zu at offset %llu: truncated (%zu bytes left, 46 needed)", i,
-                         (ull)ent_off, cdn - p);
-            goto fail;
-        }
-        if ((st = zr_window_get(z, &win, cd_pos, cdn, p, ZR_CENTRAL_SIZE, &h, err)) != TF_OK) goto fail;
-        if (!zr_sig(h, ZR_SIG_CENTRAL)) {
-            st = tf_fail(err, TF_ERR_FORMAT, ent_off,
-                         "central directory entry %zu at offset %llu: bad signature 0x%08x", i, (ull)ent_off,
-                         (unsigned)tf_le32(h));
-            goto fail;
-        }
-        uint16_t flags = tf_le16(h + 8), method = tf_le16(h + 10);
-        uint32_t crc = tf_le32(h + 16);
-        uint64_t csize = tf_le32(h + 20), usize = tf_le32(h + 24), hoff = tf_le32(h + 42);
-        size_t nl = tf_le16(h + 28), xl = tf_le16(h + 30), cl = tf_le16(h + 32);
-        /* The fixed 46 bytes of every entry still to come stay reserved: the
-         * name block (sized from the directory minus n fixed headers) then
-         * always holds the names (found by fuzzing: a zip64 record whose
-         * directory holds fewer, longer-named entries than it claims). */
-        const size_t reserved = (z->n_entries - i - 1) * ZR_CENTRAL_SIZE; /* <= cdn - p - 46 by induction */
-        if (cdn - p - ZR_CENTRAL_SIZE - reserved < nl + xl + cl) {
-            st = tf_fail(err, TF_ERR_FORMAT, ent_off,
-                         "central directory entry %zu at offset %llu: name, extra and comment (%zu+%zu+%zu "
-                         "bytes) run past the end of the central directory (%zu more entries to come)",
-                         i, (ull)ent_off, nl, xl, cl, z->n_entries - i - 1);
-            goto fail;
-        }
-        if ((st = zr_window_get(z, &win, cd_pos, cdn, p, ZR_CENTRAL_SIZE + nl + xl + cl, &h, err)) != TF_OK)
-            goto fail;
-        const char *name = (const char *)(h + ZR_CENTRAL_SIZE);
-        if (nl > lim->name) {
-            st = tf_fail(err, TF_ERR_LIMIT, ent_off,
-                         "central directory entry %zu at offset %llu: name of %zu bytes is longer than the "
-                         "limit of %llu",
-                         i, (ull)ent_off, nl, (ull)lim->name);
-            goto fail;
-        }
-        if (nl && memchr(name, 0, nl)) {
-            st = tf_fail(err, TF_ERR_FORMAT, ent_off,
-                         "central directory entry %zu at offset %llu: name contains a NUL byte", i, (ull)ent_off);
-            goto fail;
-        }
-        if ((st = zr_zip64_extra(h + ZR_CENTRAL_SIZE + nl, xl, &usize, &csize, &hoff, i, ent_off, err)) != TF_OK)
-            goto fail;
-
-        /* The top folder: from the first entry; every entry must share it. */
-        if (i == 0) {
-            const char *slash = nl ? (const char *)memchr(name, '/', nl) : NULL;
-            if (!slash) {
-                st = tf_fail(err, TF_ERR_FORMAT, ent_off,
-                             "central directory entry 0 at offset %llu: file in archive is not in a "
-                             "subdirectory: '%.*s'",
-                             (ull)ent_off, ZR_NAME_SHOWN(nl), name);
-                goto fail;
-            }
-            z->prefix_len = (size_t)(slash - name);
-            z->prefix = (char *)malloc(z->prefix_len + 1);
-            if (!z->prefix) {
-                st = tf_fail(err, TF_ERR_NOMEM, ent_off, "out of memory");
-                goto fail;
-            }
-            memcpy(z->prefix, name, z->prefix_len);
-            z->prefix[z->prefix_len] = '\0';
-        } else if (nl <= z->prefix_len || name[z->prefix_len] != '/' ||
-                   memcmp(name, z->prefix, z->prefix_len) != 0) {
-            st = tf_fail(err, TF_ERR_FORMAT, ent_off,
-                         "central directory entry %zu at offset %llu: name '%.*s' is not under the archive's "
-                         "top folder '%s/'",
-                         i, (ull)ent_off, ZR_NAME_SHOWN(nl), name, z->prefix);
-            goto fail;
-        }
-
-        /* Local header (30 bytes + the same name) and data must lie between the
-         * zip start and the central directory. */
-        uint64_t habs, hend;
-        if (tf_add_u64(hoff, z->base, &habs) || tf_add_u64(habs, ZR_LOCAL_SIZE + (uint64_t)nl, &hend) ||
-            tf_add_u64(hend, csize, &hend) || hend > cd_pos) {
-            st = tf_fail(err, TF_ERR_FORMAT, ent_off,
-                         "central directory entry %zu at offset %llu: local header at %llu (+ base %llu) with "
-                         "%llu bytes of data lies outside the file or overlaps the central directory at %llu",
-                         i, (ull)ent_off, (ull)hoff, (ull)z->base, (ull)csize, (ull)cd_pos);
-            goto fail;
-        }
-        /* Only stored and deflated entries can be read; refusing the rest here
-         * means every usize that open accepts is bounded by the input (stored:
-         * usize == csize; deflated: at most 1032:1), so callers may size
-         * buffers from it. */
-        if (method != 0 && method != 8) {
-            st = tf_fail(err, TF_ERR_FORMAT, ent_off,
-                         "central directory entry %zu at offset %llu ('%.*s'): compression method %u is not "
-                         "supported (only 0 stored and 8 deflated)",
-                         i, (ull)ent_off, ZR_NAME_SHOWN(nl), name, (unsigned)method);
-            goto fail;
-        }
-        if (method == 0 && csize != usize) {
-            st = tf_fail(err, TF_ERR_FORMAT, ent_off,
-                         "central directory entry %zu at offset %llu: stored entry with compressed size %llu "
-                         "!= uncompressed size %llu",
-                         i, (ull)ent_off, (ull)csize, (ull)usize);
-            goto fail;
-        }
-        if (method == 8) {
-            uint64_t bound;
-            if (tf_mul_u64(csize + ZR_DEFLATE_SLACK, ZR_DEFLATE_MAX_RATIO, &bound) || usize > bound) {
-                st = tf_fail(err, TF_ERR_FORMAT, ent_off,
-                             "central directory entry %zu at offset %llu: deflated entry claims %llu bytes from "
-                             "%llu compressed bytes, beyond deflate's maximum ratio",
-                             i, (ull)ent_off, (ull)usize, (ull)csize);
-                goto fail;
-            }
-        }
-
-        ZipEntry *e = &z->entries[i];
-        size_t sl = nl - z->prefix_len - 1;
-        e->name = z->names + names_used;
-        e->name_len = (uint32_t)sl;
-        memcpy(z->names + names_used, name + z->prefix_len + 1, sl);
-        z->names[names_used + sl] = '\0';
-        names_used += sl + 1;
-        e->method = method;
-        e->flags = flags;
-        e->crc32 = crc;
-        e->csize = csize;
-        e->usize = usize;
-        e->header_offset = habs;
-        e->data_offset = UINT64_MAX;
-        e->user = NULL;
-        e->data_limit = cd_pos;
-        p += ZR_CENTRAL_SIZE + nl + xl + cl;
+        if ((st = zr_entry(z, &win, cd_pos, cdn, &p, i, lim, &names_used, err)) != TF_OK) goto fail;
     }
     if (p != cdn) {
         st = tf_fail(err, TF_ERR_FORMAT, cd_pos + p,
@@ -676,187 +665,3 @@ ZipEntry *zipread_find(const ZipReader *z, const char *name, size_t name_len) {
     return NULL;
 }
 
-/* ------------------------------------------------------------ local headers */
-
-/* Byte j of the entry's full name "<prefix>/<name>". */
-static char zr_full_name_byte(const ZipReader *z, const ZipEntry *e, size_t j) {
-    if (j < z->prefix_len) return z->prefix[j];
-    if (j == z->prefix_len) return '/';
-    return e->name[j - z->prefix_len - 1];
-}
-
-TfStatus zipread_locate(ZipReader *z, ZipEntry *e, TfErr *err) {
-    uint8_t buf[ZR_LOCAL_SIZE + 226];
-    const uint64_t hoff = e->header_offset;
-    const size_t idx = (size_t)(e - z->entries);
-    const size_t full = z->prefix_len + 1 + e->name_len;
-    uint64_t hend, data, dend;
-    TfStatus st;
-
-    if (e->data_offset != UINT64_MAX) return TF_OK;
-    if (tf_add_u64(hoff, ZR_LOCAL_SIZE + (uint64_t)full, &hend) || hend > z->size)
-        return tf_fail(err, TF_ERR_FORMAT, hoff,
-                       "central directory entry %zu ('%.*s'): local header at offset %llu lies outside the file",
-                       idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)hoff);
-    /* One read for the header and, usually, the whole name (all of it in place from memory). */
-    const uint8_t *h = buf;
-    size_t first;
-    if (z->mem != NULL) {
-        h = z->mem + hoff;
-        first = ZR_LOCAL_SIZE + full;
-    } else {
-        first = ZR_LOCAL_SIZE + (full < sizeof buf - ZR_LOCAL_SIZE ? full : sizeof buf - ZR_LOCAL_SIZE);
-        if ((st = zr_read(z, hoff, buf, first, err)) != TF_OK) return st;
-    }
-    if (!zr_sig(h, ZR_SIG_LOCAL))
-        return tf_fail(err, TF_ERR_FORMAT, hoff,
-                       "central directory entry %zu ('%.*s'): no local header signature at offset %llu (found "
-                       "0x%08x)",
-                       idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)hoff, (unsigned)tf_le32(h));
-    size_t nl = tf_le16(h + 26), xl = tf_le16(h + 28);
-    if (nl != full)
-        return tf_fail(err, TF_ERR_FORMAT, hoff,
-                       "local header at offset %llu: name length %zu differs from the central directory entry "
-                       "%zu ('%.*s', %zu bytes)",
-                       (ull)hoff, nl, idx, ZR_NAME_SHOWN(e->name_len), e->name, full);
-    /* The local name must be the central directory's name. */
-    size_t have = first - ZR_LOCAL_SIZE, done = 0;
-    const uint8_t *chunk = h + ZR_LOCAL_SIZE;
-    if (have == full) { /* the usual case, whole name at hand: "<prefix>/<name>" */
-        if ((z->prefix_len == 0 || memcmp(chunk, z->prefix, z->prefix_len) == 0) && chunk[z->prefix_len] == '/' &&
-            memcmp(chunk + z->prefix_len + 1, e->name, e->name_len) == 0)
-            done = have = full;
-    }
-    for (; done < full;) {
-        for (size_t k = 0; k < have; k++)
-            if ((char)chunk[k] != zr_full_name_byte(z, e, done + k))
-                return tf_fail(err, TF_ERR_FORMAT, hoff,
-                               "local header at offset %llu: name differs from central directory entry %zu "
-                               "('%.*s')",
-                               (ull)hoff, idx, ZR_NAME_SHOWN(e->name_len), e->name);
-        done += have;
-        if (done == full) break;
-        have = full - done < sizeof buf ? full - done : sizeof buf;
-        if ((st = zr_read(z, hoff + ZR_LOCAL_SIZE + done, buf, have, err)) != TF_OK) return st;
-        chunk = buf;
-    }
-    if (tf_add_u64(hend, (uint64_t)xl, &data) || tf_add_u64(data, e->csize, &dend) || dend > z->size)
-        return tf_fail(err, TF_ERR_FORMAT, hoff,
-                       "central directory entry %zu ('%.*s'): data at offset %llu (+%llu bytes) from the local "
-                       "header at %llu lies outside the file (%llu bytes)",
-                       idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)data, (ull)e->csize, (ull)hoff,
-                       (ull)z->size);
-    if (e->flags & 1u)
-        return tf_fail(err, TF_ERR_FORMAT, hoff, "entry %zu ('%.*s') is encrypted, which is not supported", idx,
-                       ZR_NAME_SHOWN(e->name_len), e->name);
-    if (dend > e->data_limit)
-        return tf_fail(err, TF_ERR_FORMAT, hoff,
-                       "central directory entry %zu ('%.*s'): data at offset %llu (+%llu bytes, after a local extra "
-                       "field of %zu bytes) runs into the next record at %llu",
-                       idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)data, (ull)e->csize, xl, (ull)e->data_limit);
-    e->data_offset = data;
-    return TF_OK;
-}
-
-/* ------------------------------------------------------------------ extract */
-
-static TfStatus zr_inflate(ZipReader *z, ZipEntry *e, size_t idx, uint8_t *dst, TfErr *err) {
-    z_stream s;
-    uint8_t scratch[1];
-    uint8_t *in = NULL;
-    uint64_t in_off = e->data_offset, in_left = e->csize, out_done = 0;
-    TfStatus st = TF_OK;
-    int ret;
-
-    memset(&s, 0, sizeof s);
-    if (inflateInit2(&s, -15) != Z_OK)
-        return tf_fail(err, TF_ERR_NOMEM, e->data_offset, "entry %zu ('%.*s'): cannot start zlib", idx,
-                       ZR_NAME_SHOWN(e->name_len), e->name);
-    in = (uint8_t *)malloc(ZR_INFLATE_CHUNK);
-    if (!in) {
-        inflateEnd(&s);
-        return tf_fail(err, TF_ERR_NOMEM, e->data_offset, "out of memory for the inflate buffer");
-    }
-    for (;;) {
-        if (s.avail_in == 0 && in_left > 0) {
-            size_t n = in_left < ZR_INFLATE_CHUNK ? (size_t)in_left : ZR_INFLATE_CHUNK;
-            if ((st = zr_read(z, in_off, in, n, err)) != TF_OK) break;
-            in_off += n;
-            in_left -= n;
-            s.next_in = in;
-            s.avail_in = (uInt)n;
-        }
-        /* Once usize bytes are out, offer one spare byte: the stream must end
-         * without producing it. */
-        int spare = out_done == e->usize;
-        if (spare) {
-            s.next_out = scratch;
-            s.avail_out = 1;
-        } else {
-            uint64_t left = e->usize - out_done;
-            s.next_out = dst + out_done;
-            s.avail_out = (uInt)(left < ZR_INFLATE_OUT_MAX ? left : ZR_INFLATE_OUT_MAX);
-        }
-        uInt before_out = s.avail_out;
-        ret = inflate(&s, Z_NO_FLUSH);
-        uint64_t here = in_off - s.avail_in;
-        if (spare) {
-            if (s.avail_out != before_out) {
-                st = tf_fail(err, TF_ERR_FORMAT, here,
-                             "entry %zu ('%.*s'): deflate stream inflates to more than the declared %llu bytes",
-                             idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)e->usize);
-                break;
-            }
-        } else {
-            out_done += before_out - s.avail_out;
-        }
-        if (ret == Z_STREAM_END) {
-            if (out_done != e->usize)
-                st = tf_fail(err, TF_ERR_FORMAT, here,
-                             "entry %zu ('%.*s'): deflate stream ends after %llu of the declared %llu bytes", idx,
-                             ZR_NAME_SHOWN(e->name_len), e->name, (ull)out_done, (ull)e->usize);
-            break;
-        }
-        if (ret == Z_OK) continue;
-        if (ret == Z_BUF_ERROR && s.avail_in == 0 && in_left > 0) continue;
-        if (ret == Z_BUF_ERROR && s.avail_in == 0) {
-            st = tf_fail(err, TF_ERR_FORMAT, here,
-                         "entry %zu ('%.*s'): compressed data (%llu bytes) ends before the deflate stream does", idx,
-                         ZR_NAME_SHOWN(e->name_len), e->name, (ull)e->csize);
-            break;
-        }
-        if (ret == Z_MEM_ERROR) {
-            st = tf_fail(err, TF_ERR_NOMEM, here, "out of memory while inflating entry %zu", idx);
-            break;
-        }
-        st = tf_fail(err, TF_ERR_FORMAT, here, "entry %zu ('%.*s'): corrupt deflate data (%s)", idx,
-                     ZR_NAME_SHOWN(e->name_len), e->name, s.msg ? s.msg : "zlib error");
-        break;
-    }
-    inflateEnd(&s);
-    free(in);
-    return st;
-}
-
-TfStatus zipread_extract(ZipReader *z, ZipEntry *e, uint8_t *dst, TfErr *err) {
-    const size_t idx = (size_t)(e - z->entries);
-    TfStatus st;
-    if ((st = zipread_locate(z, e, err)) != TF_OK) return st;
-    if (e->flags & 1u)
-        return tf_fail(err, TF_ERR_FORMAT, e->header_offset, "entry %zu ('%.*s') is encrypted, which is not supported",
-                       idx, ZR_NAME_SHOWN(e->name_len), e->name);
-    if (e->usize > SIZE_MAX)
-        return tf_fail(err, TF_ERR_NOMEM, e->header_offset, "entry %zu ('%.*s') of %llu bytes does not fit in memory",
-                       idx, ZR_NAME_SHOWN(e->name_len), e->name, (ull)e->usize);
-    if (e->method == 0) {
-        if (e->csize != e->usize)
-            return tf_fail(err, TF_ERR_FORMAT, e->header_offset,
-                           "entry %zu ('%.*s'): stored entry with compressed size %llu != uncompressed size %llu", idx,
-                           ZR_NAME_SHOWN(e->name_len), e->name, (ull)e->csize, (ull)e->usize);
-        return zr_read(z, e->data_offset, dst, (size_t)e->usize, err);
-    }
-    if (e->method == 8) return zr_inflate(z, e, idx, dst, err);
-    return tf_fail(err, TF_ERR_FORMAT, e->header_offset,
-                   "entry %zu ('%.*s'): compression method %u is not supported (only 0 stored and 8 deflated)", idx,
-                   ZR_NAME_SHOWN(e->name_len), e->name, (unsigned)e->method);
-}

@@ -23,7 +23,8 @@ SAMPLES = DATA / "samples"
 CORPUS = DATA / "corpus"
 
 WARN = ["-std=c11", "-Wall", "-Wextra", "-Wshadow", "-Werror", "-fvisibility=hidden"]
-SOURCES = [REPO / "tests" / "c" / "zipdump.c", REPO / "src" / "zipread.c", REPO / "src" / "common.c"]
+SOURCES = [REPO / "tests" / "c" / "zipdump.c", REPO / "src" / "zipread.c", REPO / "src" / "zipentry.c",
+           REPO / "src" / "common.c"]
 
 ST_FORMAT, ST_LIMIT = 1, 2
 

@@ -132,7 +132,6 @@ class Archive:
         *,
         mode: int,
         require_map: bool,
-        map_kind: int,
         map_location: Any,
         weights_only: bool,
         safe_globals: dict[str, Any] | None,
@@ -159,6 +158,8 @@ class Archive:
     def close(self) -> None: ...
 
 def _set_helpers(helpers: dict[str, Any], descrs: dict[str, np.dtype[Any]], /) -> None: ...
+def map_location(m: Any, /) -> Any: ...
+def map_target(m: Any, saved: str, /) -> str | None: ...
 def crc32(data: Buffer, value: int = 0, /, *, fold: int = 2) -> int: ...
 def crc32_folds() -> int: ...
 def info_table(tensors: Sequence[TensorInfoBase], /) -> str | None: ...
@@ -187,7 +188,6 @@ def load_zip(
     *,
     mode: int,
     require_map: bool,
-    map_kind: int,
     map_location: Any,
     weights_only: bool,
     safe_globals: dict[str, Any] | None,
@@ -204,7 +204,6 @@ def load_legacy(
     *,
     mode: int,
     require_map: bool,
-    map_kind: int,
     map_location: Any,
     weights_only: bool,
     safe_globals: dict[str, Any] | None,
@@ -223,7 +222,6 @@ def load_legacy(
     *,
     mode: int,
     require_map: bool,
-    map_kind: int,
     map_location: Any,
     weights_only: bool,
     safe_globals: dict[str, Any] | None,
@@ -242,7 +240,6 @@ def load_legacy(
     *,
     mode: int,
     require_map: bool,
-    map_kind: int,
     map_location: Any,
     weights_only: bool,
     safe_globals: dict[str, Any] | None,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from ._source import (  # noqa: F401  (names older code imports from here)
     Source,
     _is_index_json,
-    _map_location,
     is_index_json,
     is_safetensors,
     load_file,

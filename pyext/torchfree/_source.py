@@ -14,12 +14,11 @@ from . import _core
 from ._core import CheckpointError, FormatError
 from ._files import note_mapping
 
-__all__ = ["Source", "is_index_json", "is_safetensors", "load_file", "load_safetensors", "map_location_kind",
+__all__ = ["Source", "is_index_json", "is_safetensors", "load_file", "load_safetensors",
            "options", "run_load", "safetensors_entries", "safetensors_input", "safetensors_meta"]
 
-# must match src/module.h
+# must match src/loader.h
 _SRC_MAP, _SRC_COPY, _SRC_FD, _SRC_PYFILE = 0, 1, 2, 3
-_ML_NONE, _ML_STR, _ML_DICT, _ML_CALL = 0, 1, 2, 3
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -58,30 +57,6 @@ def is_index_json(f) -> bool:
 
 
 _is_index_json = is_index_json
-
-
-def map_location_kind(m):
-    """(kind, value) of a map_location, as the core takes it: the one place map_location is
-    classified (load, scan, open, safetensors loads)."""
-    if m is None:
-        return _ML_NONE, None
-    if isinstance(m, dict):
-        return _ML_DICT, {str(k): (v if isinstance(v, str) else str(v)) for k, v in m.items()}
-    if isinstance(m, str):
-        return _ML_STR, m
-    if isinstance(m, bytes):
-        return _ML_STR, m.decode("ascii")
-    if callable(m):
-        return _ML_CALL, m
-    if type(m).__name__ == "device" or hasattr(m, "type") and hasattr(m, "index"):
-        return _ML_STR, str(m)
-    raise TypeError(
-        "map_location must be None, a location string, a torch.device, a dict or a callable, "
-        f"not {type(m).__name__}"
-    )
-
-
-_map_location = map_location_kind
 
 
 def is_safetensors(head: bytes, size: int) -> bool:
@@ -133,13 +108,11 @@ def safetensors_input(f):
 
 def safetensors_meta(map_location) -> bool:
     """Whether ``map_location`` sends a safetensors file's tensors (all saved on "cpu") to "meta"."""
-    kind, ml = map_location_kind(map_location)
-    if kind == _ML_CALL:
+    target = _core.map_target(map_location, "cpu")
+    if target is None:
         raise TypeError("map_location as a callable needs torch storages, which a safetensors file does not "
                         "have: pass a location string or a dict")
-    if kind == _ML_DICT:
-        ml = ml.get("cpu", "cpu")
-    return kind != _ML_NONE and ml.split(":")[0] == "meta"
+    return target.split(":")[0] == "meta"
 
 
 def safetensors_entries(buf):
@@ -370,11 +343,10 @@ def _tell(f):
 
 
 def options(map_location=None, weights_only=True, safe_globals=None, encoding="utf-8", limits=None):
-    """The keyword arguments of the C core for these load() options."""
-    ml_kind, ml = map_location_kind(map_location)
+    """The keyword arguments of the C core for these load() options (map_location checked and
+    normalized by the core's one classifier, before any file is opened)."""
     return dict(
-        map_kind=ml_kind,
-        map_location=ml,
+        map_location=_core.map_location(map_location),
         weights_only=bool(weights_only),
         safe_globals=_safe_globals(safe_globals),
         encoding=None if encoding == "bytes" else str(encoding),

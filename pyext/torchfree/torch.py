@@ -130,7 +130,7 @@ def _cuda_target(torch, map_location):
 
 
 def _helpers(torch, map_location, restore, weights_only, strict, cuda):
-    """The dict of torch-mode helpers for one load (see L->torch in src/module.h).
+    """The dict of torch-mode helpers for one load (see L->torch in src/loader.h).
 
     ``cuda`` (a torch.device or None): storages go to that device through pinned staging
     buffers after unpickling (``_stage``), instead of one synchronous copy each."""

@@ -15,7 +15,7 @@ OUT=${1:-$HERE/build}
 mkdir -p "$OUT"
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
 COMMON="-std=c11 -g -O1 -Wall -Wextra -Wshadow -Werror -UNDEBUG -D_GNU_SOURCE"
-ZIP_SRC="$HERE/fuzz_zipread.c $SRC/zipread.c $SRC/common.c"
+ZIP_SRC="$HERE/fuzz_zipread.c $SRC/zipread.c $SRC/zipentry.c $SRC/common.c"
 PICK_SRC="$HERE/fuzz_pickscan.c $SRC/pickscan.c $SRC/globals.c $SRC/dtypes.c $SRC/common.c"
 
 CC_FUZZ=${CLANG:-$(command -v clang || true)}

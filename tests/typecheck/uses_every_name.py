@@ -212,7 +212,7 @@ info_base: torchfree._core.TensorInfoBase = tensor_info
 print(torchfree._core.info_table(info.tensors))
 torchfree._core.save(model, io.BytesIO(), "archive", False, sync=False)
 archive = torchfree._core.Archive(
-    b"PK...", 6, mode=1, require_map=False, map_kind=0, map_location=None, weights_only=True,
+    b"PK...", 6, mode=1, require_map=False, map_location=None, weights_only=True,
     safe_globals=None, encoding="utf-8", limits=None,
 )
 root = archive.unpickle(lazy=True, collect_globals=True)
@@ -226,10 +226,12 @@ if isinstance(leaf, torchfree._core.TensorRef):
     # -> numpy.ndarray[Any, Any] | torchfree._types.MetaArray
 archive.close()
 options: dict[str, Any] = dict(
-    mode=1, require_map=False, map_kind=0, map_location=None, weights_only=True, safe_globals=None,
+    mode=1, require_map=False, map_location=None, weights_only=True, safe_globals=None,
     encoding="utf-8", limits=None,
 )
 torchfree._core.load_zip(b"PK...", 6, **options)
+options["map_location"] = torchfree._core.map_location({"cuda:0": "cpu"})
+location: str | None = torchfree._core.map_target(options["map_location"], "cuda:0")
 _, legacy_storages, legacy_globals, legacy_format = torchfree._core.load_legacy(
     b"\x80\x02", 2, **options, lazy=True, collect_globals=True
 )
