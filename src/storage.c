@@ -266,7 +266,8 @@ PyObject *mod_storage_at(PyObject *module, PyObject *args) {
     Py_XDECREF(key);
     Py_XDECREF(cpu);
     if (s == NULL) return NULL;
-    s->data = (char *)(uintptr_t)addr;
+    static char no_bytes[1]; /* an empty storage (address 0): bytes, none of them, not a meta one */
+    s->data = addr != 0 ? (char *)(uintptr_t)addr : no_bytes;
     s->owner = Py_NewRef(owner);
     s->swapped = 1;
     return (PyObject *)s;

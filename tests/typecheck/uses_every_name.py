@@ -208,6 +208,10 @@ reveal_type(torchfree._core.pickle_globals(b"\x80\x02}q\x00.", limits=torchfree.
 # -> list[str]
 int64_id = torchfree._core.DTYPE_NAMES.index("int64")
 core_storage: torchfree._core.Storage = torchfree._core.storage_over(bytearray(8), int64_id)
+tagged = torchfree._core.storage_over(bytearray(8), int64_id, "cuda:0")
+at_address = torchfree._core.storage_at(tagged, 0, 0, int64_id)
+reveal_type(at_address)
+# -> torchfree._core.Storage
 info_base: torchfree._core.TensorInfoBase = tensor_info
 print(torchfree._core.info_table(info.tensors))
 torchfree._core.save(model, io.BytesIO(), "archive", False, sync=False)
