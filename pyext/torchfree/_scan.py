@@ -30,7 +30,6 @@ from ._info import (  # noqa: F401
     _tensor_infos,
     _torch_name,
 )
-from ._open import Checkpoint, _SafetensorsCheckpoint
 from ._scanfile import (  # noqa: F401
     _legacy_scan,
     _LoadedArchive,
@@ -39,13 +38,25 @@ from ._scanfile import (  # noqa: F401
     scan_file,
     weights_only_check,
 )
-from ._shardindex import _ShardIndex  # noqa: F401
-from ._shards import ShardedCheckpoint, load_sharded, scan_sharded  # noqa: F401
 from ._source import is_index_json, safetensors_input
 from ._walk import _FIND, _INDEX, _INFOS, _PAIRS, _children, _max_depth, _walk, flatten  # noqa: F401
 
 __all__ = ["flatten", "scan", "open", "Checkpoint", "CheckpointInfo", "TensorInfo", "StorageInfo", "RecordInfo",
            "QuantInfo"]
+
+# names of modules that scan() of one file does not need (`torchfree info` imports none of them):
+# imported on first use
+_LATER = {"Checkpoint": "_open", "_SafetensorsCheckpoint": "_open", "_ShardIndex": "_shardindex",
+          "ShardedCheckpoint": "_shards", "load_sharded": "_shards", "scan_sharded": "_shards"}
+
+
+def __getattr__(name):
+    home = _LATER.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__package__}.{home}"), name)
 
 
 def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:
@@ -56,6 +67,8 @@ def scan(f, map_location=None, *, limits=None) -> CheckpointInfo:
     is not called: it would need the bytes).
     """
     if is_index_json(f):
+        from ._shards import scan_sharded
+
         return scan_sharded(f, map_location=map_location, limits=limits)
     return scan_file(f, map_location, limits=limits)
 
@@ -69,6 +82,9 @@ def open(f, map_location=None, *, mmap=None, weights_only=True, safe_globals=Non
     ``scan`` lists them): every tensor can be read; ``.load()`` keeps ``weights_only``'s rules. A
     safetensors file (told by its header) opens too, one tensor read per ``ckpt[name]``.
     """
+    from ._open import Checkpoint, _SafetensorsCheckpoint
+    from ._shards import ShardedCheckpoint
+
     kw = dict(mmap=mmap, weights_only=weights_only, safe_globals=safe_globals, encoding=encoding, limits=limits)
     if is_index_json(f):
         return ShardedCheckpoint(f, map_location, **kw)
