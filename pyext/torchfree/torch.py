@@ -906,7 +906,7 @@ class _WriteWatch:
         self.write = write
 
 
-def _save_native(torch, obj, f, pickle_module, pickle_protocol, use_zip, disable_byteorder, tree=None):
+def _save_native(torch, obj, f, pickle_module, pickle_protocol, use_zip, disable_byteorder, tree=None, sync=False):
     """Write obj to f (a path, or a binary file object) with torchfree's writer as torch.save
     would; None when written, else why torch's writer must write it (nothing written then)."""
     if tree is None:
@@ -927,7 +927,8 @@ def _save_native(torch, obj, f, pickle_module, pickle_protocol, use_zip, disable
         fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
         try:
             try:
-                _core.save(tree, fd, _archive_name(f), legacy, sync=True)  # save() fsyncs it next
+                # sync: the caller fsyncs it next, so writeback starts as the bytes are written
+                _core.save(tree, fd, _archive_name(f), legacy, sync=sync)
             except (TypeError, ValueError) as e:
                 if os.lseek(fd, 0, os.SEEK_CUR) == 0:
                     return f"torchfree's writer refused it: {e}"
@@ -993,14 +994,14 @@ def save(obj, f, pickle_module=pickle, pickle_protocol=2, _use_new_zipfile_seria
     return None
 
 
-def _write(torch, real_save, obj, f, args, tree=None):
+def _write(torch, real_save, obj, f, args, tree=None, sync=False):
     """obj to f (a path or a file object) by torchfree's writer, or by torch's where it must;
     ``tree``: what _ToWriter made of it already (a background save's snapshot).
 
     No warning when torch's writer writes it: its bytes are what torch.save writes, nothing is
     less safe, and code that saves a module expects torch.save to be silent (PyTorch's own
     test_serialization_save_warnings). The reasons are counted in ``_fallbacks``."""
-    why = _save_native(torch, obj, f, *args, tree=tree)
+    why = _save_native(torch, obj, f, *args, tree=tree, sync=sync)
     if why is not None and tree is not None:  # a snapshot has no object left for torch's writer
         raise RuntimeError(f"torchfree.torch.save: the background save could not be written: {why}")
     if why is not None:
@@ -1046,7 +1047,7 @@ def _save(obj, f, args, atomic=True, fsync=True, tree=None):
     os.mkdir(tmpdir, 0o700)
     tmp = os.path.join(tmpdir, base)  # the same file name: torch names the archive after it
     try:
-        _write(torch, real_save, obj, tmp, args, tree)
+        _write(torch, real_save, obj, tmp, args, tree, sync=fsync)
         if mode is not None or fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:
