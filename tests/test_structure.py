@@ -10,8 +10,9 @@ import re
 from pathlib import Path
 
 
-ROOT = Path(__file__).resolve().parent.parent
-PKG = ROOT / "pyext" / "torchfree"
+import torchfree
+
+PKG = Path(torchfree.__file__).resolve().parent  # the package under test (installed, or pyext/torchfree)
 
 
 def package_imports() -> dict[str, set[str]]:
