@@ -364,24 +364,18 @@ PyObject *mod_map_target(PyObject *module, PyObject *args) {
 
 /* ---- the module state ---------------------------------------------------------- */
 
+/* The state's references to objects that may take part in reference cycles: visited and cleared
+ * from this one list (the interned str_* names are only cleared). */
+#define STATE_REFS(X)                                                                              \
+    X(CheckpointError) X(FormatError) X(UnpicklingError) X(UnsafeGlobalError) X(LimitError)         \
+    X(GlobalRefType) X(StorageType) X(TensorRefType) X(TensorInfoType) X(OrderedDict) X(Counter)   \
+    X(helpers) X(OpaqueType) X(MetaArrayType) X(QuantizedArrayType) X(SparseArrayType)
+
 int tf_state_traverse(PyObject *m, visitproc visit, void *arg) {
     ModuleState *st = PyModule_GetState(m);
-    Py_VISIT(st->CheckpointError);
-    Py_VISIT(st->FormatError);
-    Py_VISIT(st->UnpicklingError);
-    Py_VISIT(st->UnsafeGlobalError);
-    Py_VISIT(st->LimitError);
-    Py_VISIT(st->GlobalRefType);
-    Py_VISIT(st->StorageType);
-    Py_VISIT(st->TensorRefType);
-    Py_VISIT(st->TensorInfoType);
-    Py_VISIT(st->OrderedDict);
-    Py_VISIT(st->Counter);
-    Py_VISIT(st->helpers);
-    Py_VISIT(st->OpaqueType);
-    Py_VISIT(st->MetaArrayType);
-    Py_VISIT(st->QuantizedArrayType);
-    Py_VISIT(st->SparseArrayType);
+#define VISIT_(f) Py_VISIT(st->f);
+    STATE_REFS(VISIT_)
+#undef VISIT_
     for (int i = 0; i < DT_COUNT; i++) {
         Py_VISIT(st->descr[i]);
         Py_VISIT(st->dtype_value[i]);
@@ -391,29 +385,11 @@ int tf_state_traverse(PyObject *m, visitproc visit, void *arg) {
 
 int tf_state_clear(PyObject *m) {
     ModuleState *st = PyModule_GetState(m);
-    Py_CLEAR(st->CheckpointError);
-    Py_CLEAR(st->FormatError);
-    Py_CLEAR(st->UnpicklingError);
-    Py_CLEAR(st->UnsafeGlobalError);
-    Py_CLEAR(st->LimitError);
-    Py_CLEAR(st->GlobalRefType);
-    Py_CLEAR(st->StorageType);
-    Py_CLEAR(st->TensorRefType);
-    Py_CLEAR(st->TensorInfoType);
-    Py_CLEAR(st->OrderedDict);
-    Py_CLEAR(st->Counter);
-    Py_CLEAR(st->helpers);
-    Py_CLEAR(st->OpaqueType);
-    Py_CLEAR(st->MetaArrayType);
-    Py_CLEAR(st->QuantizedArrayType);
-    Py_CLEAR(st->SparseArrayType);
-    Py_CLEAR(st->str_storage);
-    Py_CLEAR(st->str_meta);
-    Py_CLEAR(st->str_metadata_attr);
-    Py_CLEAR(st->str_conj);
-    Py_CLEAR(st->str_neg);
-    Py_CLEAR(st->str_shape);
-    Py_CLEAR(st->str_dtype);
+#define CLEAR_(f) Py_CLEAR(st->f);
+    STATE_REFS(CLEAR_)
+    CLEAR_(str_storage) CLEAR_(str_meta) CLEAR_(str_metadata_attr) CLEAR_(str_conj) CLEAR_(str_neg)
+    CLEAR_(str_shape) CLEAR_(str_dtype)
+#undef CLEAR_
     for (int i = 0; i < DT_COUNT; i++) {
         Py_CLEAR(st->descr[i]);
         Py_CLEAR(st->dtype_value[i]);

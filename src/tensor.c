@@ -570,10 +570,12 @@ static PyObject *torch_finish(Loader *L, PyObject *t, PyObject *flag, PyObject *
 /* Torch mode: helper name(*args) (args borrowed). */
 static PyObject *torch_helper(Loader *L, const char *name, PyObject *args) { return tf_call_helper(L, name, args); }
 
+/* The rebuilds below and tensor_reduce read their call's arguments as ARG(i). */
+#define ARG(i) PyTuple_GET_ITEM(args, i)
+
 static PyObject *rebuild_from_type(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
-#define ARG(i) PyTuple_GET_ITEM(args, i)
     if (n != 4) return wrong_args(L, g, "(func, type, args, state)", args), NULL;
     PyObject *func = ARG(0), *type = ARG(1), *fargs = ARG(2);
     if (Py_TYPE(func) != st->GlobalRefType || ((GlobalRef *)func)->obj != NULL || !PyTuple_Check(fargs))
@@ -596,13 +598,11 @@ static PyObject *rebuild_from_type(Loader *L, GlobalRef *g, PyObject *args) {
     PyObject *r = helper_call(L, "subclass", hargs);
     Py_DECREF(hargs);
     return r;
-#undef ARG
 }
 
 static PyObject *rebuild_meta_no_storage(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
-#define ARG(i) PyTuple_GET_ITEM(args, i)
     if (n != 4) return wrong_args(L, g, "(dtype, size, stride, requires_grad)", args), NULL;
     if (L->torch) {
         int dt = dtype_from_value(L, ARG(0));
@@ -617,12 +617,10 @@ static PyObject *rebuild_meta_no_storage(Loader *L, GlobalRef *g, PyObject *args
         return r;
     }
     return meta_of(L, ARG(0), ARG(1));
-#undef ARG
 }
 
 static PyObject *make_bytes(Loader *L, GlobalRef *g, PyObject *args) {
     Py_ssize_t n = PyTuple_GET_SIZE(args);
-#define ARG(i) PyTuple_GET_ITEM(args, i)
     /* (text, encoding): how Python 2 pickles a bytearray (latin-1 text and 'latin-1');
      * encoded as _codecs.encode would */
     if (n == 2 && PyUnicode_Check(ARG(0)) && PyUnicode_Check(ARG(1))) {
@@ -641,13 +639,11 @@ static PyObject *make_bytes(Loader *L, GlobalRef *g, PyObject *args) {
         len = PyBytes_Check(ARG(0)) ? PyBytes_GET_SIZE(ARG(0)) : PyByteArray_GET_SIZE(ARG(0));
     }
     return g->id == G_BYTES ? PyBytes_FromStringAndSize(p, len) : PyByteArray_FromStringAndSize(p, len);
-#undef ARG
 }
 
 static PyObject *rebuild_qtensor(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
-#define ARG(i) PyTuple_GET_ITEM(args, i)
     if (n != 7)
         return wrong_args(L, g, "(storage, offset, size, stride, quantizer_params, requires_grad, hooks)", args),
                NULL;
@@ -673,13 +669,11 @@ static PyObject *rebuild_qtensor(Loader *L, GlobalRef *g, PyObject *args) {
     PyObject *r = hargs ? helper_call(L, "qtensor", hargs) : NULL;
     Py_XDECREF(hargs);
     return r;
-#undef ARG
 }
 
 static PyObject *rebuild_valued(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
-#define ARG(i) PyTuple_GET_ITEM(args, i)
     const char *helper = g->id == G_REBUILD_NESTED_TENSOR ? "nested"
                          : g->id == G_REBUILD_SPARSE_TENSOR ? "sparse"
                          : g->id == G_REBUILD_SPARSE_CSR_TENSOR ? "sparse_csr"
@@ -708,13 +702,11 @@ static PyObject *rebuild_valued(Loader *L, GlobalRef *g, PyObject *args) {
     PyObject *r = helper_call(L, helper, margs);
     Py_DECREF(margs);
     return r;
-#undef ARG
 }
 
 static PyObject *make_empty_tensor(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
-#define ARG(i) PyTuple_GET_ITEM(args, i)
     /* torch.Tensor() / torch.FloatTensor(): an empty tensor, which a pre-0.4 pickle
      * then BUILDs with (storage, offset, size, stride) */
     if (n != 0)
@@ -737,13 +729,11 @@ static PyObject *make_empty_tensor(Loader *L, GlobalRef *g, PyObject *args) {
         return NULL;
     }
     return arr;
-#undef ARG
 }
 
 PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     ModuleState *st = L->st;
     Py_ssize_t n = PyTuple_GET_SIZE(args);
-#define ARG(i) PyTuple_GET_ITEM(args, i)
     switch (g->id) {
     case G_REBUILD_TENSOR_V2:
         if (n < 6 || n > 7) return wrong_args(L, g, "6 or 7 arguments", args), NULL;
@@ -850,8 +840,8 @@ PyObject *tensor_reduce(Loader *L, GlobalRef *g, PyObject *args) {
     default:
         return tf_raise(L, st->UnpicklingError, "%U cannot be called", g->canon), NULL;
     }
-#undef ARG
 }
+#undef ARG
 
 PyObject *tensor_build(Loader *L, PyObject *obj, PyObject *state) {
     int arr = tf_is_ndarray(L->st, obj, 1);

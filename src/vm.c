@@ -329,19 +329,23 @@ static int op_binbytes(Loader *L, int op) {
 
 /* ---- tuples, lists, dicts, sets ----------------------------------------------------- */
 
+/* The values above the last MARK, popped as a tuple (the mark too). New reference or NULL. */
+static inline PyObject *pop_marked_tuple(Loader *L) {
+    Py_ssize_t start = vm_pop_mark(L);
+    return start < 0 ? NULL : vm_pop_tuple_from(L, start);
+}
+
 static int op_tuple(Loader *L) {
     if (L->hooks_fast) {
         int done = L->hook.fuse_persid(L);
         if (done != 0) return done < 0 ? -1 : 0;
     }
-    Py_ssize_t start = vm_pop_mark(L);
-    return start < 0 ? -1 : vm_push(L, vm_pop_tuple_from(L, start));
+    PyObject *t = pop_marked_tuple(L);
+    return t == NULL ? -1 : vm_push(L, t);
 }
 
 static int op_list(Loader *L) {
-    Py_ssize_t start = vm_pop_mark(L);
-    if (start < 0) return -1;
-    PyObject *t = vm_pop_tuple_from(L, start);
+    PyObject *t = pop_marked_tuple(L);
     if (t == NULL) return -1;
     PyObject *l = PySequence_List(t);
     Py_DECREF(t);
@@ -361,9 +365,7 @@ static int op_dict(Loader *L) {
 }
 
 static int op_frozenset(Loader *L) {
-    Py_ssize_t start = vm_pop_mark(L);
-    if (start < 0) return -1;
-    PyObject *t = vm_pop_tuple_from(L, start);
+    PyObject *t = pop_marked_tuple(L);
     if (t == NULL) return -1;
     PyObject *fs = PyFrozenSet_New(t);
     Py_DECREF(t);

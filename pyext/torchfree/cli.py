@@ -292,10 +292,15 @@ class Tensors:
         ``info`` and ``convert`` name its tensors: then it is loaded, its tensors found by walking
         module_state_dict. Other files keep their open() handle and names."""
         from . import _core
+        from ._info import _is_torch_global
         from ._load import load
         from ._scan import _state_dict_children, scan_state_dict_names
         from ._walk import _PAIRS
 
+        # a module's class is torch.nn's or another than torch's: without one, nothing to rename
+        # (and the pickle is not run a second time)
+        if not any(g.startswith("torch.nn.") or not _is_torch_global(g) for g in self._h.info.globals):
+            return infos
         named = scan_state_dict_names(self.path).tensors
         if [t.name for t in named] == [t.name for t in infos]:
             return infos
