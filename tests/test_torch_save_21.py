@@ -217,7 +217,6 @@ def _check(torch, path, lo, hi):
 
 @pytest.mark.slow
 def test_fifty_kills_leave_the_old_file_or_the_new_one(torch, tmp_path):
-    tt = _tt()
     target = tmp_path / "ckpt.pt"
     z = subprocess.Popen([sys.executable, "-c", ZYGOTE, PKG_DIR, str(target), str(N)], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
